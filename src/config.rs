@@ -1,0 +1,235 @@
+//! Command-line flags and their environment fallbacks, checked before anything binds.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::core::{PeerId, Role};
+
+/// The largest gRPC frame a peer may send; a bigger one ends its stream with `RESOURCE_EXHAUSTED`.
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(name = "distributor", version, about = "WebRTC signaling relay over gRPC")]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Flags of `serve`, the default command.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the signaling relay (the default).
+    Serve(ServeArgs),
+    /// Print a bearer token for a peer, signed with the auth secret.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to serve gRPC on [default: 0.0.0.0:$PORT if PORT is set, else 0.0.0.0:50051].
+    #[arg(long, env = "DISTRIBUTOR_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Routing shard threads [default: the number of cores].
+    #[arg(long, env = "DISTRIBUTOR_SHARDS")]
+    pub shards: Option<usize>,
+    /// Largest `message` payload relayed; larger ones get ERROR{PAYLOAD_TOO_LARGE}.
+    #[arg(long, env = "DISTRIBUTOR_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+    /// Messages queued per peer before deliveries to it are refused with PEER_OVERLOADED.
+    #[arg(long, env = "DISTRIBUTOR_PEER_QUEUE", default_value_t = 1024)]
+    pub peer_queue: usize,
+    /// Commands queued per shard before senders wait.
+    #[arg(long, env = "DISTRIBUTOR_SHARD_QUEUE", default_value_t = 65_536)]
+    pub shard_queue: usize,
+    /// HTTP/2 keepalive ping interval; a peer that does not answer within the same time again
+    /// is considered gone.
+    #[arg(long, env = "DISTRIBUTOR_KEEPALIVE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub keepalive: Duration,
+    /// Time allowed for streams to end after SIGTERM/SIGINT before the process exits anyway.
+    #[arg(long, env = "DISTRIBUTOR_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// HS256 secret; when set every stream needs `authorization: Bearer <jwt>`.
+    #[arg(long, env = "DISTRIBUTOR_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+    /// Serve Prometheus metrics on this address (path /metrics).
+    #[arg(long, env = "DISTRIBUTOR_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, env = "DISTRIBUTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The role the token grants.
+    #[arg(long, value_parser = parse_role)]
+    pub role: Role,
+    /// The peer id the token grants (non-zero).
+    #[arg(long, allow_negative_numbers = true)]
+    pub id: PeerId,
+    /// How long the token is valid.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// The HS256 secret.
+    #[arg(long, env = "DISTRIBUTOR_AUTH_SECRET", hide_env_values = true)]
+    pub secret: String,
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    match s {
+        "client" => Ok(Role::Client),
+        "worker" => Ok(Role::Worker),
+        _ => Err(format!("expected `client` or `worker`, not {s:?}")),
+    }
+}
+
+/// A checked server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub shards: usize,
+    pub max_message_bytes: usize,
+    pub peer_queue: usize,
+    pub shard_queue: usize,
+    pub keepalive: Duration,
+    pub drain_timeout: Duration,
+    pub auth_secret: Option<String>,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Default for Config {
+    /// The defaults of `distributor serve`, listening on an ephemeral loopback port.
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            shards: default_shards(),
+            max_message_bytes: 64 * 1024,
+            peer_queue: 1024,
+            shard_queue: 65_536,
+            keepalive: Duration::from_secs(20),
+            drain_timeout: Duration::from_secs(10),
+            auth_secret: None,
+            metrics_listen: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--max-message-bytes must be between 1 and {MAX_FRAME_BYTES} (the gRPC frame limit), got {0}")]
+    MaxMessageBytes(usize),
+    #[error("--{0} must be at least 1")]
+    Zero(&'static str),
+    #[error("PORT must be a port number, got {0:?}")]
+    Port(String),
+    #[error("--auth-secret must not be empty")]
+    EmptySecret,
+}
+
+impl ServeArgs {
+    /// Resolves defaults (`PORT`, core count) and checks the flags.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let listen = match (self.listen, std::env::var("PORT")) {
+            (Some(listen), _) => listen,
+            (None, Ok(port)) => {
+                let port: u16 = port.parse().map_err(|_| ConfigError::Port(port))?;
+                SocketAddr::from(([0, 0, 0, 0], port))
+            }
+            (None, Err(_)) => SocketAddr::from(([0, 0, 0, 0], 50051)),
+        };
+        let config = Config {
+            listen,
+            shards: self.shards.unwrap_or_else(default_shards),
+            max_message_bytes: self.max_message_bytes,
+            peer_queue: self.peer_queue,
+            shard_queue: self.shard_queue,
+            keepalive: self.keepalive,
+            drain_timeout: self.drain_timeout,
+            auth_secret: self.auth_secret,
+            metrics_listen: self.metrics_listen,
+        };
+        config.check()?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.max_message_bytes == 0 || self.max_message_bytes > MAX_FRAME_BYTES {
+            return Err(ConfigError::MaxMessageBytes(self.max_message_bytes));
+        }
+        for (name, value) in
+            [("shards", self.shards), ("peer-queue", self.peer_queue), ("shard-queue", self.shard_queue)]
+        {
+            if value == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.auth_secret.as_deref() == Some("") {
+            return Err(ConfigError::EmptySecret);
+        }
+        Ok(())
+    }
+}
+
+fn default_shards() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_is_the_default_command() {
+        let cli = Cli::try_parse_from(["distributor", "--shards", "3"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.shards, Some(3));
+        let cli = Cli::try_parse_from(["distributor", "serve", "--shards", "2"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Serve(ServeArgs { shards: Some(2), .. }))));
+    }
+
+    #[test]
+    fn token_command_parses() {
+        let cli = Cli::try_parse_from([
+            "distributor",
+            "token",
+            "--role",
+            "worker",
+            "--id",
+            "42",
+            "--ttl",
+            "1h",
+            "--secret",
+            "s",
+        ])
+        .unwrap();
+        let Some(Command::Token(t)) = cli.command else { panic!("not a token command") };
+        assert_eq!((t.role, t.id, t.ttl), (Role::Worker, 42, Duration::from_secs(3600)));
+        assert!(
+            Cli::try_parse_from(["distributor", "token", "--role", "admin", "--id", "1", "--secret", "s"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn bad_limits_are_refused() {
+        let base = Config::default();
+        assert!(Config { max_message_bytes: MAX_FRAME_BYTES + 1, ..base.clone() }.check().is_err());
+        assert!(Config { shards: 0, ..base.clone() }.check().is_err());
+        assert!(Config { peer_queue: 0, ..base.clone() }.check().is_err());
+        assert!(Config { auth_secret: Some(String::new()), ..base.clone() }.check().is_err());
+        assert!(base.check().is_ok());
+    }
+}

@@ -1,0 +1,94 @@
+//! The routing core: sessions, their state machine, and who is connected where.
+//!
+//! Sans-IO and free of tonic: a [`Router`] owns one shard's share of workers, sessions and client
+//! registrations, and is fed one [`Command`] at a time with the current time as an argument.
+//! It delivers through [`PeerSink`], which the gRPC edge implements with bounded queues and the
+//! tests with plain vectors. Sessions live on their worker's shard, so both directions of a
+//! session pass through one owner in order and no lock is taken per message.
+
+mod router;
+pub mod session;
+
+pub use router::{Command, Router};
+
+use bytes::Bytes;
+
+use crate::pb::{ErrorCode, RtcEvent};
+
+/// A client's or worker's id: its address on the wire. Never zero for a connected peer.
+pub type PeerId = i64;
+
+/// One gRPC stream, numbered in the order streams were opened on this instance. When two streams
+/// claim the same peer id, the higher number is the newer one and wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+/// The two kinds of peer; each speaks its own half of the contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Client,
+    Worker,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+/// A message for one peer, in the terms of both wire messages: `worker` and `client` name the
+/// session's two ends (zero where there is none), the edge fills the peer's own message type.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outbound {
+    pub event: RtcEvent,
+    pub worker: PeerId,
+    pub client: PeerId,
+    pub payload: Bytes,
+    pub error: ErrorCode,
+}
+
+impl Outbound {
+    pub fn relay(event: RtcEvent, worker: PeerId, client: PeerId, payload: Bytes) -> Self {
+        Outbound { event, worker, client, payload, error: ErrorCode::Unspecified }
+    }
+
+    /// A refusal of one message: `ERROR` naming the refused message's address, with a reason.
+    pub fn error(code: ErrorCode, worker: PeerId, client: PeerId, reason: impl Into<Bytes>) -> Self {
+        Outbound { event: RtcEvent::Error, worker, client, payload: reason.into(), error: code }
+    }
+
+    pub fn peer_gone(worker: PeerId, client: PeerId) -> Self {
+        Outbound::relay(RtcEvent::PeerGone, worker, client, Bytes::new())
+    }
+}
+
+/// Why a delivery could not be made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliverError {
+    /// The peer's outbound queue is full: it does not read.
+    Full,
+    /// The peer's stream is ending.
+    Closed,
+}
+
+/// Why the core ends a peer's stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A newer stream registered the same id (`ABORTED`).
+    Superseded,
+    /// The peer's outbound queue stayed full even for a message the distributor owes it
+    /// (`RESOURCE_EXHAUSTED`): it does not read, and would otherwise lose messages silently.
+    NotReading,
+}
+
+/// The sending half of one peer's stream, as the core sees it.
+pub trait PeerSink: Clone {
+    fn conn(&self) -> ConnId;
+    /// Queues `msg` without blocking.
+    fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError>;
+    /// Ends the stream with `reason`.
+    fn close(&self, reason: CloseReason);
+}

@@ -1,0 +1,90 @@
+//! A client's stream: welcome, then relay towards the addressed workers' shards.
+
+use std::sync::Arc;
+
+use tonic::metadata::MetadataMap;
+use tonic::{Status, Streaming};
+
+use super::conn::{Close, Sink};
+use super::{Edge, connected, read_failed, reply};
+use crate::core::{Command, Outbound, PeerId, Role};
+use crate::pb::{ClientRtcMessage, RtcEvent};
+
+/// The client id of an open (no auth) distributor: `x-client-id` if given, else a fresh random
+/// one. Random ids are 63-bit, so two instances practically never hand out the same one.
+pub fn id_from_metadata(metadata: &MetadataMap) -> Result<PeerId, Status> {
+    match metadata.get("x-client-id") {
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<PeerId>().ok())
+            .filter(|id| *id != 0)
+            .ok_or_else(|| Status::invalid_argument("x-client-id must be a non-zero decimal id")),
+        None => Ok(loop {
+            let id = (rand::random::<u64>() >> 1) as PeerId;
+            if id != 0 {
+                break id;
+            }
+        }),
+    }
+}
+
+pub fn encode(msg: Outbound) -> ClientRtcMessage {
+    ClientRtcMessage {
+        worker_machine_id: msg.worker,
+        event: msg.event as i32,
+        message: msg.payload,
+        client_id: msg.client,
+        error_code: msg.error as i32,
+    }
+}
+
+pub async fn serve(edge: Arc<Edge>, sink: Sink, client: PeerId, mut inbound: Streaming<ClientRtcMessage>) {
+    let shards = &edge.shards;
+    let gauge = connected(Role::Client);
+    gauge.increment(1.0);
+    tracing::debug!(client, conn = sink.id().0, "client connected");
+    let registered =
+        shards.send(shards.of_client(client), Command::RegisterClient { client, sink: sink.clone() }).await;
+    let closing = sink.closing();
+    tokio::pin!(closing);
+    while registered.is_ok() {
+        let next = tokio::select! {
+            biased;
+            _ = &mut closing => break,
+            next = inbound.message() => next,
+        };
+        let msg = match next {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                sink.end(Close::Drain(None));
+                break;
+            }
+            Err(status) => {
+                sink.end(read_failed(status));
+                break;
+            }
+        };
+        let worker = msg.worker_machine_id;
+        let event = match edge.check(msg.event, &msg.message) {
+            Ok(event) => event,
+            Err((code, reason)) => {
+                reply(&sink, Outbound::error(code, worker, client, reason));
+                continue;
+            }
+        };
+        if event == RtcEvent::Ping {
+            reply(&sink, Outbound::relay(RtcEvent::Ping, worker, client, msg.message));
+            continue;
+        }
+        let command = Command::FromClient { client, sink: sink.clone(), worker, event, payload: msg.message };
+        if shards.send(shards.of_worker(worker), command).await.is_err() {
+            break;
+        }
+    }
+    if shards.send_all(|| Command::ClientGone { client, conn: sink.id() }).await.is_err() {
+        sink.end(Close::Now(Status::unavailable("the distributor is shutting down")));
+    }
+    gauge.decrement(1.0);
+    tracing::debug!(client, conn = sink.id().0, "client stream ended");
+}

@@ -1,0 +1,171 @@
+//! One peer's stream as the edge holds it: a bounded outbound queue the shards deliver into, and
+//! the response stream tonic writes from it.
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::Status;
+
+use crate::core::{CloseReason, ConnId, DeliverError, Outbound, PeerSink};
+
+/// The handle shards deliver through; cheap to clone.
+pub type Sink = Arc<Conn>;
+
+/// How a stream ends.
+#[derive(Clone, Debug)]
+pub enum Close {
+    /// Write what is already queued, then end with this status (`None`: OK).
+    Drain(Option<Status>),
+    /// End now with this status; what is queued is not written.
+    Now(Status),
+}
+
+pub struct Conn {
+    id: ConnId,
+    tx: mpsc::Sender<Outbound>,
+    /// Cancelled when the stream ends, for any reason; a child of the server's shutdown token.
+    closing: CancellationToken,
+    /// Why it ends; the first reason given wins. Unset on shutdown or when the peer went away.
+    close: OnceLock<Close>,
+}
+
+impl Conn {
+    /// A new stream and the response stream that writes its queue, `encode` turning each
+    /// [`Outbound`] into the peer's message type.
+    pub fn open<M>(
+        id: ConnId,
+        queue: usize,
+        shutdown: &CancellationToken,
+        encode: fn(Outbound) -> M,
+    ) -> (Sink, OutboundStream<M>) {
+        let (tx, rx) = mpsc::channel(queue);
+        let closing = shutdown.child_token();
+        let conn = Arc::new(Conn { id, tx, closing: closing.clone(), close: OnceLock::new() });
+        let stream = OutboundStream {
+            rx,
+            conn: conn.clone(),
+            cancelled: Box::pin(closing.cancelled_owned()),
+            phase: Phase::Open,
+            encode,
+        };
+        (conn, stream)
+    }
+
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// Ends the stream; the first call decides how.
+    pub fn end(&self, how: Close) {
+        let _ = self.close.set(how);
+        self.closing.cancel();
+    }
+
+    /// Resolves when the stream is ending.
+    pub fn closing(&self) -> WaitForCancellationFutureOwned {
+        self.closing.clone().cancelled_owned()
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.is_cancelled()
+    }
+}
+
+impl PeerSink for Sink {
+    fn conn(&self) -> ConnId {
+        self.id
+    }
+
+    fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError> {
+        if self.closing.is_cancelled() {
+            return Err(DeliverError::Closed);
+        }
+        self.tx.try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => DeliverError::Full,
+            mpsc::error::TrySendError::Closed(_) => DeliverError::Closed,
+        })
+    }
+
+    fn close(&self, reason: CloseReason) {
+        let status = match reason {
+            CloseReason::Superseded => Status::aborted("this peer id was claimed by a newer stream"),
+            CloseReason::NotReading => {
+                tracing::warn!(conn = self.id.0, "ending a stream that does not read its messages");
+                Status::resource_exhausted("the outbound queue is full: this stream does not read")
+            }
+        };
+        self.end(Close::Now(status));
+    }
+}
+
+enum Phase {
+    Open,
+    Draining(Option<Status>),
+    Done,
+}
+
+/// The response stream of one peer: its queued messages, then the status it ends with.
+/// Dropping it (the peer went away) ends the stream's reading side too.
+pub struct OutboundStream<M> {
+    rx: mpsc::Receiver<Outbound>,
+    conn: Sink,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    phase: Phase,
+    encode: fn(Outbound) -> M,
+}
+
+impl<M> Stream for OutboundStream<M> {
+    type Item = Result<M, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.phase {
+                Phase::Open => {
+                    if !this.conn.closing.is_cancelled() {
+                        match this.rx.poll_recv(cx) {
+                            Poll::Ready(Some(msg)) => return Poll::Ready(Some(Ok((this.encode)(msg)))),
+                            Poll::Ready(None) => this.phase = Phase::Done,
+                            Poll::Pending if this.cancelled.as_mut().poll(cx).is_pending() => {
+                                return Poll::Pending;
+                            }
+                            Poll::Pending => {}
+                        }
+                        if matches!(this.phase, Phase::Done) {
+                            continue;
+                        }
+                    }
+                    let how = this.conn.close.get().cloned().unwrap_or_else(|| {
+                        Close::Drain(Some(Status::unavailable("the distributor is shutting down")))
+                    });
+                    match how {
+                        Close::Now(status) => {
+                            this.phase = Phase::Done;
+                            return Poll::Ready(Some(Err(status)));
+                        }
+                        Close::Drain(status) => this.phase = Phase::Draining(status),
+                    }
+                }
+                Phase::Draining(status) => match this.rx.try_recv() {
+                    Ok(msg) => return Poll::Ready(Some(Ok((this.encode)(msg)))),
+                    Err(_) => {
+                        let status = status.take();
+                        this.phase = Phase::Done;
+                        return Poll::Ready(status.map(Err));
+                    }
+                },
+                Phase::Done => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+impl<M> Drop for OutboundStream<M> {
+    fn drop(&mut self) {
+        self.conn.closing.cancel();
+    }
+}

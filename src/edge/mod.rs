@@ -1,0 +1,155 @@
+//! The gRPC edge: the two services peers call, each stream served by one task that decodes,
+//! checks what needs no session state, and hands the rest to the owning shard.
+//!
+//! Responses are written by tonic from each stream's bounded queue ([`conn::OutboundStream`]).
+//! Errors at this edge are `tonic::Status`: they end a stream. A refused message is not an error
+//! of the stream: it gets an `ERROR` message and the stream goes on.
+
+mod client;
+pub mod conn;
+mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{AuthError, Authenticator};
+use crate::core::{ConnId, Outbound, PeerId, Role};
+use crate::metrics as names;
+use crate::pb::{self, ClientRtcMessage, ErrorCode, RtcEvent, WorkerRtcMessage};
+use crate::shards::Shards;
+use conn::{Close, Conn, OutboundStream, Sink};
+
+/// What every stream task shares.
+pub struct Edge {
+    shards: Arc<Shards<Sink>>,
+    auth: Option<Authenticator>,
+    max_message_bytes: usize,
+    peer_queue: usize,
+    next_conn: AtomicU64,
+    /// Cancelled on shutdown; every stream's token is a child of it.
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Edge {
+    pub fn new(
+        shards: Arc<Shards<Sink>>,
+        auth: Option<Authenticator>,
+        max_message_bytes: usize,
+        peer_queue: usize,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Arc<Self> {
+        Arc::new(Edge {
+            shards,
+            auth,
+            max_message_bytes,
+            peer_queue,
+            next_conn: AtomicU64::new(1),
+            shutdown,
+            tasks,
+        })
+    }
+
+    fn open<M>(&self, encode: fn(Outbound) -> M) -> (Sink, OutboundStream<M>) {
+        let id = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        Conn::open(id, self.peer_queue, &self.shutdown, encode)
+    }
+
+    /// The id a token grants, when auth is on.
+    fn authenticate(&self, metadata: &MetadataMap, role: Role) -> Result<Option<PeerId>, Status> {
+        let Some(auth) = &self.auth else { return Ok(None) };
+        let header = metadata.get("authorization").and_then(|v| v.to_str().ok());
+        auth.verify(header, role).map(Some).map_err(|e| match e {
+            AuthError::WrongRole { .. } => Status::permission_denied(e.to_string()),
+            _ => Status::unauthenticated(e.to_string()),
+        })
+    }
+
+    /// Checks what needs no session state. `Err` is the refusal to send back to the sender.
+    fn check(&self, event: i32, payload: &Bytes) -> Result<RtcEvent, (ErrorCode, String)> {
+        let event = RtcEvent::try_from(event)
+            .map_err(|_| (ErrorCode::InvalidTransition, format!("unknown event {event}")))?;
+        if payload.len() > self.max_message_bytes {
+            let reason =
+                format!("message is {} bytes; the limit is {}", payload.len(), self.max_message_bytes);
+            return Err((ErrorCode::PayloadTooLarge, reason));
+        }
+        Ok(event)
+    }
+}
+
+/// Queues a message the distributor itself owes the peer (a `PING` reply or an `ERROR`); a
+/// peer whose queue is full does not read, and its stream is ended rather than lose it silently.
+fn reply(sink: &Sink, msg: Outbound) {
+    use crate::core::{CloseReason, DeliverError, PeerSink};
+    if msg.event == RtcEvent::Error {
+        metrics::counter!(names::ERRORS, "code" => msg.error.as_str_name()).increment(1);
+    }
+    if sink.try_deliver(msg) == Err(DeliverError::Full) {
+        metrics::counter!(names::QUEUE_DROPS).increment(1);
+        sink.close(CloseReason::NotReading);
+    }
+}
+
+/// How a stream ends when reading it failed: a frame over the limit keeps tonic's
+/// `RESOURCE_EXHAUSTED`; an undecodable frame is the peer's fault, so `INVALID_ARGUMENT`.
+fn read_failed(status: Status) -> Close {
+    match status.code() {
+        tonic::Code::Internal => {
+            Close::Now(Status::invalid_argument(format!("malformed message: {}", status.message())))
+        }
+        _ => Close::Now(status),
+    }
+}
+
+fn connected(role: Role) -> metrics::Gauge {
+    metrics::gauge!(names::CONNECTED_PEERS, "role" => role.as_str())
+}
+
+/// Serves `distributor.v1.ClientService`.
+pub struct ClientEdge(pub Arc<Edge>);
+
+/// Serves `distributor.v1.WorkerService`.
+pub struct WorkerEdge(pub Arc<Edge>);
+
+#[tonic::async_trait]
+impl pb::client_service_server::ClientService for ClientEdge {
+    type NegotiatePeerConnectionStream = OutboundStream<ClientRtcMessage>;
+
+    async fn negotiate_peer_connection(
+        &self,
+        request: Request<Streaming<ClientRtcMessage>>,
+    ) -> Result<Response<Self::NegotiatePeerConnectionStream>, Status> {
+        let edge = &self.0;
+        let client = match edge.authenticate(request.metadata(), Role::Client)? {
+            Some(id) => id,
+            None => client::id_from_metadata(request.metadata())?,
+        };
+        let (sink, outbound) = edge.open(client::encode);
+        edge.tasks.spawn(client::serve(edge.clone(), sink, client, request.into_inner()));
+        Ok(Response::new(outbound))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::worker_service_server::WorkerService for WorkerEdge {
+    type NegotiatePeerConnectionStream = OutboundStream<WorkerRtcMessage>;
+
+    async fn negotiate_peer_connection(
+        &self,
+        request: Request<Streaming<WorkerRtcMessage>>,
+    ) -> Result<Response<Self::NegotiatePeerConnectionStream>, Status> {
+        let edge = &self.0;
+        let granted = edge.authenticate(request.metadata(), Role::Worker)?;
+        let (sink, outbound) = edge.open(worker::encode);
+        edge.tasks.spawn(worker::serve(edge.clone(), sink, granted, request.into_inner()));
+        Ok(Response::new(outbound))
+    }
+}

@@ -1,0 +1,110 @@
+//! The one entry point: [`run`] serves the relay on a bound listener until `shutdown` resolves.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, MAX_FRAME_BYTES};
+use crate::edge::{ClientEdge, Edge, WorkerEdge};
+use crate::pb::client_service_server::ClientServiceServer;
+use crate::pb::worker_service_server::WorkerServiceServer;
+use crate::shards::Shards;
+
+/// Serves gRPC on `listener` until `shutdown` resolves, then ends every stream (queued messages
+/// are written first, then `UNAVAILABLE`) and returns once they are closed, or after
+/// `config.drain_timeout`.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    config.check()?;
+    if config.auth_secret.is_none() {
+        tracing::warn!("no --auth-secret: running open, any peer may claim any id (development only)");
+    }
+    let shards = Arc::new(Shards::start(config.shards, config.shard_queue)?);
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let auth = config.auth_secret.as_deref().map(|s| Authenticator::new(s.as_bytes()));
+    let edge = Edge::new(
+        shards.clone(),
+        auth,
+        config.max_message_bytes,
+        config.peer_queue,
+        stop.clone(),
+        tasks.clone(),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ClientServiceServer<ClientEdge>>().await;
+    health.set_serving::<WorkerServiceServer<WorkerEdge>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let local = listener.local_addr()?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let stopping = {
+        let stop = stop.clone();
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: ending streams");
+            health.set_not_serving::<ClientServiceServer<ClientEdge>>().await;
+            health.set_not_serving::<WorkerServiceServer<WorkerEdge>>().await;
+            stop.cancel();
+            let _ = fired_tx.send(());
+        }
+    };
+    let server = Server::builder()
+        .http2_keepalive_interval(Some(config.keepalive))
+        .http2_keepalive_timeout(Some(config.keepalive))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            ClientServiceServer::from_arc(Arc::new(ClientEdge(edge.clone())))
+                .max_decoding_message_size(MAX_FRAME_BYTES),
+        )
+        .add_service(
+            WorkerServiceServer::from_arc(Arc::new(WorkerEdge(edge.clone())))
+                .max_decoding_message_size(MAX_FRAME_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, stopping);
+    tracing::info!(%local, shards = shards.len(), "distributor listening");
+
+    let drain_timeout = config.drain_timeout;
+    let deadline = async move {
+        if fired_rx.await.is_ok() {
+            tokio::time::sleep(drain_timeout).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        served = server => served?,
+        _ = deadline => tracing::warn!(?drain_timeout, "drain timeout: closing the remaining connections"),
+    }
+    tasks.close();
+    stop.cancel();
+    if tokio::time::timeout(drain_timeout, tasks.wait()).await.is_err() {
+        tracing::warn!("stream tasks still running after the drain timeout");
+    }
+    drop(edge);
+    // The shard threads stop once the last stream task has let go of them.
+    tokio::task::spawn_blocking(move || drop(shards)).await?;
+    tracing::info!("distributor stopped");
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! Test harness: a real distributor on a free loopback port, and real tonic peers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use distributor::config::Config;
+use distributor::pb::client_service_client::ClientServiceClient;
+use distributor::pb::worker_service_client::WorkerServiceClient;
+use distributor::pb::{ClientRtcMessage, ErrorCode, RtcEvent, WorkerRtcMessage};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Status, Streaming};
+
+/// How long any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(5);
+/// How long a test watches for a message that must not come.
+pub const QUIET: Duration = Duration::from_millis(300);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::with(Config { shards: 2, ..Config::default() }).await
+    }
+
+    pub async fn with(config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(distributor::server::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        TestServer { addr, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.expect("connect to the distributor")
+    }
+
+    /// Triggers graceful shutdown and waits for `run` to return.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(20), self.task.take().unwrap())
+            .await
+            .expect("run() returns after shutdown")
+            .expect("run() did not panic")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// One peer's bidirectional stream.
+pub struct Stream<M> {
+    tx: Option<mpsc::Sender<M>>,
+    rx: Streaming<M>,
+}
+
+impl<M: std::fmt::Debug + Send + 'static> Stream<M> {
+    pub async fn send(&self, msg: M) {
+        self.tx.as_ref().expect("stream still open").send(msg).await.expect("request stream open");
+    }
+
+    /// The next message; fails the test if none comes within [`WAIT`] or the stream ends.
+    pub async fn recv(&mut self) -> M {
+        match tokio::time::timeout(WAIT, self.rx.message()).await {
+            Ok(Ok(Some(msg))) => msg,
+            Ok(Ok(None)) => panic!("stream ended while waiting for a message"),
+            Ok(Err(status)) => panic!("stream failed while waiting for a message: {status:?}"),
+            Err(_) => panic!("no message within {WAIT:?}"),
+        }
+    }
+
+    /// Asserts nothing arrives for [`QUIET`].
+    pub async fn expect_quiet(&mut self) {
+        if let Ok(next) = tokio::time::timeout(QUIET, self.rx.message()).await {
+            panic!("expected no message, got {next:?}");
+        }
+    }
+
+    /// Waits for the stream to end and returns its status (`Code::Ok` for a clean end),
+    /// skipping messages still queued before the end.
+    pub async fn ended(&mut self) -> Status {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.message()).await {
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None)) => return Status::ok(""),
+                Ok(Err(status)) => return status,
+                Err(_) => panic!("stream did not end within {WAIT:?}"),
+            }
+        }
+    }
+
+    /// Closes the sending side (a clean end of the peer's stream).
+    pub fn close(&mut self) {
+        self.tx = None;
+    }
+}
+
+pub type ClientStream = Stream<ClientRtcMessage>;
+pub type WorkerStream = Stream<WorkerRtcMessage>;
+
+fn request<M>(rx: mpsc::Receiver<M>, metadata: &[(&'static str, String)]) -> Request<ReceiverStream<M>> {
+    let mut request = Request::new(ReceiverStream::new(rx));
+    for (k, v) in metadata {
+        request.metadata_mut().insert(*k, v.parse().unwrap());
+    }
+    request
+}
+
+/// Opens a client stream with extra metadata, without reading anything.
+pub async fn open_client(channel: Channel, metadata: &[(&'static str, String)]) -> Result<ClientStream, Status> {
+    let (tx, rx) = mpsc::channel(1024);
+    let response = ClientServiceClient::new(channel).negotiate_peer_connection(request(rx, metadata)).await?;
+    Ok(Stream { tx: Some(tx), rx: response.into_inner() })
+}
+
+/// A client that got its welcome; returns its stream and id.
+pub async fn client(server: &TestServer) -> (ClientStream, i64) {
+    client_with(server, &[]).await
+}
+
+pub async fn client_with(server: &TestServer, metadata: &[(&'static str, String)]) -> (ClientStream, i64) {
+    let mut stream = open_client(server.channel().await, metadata).await.expect("client stream opens");
+    let welcome = stream.recv().await;
+    assert_eq!(welcome.event(), RtcEvent::Blank, "a client's first message is its welcome");
+    assert_ne!(welcome.client_id, 0);
+    let id = welcome.client_id;
+    (stream, id)
+}
+
+/// Opens a worker stream and sends its first message, without reading anything.
+pub async fn open_worker(
+    channel: Channel,
+    metadata: &[(&'static str, String)],
+    first: WorkerRtcMessage,
+) -> Result<WorkerStream, Status> {
+    let (tx, rx) = mpsc::channel(1024);
+    tx.send(first).await.unwrap();
+    let response = WorkerServiceClient::new(channel).negotiate_peer_connection(request(rx, metadata)).await?;
+    Ok(Stream { tx: Some(tx), rx: response.into_inner() })
+}
+
+pub fn blank(worker: i64) -> WorkerRtcMessage {
+    WorkerRtcMessage { worker_machine_id: worker, event: RtcEvent::Blank as i32, ..Default::default() }
+}
+
+/// A registered worker (its `BLANK` acknowledged).
+pub async fn worker(server: &TestServer, id: i64) -> WorkerStream {
+    worker_with(server, id, &[]).await
+}
+
+pub async fn worker_with(server: &TestServer, id: i64, metadata: &[(&'static str, String)]) -> WorkerStream {
+    let mut stream = open_worker(server.channel().await, metadata, blank(id)).await.expect("worker stream opens");
+    let ack = stream.recv().await;
+    assert_eq!((ack.event(), ack.worker_machine_id), (RtcEvent::Blank, id), "registration acknowledged");
+    stream
+}
+
+pub fn to_worker(worker: i64, event: RtcEvent, payload: &[u8]) -> ClientRtcMessage {
+    ClientRtcMessage {
+        worker_machine_id: worker,
+        event: event as i32,
+        message: payload.to_vec().into(),
+        ..Default::default()
+    }
+}
+
+pub fn to_client(client: i64, event: RtcEvent, payload: &[u8]) -> WorkerRtcMessage {
+    WorkerRtcMessage { client_id: client, event: event as i32, message: payload.to_vec().into(), ..Default::default() }
+}
+
+/// Asserts `msg` is an `ERROR` with `code`, naming the refused message's worker.
+pub fn assert_client_error(msg: &ClientRtcMessage, code: ErrorCode, worker: i64) {
+    assert_eq!(msg.event(), RtcEvent::Error, "{msg:?}");
+    assert_eq!(msg.error_code(), code, "{msg:?}");
+    assert_eq!(msg.worker_machine_id, worker, "{msg:?}");
+    assert!(!msg.message.is_empty(), "an ERROR carries a reason");
+}
+
+/// Asserts `msg` is an `ERROR` with `code`, naming the refused message's client.
+pub fn assert_worker_error(msg: &WorkerRtcMessage, code: ErrorCode, client: i64) {
+    assert_eq!(msg.event(), RtcEvent::Error, "{msg:?}");
+    assert_eq!(msg.error_code(), code, "{msg:?}");
+    assert_eq!(msg.client_id, client, "{msg:?}");
+    assert!(!msg.message.is_empty(), "an ERROR carries a reason");
+}
+
+/// Runs offer/answer/accept between `client` (id `c`) and `worker` (id `w`).
+pub async fn negotiate(client: &mut ClientStream, c: i64, worker: &mut WorkerStream, w: i64) {
+    client.send(to_worker(w, RtcEvent::Offer, b"offer-sdp")).await;
+    let offer = worker.recv().await;
+    assert_eq!((offer.event(), offer.client_id, offer.worker_machine_id), (RtcEvent::Offer, c, w));
+    assert_eq!(&offer.message[..], b"offer-sdp");
+    worker.send(to_client(c, RtcEvent::Answer, b"answer-sdp")).await;
+    let answer = client.recv().await;
+    assert_eq!((answer.event(), answer.worker_machine_id, answer.client_id), (RtcEvent::Answer, w, c));
+    assert_eq!(&answer.message[..], b"answer-sdp");
+    client.send(to_worker(w, RtcEvent::AcceptAnswer, b"")).await;
+    let accept = worker.recv().await;
+    assert_eq!((accept.event(), accept.client_id), (RtcEvent::AcceptAnswer, c));
+}

@@ -79,8 +79,18 @@ pub fn mint(
     id: PeerId,
     ttl: Duration,
 ) -> Result<String, jsonwebtoken::errors::Error> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let claims = Claims { sub: id.to_string(), role: role.as_str().to_owned(), exp: (now + ttl).as_secs() };
+    mint_expiring_at(secret, role, id, SystemTime::now() + ttl)
+}
+
+/// Mints a token for `id` speaking as `role` that expires at `exp`.
+pub fn mint_expiring_at(
+    secret: &[u8],
+    role: Role,
+    id: PeerId,
+    exp: SystemTime,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let exp = exp.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let claims = Claims { sub: id.to_string(), role: role.as_str().to_owned(), exp };
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
 }
 
@@ -111,9 +121,8 @@ mod tests {
         let other = mint(b"other-secret", Role::Client, 7, Duration::from_secs(60)).unwrap();
         assert!(matches!(auth.verify(Some(&bearer(&other)), Role::Client), Err(AuthError::Invalid(_))));
 
-        let claims = Claims { sub: "7".into(), role: "client".into(), exp: 1_000 };
         let expired =
-            jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET)).unwrap();
+            mint_expiring_at(SECRET, Role::Client, 7, UNIX_EPOCH + Duration::from_secs(1_000)).unwrap();
         assert_eq!(auth.verify(Some(&bearer(&expired)), Role::Client), Err(AuthError::Expired));
 
         let worker = mint(SECRET, Role::Worker, 7, Duration::from_secs(60)).unwrap();

@@ -21,7 +21,7 @@ pub const BATCH: usize = 256;
 #[error("the routing shards have stopped")]
 pub struct ShardsStopped;
 
-pub struct Shards<P> {
+pub struct Shards<P: PeerSink> {
     senders: Vec<Sender<Command<P>>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -90,7 +90,7 @@ impl<P: PeerSink + Send + 'static> Shards<P> {
     }
 }
 
-impl<P> Drop for Shards<P> {
+impl<P: PeerSink> Drop for Shards<P> {
     fn drop(&mut self) {
         self.senders.clear();
         for thread in self.threads.drain(..) {

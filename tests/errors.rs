@@ -27,7 +27,9 @@ async fn client_events_refused_by_the_state_machine() {
         assert_client_error(&c.recv().await, ErrorCode::InvalidTransition, 3);
     }
     // Never a client's to send, whatever the state.
-    for event in [RtcEvent::Answer, RtcEvent::IceCandidate, RtcEvent::Error, RtcEvent::PeerGone, RtcEvent::Blank] {
+    for event in
+        [RtcEvent::Answer, RtcEvent::IceCandidate, RtcEvent::Error, RtcEvent::PeerGone, RtcEvent::Blank]
+    {
         c.send(to_worker(3, event, b"x")).await;
         assert_client_error(&c.recv().await, ErrorCode::InvalidTransition, 3);
     }
@@ -51,7 +53,8 @@ async fn worker_events_refused_by_the_state_machine() {
         assert_worker_error(&w.recv().await, ErrorCode::InvalidTransition, cid);
     }
     // Never a worker's to send.
-    for event in [RtcEvent::Offer, RtcEvent::AcceptAnswer, RtcEvent::IceCandidate, RtcEvent::Error, RtcEvent::PeerGone]
+    for event in
+        [RtcEvent::Offer, RtcEvent::AcceptAnswer, RtcEvent::IceCandidate, RtcEvent::Error, RtcEvent::PeerGone]
     {
         w.send(to_client(cid, event, b"x")).await;
         assert_worker_error(&w.recv().await, ErrorCode::InvalidTransition, cid);

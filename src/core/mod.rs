@@ -84,8 +84,15 @@ pub enum CloseReason {
     NotReading,
 }
 
+/// A slot reserved in a peer's queue: sending through it cannot fail for lack of room.
+pub trait Reply {
+    fn send(self, msg: Outbound);
+}
+
 /// The sending half of one peer's stream, as the core sees it.
 pub trait PeerSink: Clone {
+    /// A reserved slot in this peer's queue, for the answer to one of its own messages.
+    type Reply: Reply + Send + 'static;
     fn conn(&self) -> ConnId;
     /// Queues `msg` without blocking.
     fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError>;

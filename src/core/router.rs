@@ -9,21 +9,49 @@ use bytes::Bytes;
 use metrics::{Counter, Gauge, Histogram};
 
 use super::session::{self, State};
-use super::{CloseReason, ConnId, DeliverError, Outbound, PeerId, PeerSink, Role};
+use super::{CloseReason, ConnId, DeliverError, Outbound, PeerId, PeerSink, Reply, Role};
 use crate::metrics as names;
 use crate::pb::{ErrorCode, RtcEvent};
 
 /// One input to a [`Router`]. Each is handled completely, in order, by the shard that owns it:
 /// worker registrations and every session message by the worker's shard, client registrations by
 /// the client's shard, and `ClientGone` by every shard (a client may hold sessions on all).
-#[derive(Debug)]
-pub enum Command<P> {
-    RegisterWorker { worker: PeerId, sink: P },
-    RegisterClient { client: PeerId, sink: P },
-    FromClient { client: PeerId, sink: P, worker: PeerId, event: RtcEvent, payload: Bytes },
-    FromWorker { worker: PeerId, sink: P, client: PeerId, event: RtcEvent, payload: Bytes },
-    ClientGone { client: PeerId, conn: ConnId },
-    WorkerGone { worker: PeerId, conn: ConnId },
+///
+/// A peer's own message carries `reply`, a slot reserved in the sender's queue, so that a
+/// refusal always reaches the sender whatever else is queued for it.
+pub enum Command<P: PeerSink> {
+    RegisterWorker {
+        worker: PeerId,
+        sink: P,
+    },
+    RegisterClient {
+        client: PeerId,
+        sink: P,
+    },
+    FromClient {
+        client: PeerId,
+        sink: P,
+        reply: P::Reply,
+        worker: PeerId,
+        event: RtcEvent,
+        payload: Bytes,
+    },
+    FromWorker {
+        worker: PeerId,
+        conn: ConnId,
+        reply: P::Reply,
+        client: PeerId,
+        event: RtcEvent,
+        payload: Bytes,
+    },
+    ClientGone {
+        client: PeerId,
+        conn: ConnId,
+    },
+    WorkerGone {
+        worker: PeerId,
+        conn: ConnId,
+    },
 }
 
 struct WorkerEntry<P> {
@@ -74,11 +102,11 @@ impl<P: PeerSink> Router<P> {
         match command {
             Command::RegisterWorker { worker, sink } => self.register_worker(worker, sink),
             Command::RegisterClient { client, sink } => self.register_client(client, sink),
-            Command::FromClient { client, sink, worker, event, payload } => {
-                self.client_message(client, sink, worker, event, payload, now)
+            Command::FromClient { client, sink, reply, worker, event, payload } => {
+                self.client_message(client, sink, reply, worker, event, payload, now)
             }
-            Command::FromWorker { worker, sink, client, event, payload } => {
-                self.worker_message(worker, sink, client, event, payload, now)
+            Command::FromWorker { worker, conn, reply, client, event, payload } => {
+                self.worker_message(worker, conn, reply, client, event, payload, now)
             }
             Command::ClientGone { client, conn } => self.client_gone(client, conn),
             Command::WorkerGone { worker, conn } => self.worker_gone(worker, conn),
@@ -123,14 +151,16 @@ impl<P: PeerSink> Router<P> {
         &mut self,
         client: PeerId,
         sink: P,
+        reply: P::Reply,
         worker: PeerId,
         event: RtcEvent,
         payload: Bytes,
         now: Instant,
     ) {
         let m = &self.metrics;
-        let refuse = |code, reason: Bytes| {
-            refuse(m, &sink, Outbound::error(code, worker, client, reason));
+        let refuse = move |code, reason: Bytes| {
+            m.errors(code).increment(1);
+            reply.send(Outbound::error(code, worker, client, reason));
         };
         if !session::is_relayable(Role::Client, event) {
             let reason = session::step(None, Role::Client, event).expect_err("not relayable");
@@ -191,22 +221,24 @@ impl<P: PeerSink> Router<P> {
     fn worker_message(
         &mut self,
         worker: PeerId,
-        sink: P,
+        conn: ConnId,
+        reply: P::Reply,
         client: PeerId,
         event: RtcEvent,
         payload: Bytes,
         now: Instant,
     ) {
         let m = &self.metrics;
-        let refuse = |code, reason: Bytes| {
-            refuse(m, &sink, Outbound::error(code, worker, client, reason));
+        let refuse = move |code, reason: Bytes| {
+            m.errors(code).increment(1);
+            reply.send(Outbound::error(code, worker, client, reason));
         };
         if !session::is_relayable(Role::Worker, event) {
             let reason = session::step(None, Role::Worker, event).expect_err("not relayable");
             return refuse(ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
         }
         let entry = match self.workers.get_mut(&worker) {
-            Some(entry) if entry.sink.conn() == sink.conn() => entry,
+            Some(entry) if entry.sink.conn() == conn => entry,
             _ => {
                 let reason = "this stream is not the registered stream of its worker id";
                 return refuse(ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
@@ -310,14 +342,7 @@ fn undelivered(role: Role, id: PeerId, e: DeliverError) -> Bytes {
     .into()
 }
 
-/// Sends a refusal back to the sender of a message.
-fn refuse<P: PeerSink>(m: &RouterMetrics, sender: &P, error: Outbound) {
-    m.errors(error.error).increment(1);
-    notify(m, sender, error);
-}
-
-/// Delivers a message the distributor owes a peer (an acknowledgement, an `ERROR`, a
-/// `PEER_GONE`). If the peer's queue is full it is not reading, and rather than lose the message
+/// Delivers a message the distributor owes a peer unasked (an acknowledgement, a `PEER_GONE`). If the peer's queue is full it is not reading, and rather than lose the message
 /// silently its stream is ended.
 fn notify<P: PeerSink>(m: &RouterMetrics, peer: &P, msg: Outbound) {
     if let Err(DeliverError::Full) = peer.try_deliver(msg) {

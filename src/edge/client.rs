@@ -6,7 +6,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Status, Streaming};
 
 use super::conn::{Close, Sink};
-use super::{Edge, connected, read_failed, reply};
+use super::{Edge, Reader, connected, reply};
 use crate::core::{Command, Outbound, PeerId, Role};
 use crate::pb::{ClientRtcMessage, RtcEvent};
 
@@ -39,45 +39,36 @@ pub fn encode(msg: Outbound) -> ClientRtcMessage {
     }
 }
 
-pub async fn serve(edge: Arc<Edge>, sink: Sink, client: PeerId, mut inbound: Streaming<ClientRtcMessage>) {
+pub async fn serve(edge: Arc<Edge>, sink: Sink, client: PeerId, inbound: Streaming<ClientRtcMessage>) {
     let shards = &edge.shards;
     let gauge = connected(Role::Client);
     gauge.increment(1.0);
     tracing::debug!(client, conn = sink.id().0, "client connected");
+    let mut reader = Reader::new(inbound, sink.clone());
     let registered =
         shards.send(shards.of_client(client), Command::RegisterClient { client, sink: sink.clone() }).await;
-    let closing = sink.closing();
-    tokio::pin!(closing);
     while registered.is_ok() {
-        let next = tokio::select! {
-            biased;
-            _ = &mut closing => break,
-            next = inbound.message() => next,
-        };
-        let msg = match next {
-            Ok(Some(msg)) => msg,
-            Ok(None) => {
-                sink.end(Close::Drain(None));
-                break;
-            }
-            Err(status) => {
-                sink.end(read_failed(status));
-                break;
-            }
-        };
+        let Some((msg, permit)) = reader.message_with_reply().await else { break };
         let worker = msg.worker_machine_id;
         let event = match edge.check(msg.event, &msg.message) {
+            Ok(RtcEvent::Ping) => {
+                reply(permit, Outbound::relay(RtcEvent::Ping, worker, client, msg.message));
+                continue;
+            }
             Ok(event) => event,
             Err((code, reason)) => {
-                reply(&sink, Outbound::error(code, worker, client, reason));
+                reply(permit, Outbound::error(code, worker, client, reason));
                 continue;
             }
         };
-        if event == RtcEvent::Ping {
-            reply(&sink, Outbound::relay(RtcEvent::Ping, worker, client, msg.message));
-            continue;
-        }
-        let command = Command::FromClient { client, sink: sink.clone(), worker, event, payload: msg.message };
+        let command = Command::FromClient {
+            client,
+            sink: sink.clone(),
+            reply: permit,
+            worker,
+            event,
+            payload: msg.message,
+        };
         if shards.send(shards.of_worker(worker), command).await.is_err() {
             break;
         }

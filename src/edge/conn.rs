@@ -10,7 +10,7 @@ use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 
-use crate::core::{CloseReason, ConnId, DeliverError, Outbound, PeerSink};
+use crate::core::{CloseReason, ConnId, DeliverError, Outbound, PeerSink, Reply};
 
 /// The handle shards deliver through; cheap to clone.
 pub type Sink = Arc<Conn>;
@@ -70,12 +70,26 @@ impl Conn {
         self.closing.clone().cancelled_owned()
     }
 
-    pub fn is_closing(&self) -> bool {
-        self.closing.is_cancelled()
+    /// Reserves room in this stream's own queue for the answer to a message it sent, waiting
+    /// while the peer has not read earlier answers: a peer that does not read its answers is
+    /// not read from either. `None` once the stream is gone.
+    pub async fn reserve(&self) -> Option<Permit> {
+        self.tx.clone().reserve_owned().await.ok()
+    }
+}
+
+/// Room reserved in a stream's queue.
+pub type Permit = mpsc::OwnedPermit<Outbound>;
+
+impl Reply for Permit {
+    fn send(self, msg: Outbound) {
+        mpsc::OwnedPermit::send(self, msg);
     }
 }
 
 impl PeerSink for Sink {
+    type Reply = Permit;
+
     fn conn(&self) -> ConnId {
         self.id
     }

@@ -9,11 +9,12 @@ mod client;
 pub mod conn;
 mod worker;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
@@ -23,7 +24,7 @@ use crate::core::{ConnId, Outbound, PeerId, Role};
 use crate::metrics as names;
 use crate::pb::{self, ClientRtcMessage, ErrorCode, RtcEvent, WorkerRtcMessage};
 use crate::shards::Shards;
-use conn::{Close, Conn, OutboundStream, Sink};
+use conn::{Close, Conn, OutboundStream, Permit, Sink};
 
 /// What every stream task shares.
 pub struct Edge {
@@ -85,27 +86,69 @@ impl Edge {
     }
 }
 
-/// Queues a message the distributor itself owes the peer (a `PING` reply or an `ERROR`); a
-/// peer whose queue is full does not read, and its stream is ended rather than lose it silently.
-fn reply(sink: &Sink, msg: Outbound) {
-    use crate::core::{CloseReason, DeliverError, PeerSink};
+/// Answers a peer's own message on its stream, through the room reserved for it.
+fn reply(permit: Permit, msg: Outbound) {
     if msg.event == RtcEvent::Error {
         metrics::counter!(names::ERRORS, "code" => msg.error.as_str_name()).increment(1);
     }
-    if sink.try_deliver(msg) == Err(DeliverError::Full) {
-        metrics::counter!(names::QUEUE_DROPS).increment(1);
-        sink.close(CloseReason::NotReading);
-    }
+    crate::core::Reply::send(permit, msg);
 }
 
-/// How a stream ends when reading it failed: a frame over the limit keeps tonic's
-/// `RESOURCE_EXHAUSTED`; an undecodable frame is the peer's fault, so `INVALID_ARGUMENT`.
+/// How a stream ends when reading it failed: a frame over the limit is `RESOURCE_EXHAUSTED`
+/// (tonic says `OUT_OF_RANGE`); an undecodable frame is the peer's fault, so `INVALID_ARGUMENT`
+/// (tonic says `INTERNAL`).
 fn read_failed(status: Status) -> Close {
     match status.code() {
         tonic::Code::Internal => {
             Close::Now(Status::invalid_argument(format!("malformed message: {}", status.message())))
         }
+        tonic::Code::OutOfRange => Close::Now(Status::resource_exhausted(status.message().to_owned())),
         _ => Close::Now(status),
+    }
+}
+
+/// Reads one peer's stream until it ends, for whatever reason.
+struct Reader<M> {
+    inbound: Streaming<M>,
+    sink: Sink,
+    closing: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl<M> Reader<M> {
+    fn new(inbound: Streaming<M>, sink: Sink) -> Self {
+        let closing = Box::pin(sink.closing());
+        Reader { inbound, sink, closing }
+    }
+
+    /// The next message, or `None` once the stream ends (how it ends is recorded on the sink).
+    async fn message(&mut self) -> Option<M> {
+        let next = tokio::select! {
+            biased;
+            _ = self.closing.as_mut() => return None,
+            next = self.inbound.message() => next,
+        };
+        match next {
+            Ok(Some(msg)) => Some(msg),
+            Ok(None) => {
+                self.sink.end(Close::Drain(None));
+                None
+            }
+            Err(status) => {
+                self.sink.end(read_failed(status));
+                None
+            }
+        }
+    }
+
+    /// The next message with room reserved in the peer's own queue for its answer.
+    async fn message_with_reply(&mut self) -> Option<(M, Permit)> {
+        let msg = self.message().await?;
+        let permit = tokio::select! {
+            biased;
+            _ = self.closing.as_mut() => return None,
+            permit = self.sink.reserve() => permit?,
+        };
+        Some((msg, permit))
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Status, Streaming};
 
 use super::conn::{Close, Sink};
-use super::{Edge, connected, read_failed, reply};
+use super::{Edge, Reader, connected, reply};
 use crate::core::{Command, Outbound, PeerId, Role};
 use crate::pb::{RtcEvent, WorkerRtcMessage};
 
@@ -19,25 +19,17 @@ pub fn encode(msg: Outbound) -> WorkerRtcMessage {
     }
 }
 
-/// Reads the registration: `BLANK` with a non-zero id, matching the token's id in auth mode.
-async fn registration(
-    inbound: &mut Streaming<WorkerRtcMessage>,
-    granted: Option<PeerId>,
-) -> Result<PeerId, Close> {
-    let first = match inbound.message().await {
-        Ok(Some(first)) => first,
-        Ok(None) => return Err(Close::Drain(None)),
-        Err(status) => return Err(read_failed(status)),
-    };
+/// Checks the registration: `BLANK` with a non-zero id, matching the token's id in auth mode.
+fn registration(first: &WorkerRtcMessage, granted: Option<PeerId>) -> Result<PeerId, Status> {
     if first.event != RtcEvent::Blank as i32 || first.worker_machine_id == 0 {
-        return Err(Close::Now(Status::invalid_argument(
+        return Err(Status::invalid_argument(
             "a worker's first message must be BLANK with its non-zero worker_machine_id",
-        )));
+        ));
     }
     let worker = first.worker_machine_id;
     match granted {
         Some(id) if id != worker => {
-            Err(Close::Now(Status::permission_denied(format!("the token is for worker {id}, not {worker}"))))
+            Err(Status::permission_denied(format!("the token is for worker {id}, not {worker}")))
         }
         _ => Ok(worker),
     }
@@ -47,19 +39,14 @@ pub async fn serve(
     edge: Arc<Edge>,
     sink: Sink,
     granted: Option<PeerId>,
-    mut inbound: Streaming<WorkerRtcMessage>,
+    inbound: Streaming<WorkerRtcMessage>,
 ) {
     let shards = &edge.shards;
-    let closing = sink.closing();
-    tokio::pin!(closing);
-    let registered = tokio::select! {
-        biased;
-        _ = &mut closing => return,
-        registered = registration(&mut inbound, granted) => registered,
-    };
-    let worker = match registered {
+    let mut reader = Reader::new(inbound, sink.clone());
+    let Some(first) = reader.message().await else { return };
+    let worker = match registration(&first, granted) {
         Ok(worker) => worker,
-        Err(how) => return sink.end(how),
+        Err(status) => return sink.end(Close::Now(status)),
     };
     let shard = shards.of_worker(worker);
     if shards.send(shard, Command::RegisterWorker { worker, sink: sink.clone() }).await.is_err() {
@@ -68,23 +55,7 @@ pub async fn serve(
     let gauge = connected(Role::Worker);
     gauge.increment(1.0);
     tracing::debug!(worker, conn = sink.id().0, "worker registered");
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = &mut closing => break,
-            next = inbound.message() => next,
-        };
-        let msg = match next {
-            Ok(Some(msg)) => msg,
-            Ok(None) => {
-                sink.end(Close::Drain(None));
-                break;
-            }
-            Err(status) => {
-                sink.end(read_failed(status));
-                break;
-            }
-        };
+    while let Some((msg, permit)) = reader.message_with_reply().await {
         if msg.worker_machine_id != 0 && msg.worker_machine_id != worker {
             sink.end(Close::Now(Status::permission_denied(format!(
                 "this stream is registered as worker {worker}, not {}",
@@ -94,17 +65,24 @@ pub async fn serve(
         }
         let client = msg.client_id;
         let event = match edge.check(msg.event, &msg.message) {
+            Ok(RtcEvent::Ping) => {
+                reply(permit, Outbound::relay(RtcEvent::Ping, worker, client, msg.message));
+                continue;
+            }
             Ok(event) => event,
             Err((code, reason)) => {
-                reply(&sink, Outbound::error(code, worker, client, reason));
+                reply(permit, Outbound::error(code, worker, client, reason));
                 continue;
             }
         };
-        if event == RtcEvent::Ping {
-            reply(&sink, Outbound::relay(RtcEvent::Ping, worker, client, msg.message));
-            continue;
-        }
-        let command = Command::FromWorker { worker, sink: sink.clone(), client, event, payload: msg.message };
+        let command = Command::FromWorker {
+            worker,
+            conn: sink.id(),
+            reply: permit,
+            client,
+            event,
+            payload: msg.message,
+        };
         if shards.send(shard, command).await.is_err() {
             break;
         }

@@ -108,6 +108,16 @@ impl<M: std::fmt::Debug + Send + 'static> Stream<M> {
         }
     }
 
+    /// The next message or end, without a timeout of its own.
+    pub async fn rx_message(&mut self) -> Result<Option<M>, Status> {
+        self.rx.message().await
+    }
+
+    /// Whether the stream still answers: sends nothing, so only checks it has not ended.
+    pub async fn is_open(&mut self) -> bool {
+        !matches!(tokio::time::timeout(QUIET, self.rx.message()).await, Ok(Ok(None)) | Ok(Err(_)))
+    }
+
     /// Closes the sending side (a clean end of the peer's stream).
     pub fn close(&mut self) {
         self.tx = None;
@@ -126,7 +136,10 @@ fn request<M>(rx: mpsc::Receiver<M>, metadata: &[(&'static str, String)]) -> Req
 }
 
 /// Opens a client stream with extra metadata, without reading anything.
-pub async fn open_client(channel: Channel, metadata: &[(&'static str, String)]) -> Result<ClientStream, Status> {
+pub async fn open_client(
+    channel: Channel,
+    metadata: &[(&'static str, String)],
+) -> Result<ClientStream, Status> {
     let (tx, rx) = mpsc::channel(1024);
     let response = ClientServiceClient::new(channel).negotiate_peer_connection(request(rx, metadata)).await?;
     Ok(Stream { tx: Some(tx), rx: response.into_inner() })
@@ -168,7 +181,8 @@ pub async fn worker(server: &TestServer, id: i64) -> WorkerStream {
 }
 
 pub async fn worker_with(server: &TestServer, id: i64, metadata: &[(&'static str, String)]) -> WorkerStream {
-    let mut stream = open_worker(server.channel().await, metadata, blank(id)).await.expect("worker stream opens");
+    let mut stream =
+        open_worker(server.channel().await, metadata, blank(id)).await.expect("worker stream opens");
     let ack = stream.recv().await;
     assert_eq!((ack.event(), ack.worker_machine_id), (RtcEvent::Blank, id), "registration acknowledged");
     stream
@@ -184,7 +198,12 @@ pub fn to_worker(worker: i64, event: RtcEvent, payload: &[u8]) -> ClientRtcMessa
 }
 
 pub fn to_client(client: i64, event: RtcEvent, payload: &[u8]) -> WorkerRtcMessage {
-    WorkerRtcMessage { client_id: client, event: event as i32, message: payload.to_vec().into(), ..Default::default() }
+    WorkerRtcMessage {
+        client_id: client,
+        event: event as i32,
+        message: payload.to_vec().into(),
+        ..Default::default()
+    }
 }
 
 /// Asserts `msg` is an `ERROR` with `code`, naming the refused message's worker.

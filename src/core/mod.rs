@@ -9,7 +9,7 @@
 mod router;
 pub mod session;
 
-pub use router::{Command, Router};
+pub use router::{Command, Router, Signal};
 
 use bytes::Bytes;
 

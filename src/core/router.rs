@@ -16,42 +16,21 @@ use crate::pb::{ErrorCode, RtcEvent};
 /// One input to a [`Router`]. Each is handled completely, in order, by the shard that owns it:
 /// worker registrations and every session message by the worker's shard, client registrations by
 /// the client's shard, and `ClientGone` by every shard (a client may hold sessions on all).
-///
-/// A peer's own message carries `reply`, a slot reserved in the sender's queue, so that a
-/// refusal always reaches the sender whatever else is queued for it.
 pub enum Command<P: PeerSink> {
-    RegisterWorker {
-        worker: PeerId,
-        sink: P,
-    },
-    RegisterClient {
-        client: PeerId,
-        sink: P,
-    },
-    FromClient {
-        client: PeerId,
-        sink: P,
-        reply: P::Reply,
-        worker: PeerId,
-        event: RtcEvent,
-        payload: Bytes,
-    },
-    FromWorker {
-        worker: PeerId,
-        conn: ConnId,
-        reply: P::Reply,
-        client: PeerId,
-        event: RtcEvent,
-        payload: Bytes,
-    },
-    ClientGone {
-        client: PeerId,
-        conn: ConnId,
-    },
-    WorkerGone {
-        worker: PeerId,
-        conn: ConnId,
-    },
+    RegisterWorker { worker: PeerId, sink: P },
+    RegisterClient { client: PeerId, sink: P },
+    FromClient { client: PeerId, sink: P, worker: PeerId, signal: Signal<P::Reply> },
+    FromWorker { worker: PeerId, conn: ConnId, client: PeerId, signal: Signal<P::Reply> },
+    ClientGone { client: PeerId, conn: ConnId },
+    WorkerGone { worker: PeerId, conn: ConnId },
+}
+
+/// A peer's message for the other side of a session. It carries `reply`, a slot reserved in the
+/// sender's queue, so that a refusal always reaches the sender whatever else is queued for it.
+pub struct Signal<R> {
+    pub event: RtcEvent,
+    pub payload: Bytes,
+    pub reply: R,
 }
 
 struct WorkerEntry<P> {
@@ -102,11 +81,11 @@ impl<P: PeerSink> Router<P> {
         match command {
             Command::RegisterWorker { worker, sink } => self.register_worker(worker, sink),
             Command::RegisterClient { client, sink } => self.register_client(client, sink),
-            Command::FromClient { client, sink, reply, worker, event, payload } => {
-                self.client_message(client, sink, reply, worker, event, payload, now)
+            Command::FromClient { client, sink, worker, signal } => {
+                self.client_message(client, sink, worker, signal, now)
             }
-            Command::FromWorker { worker, conn, reply, client, event, payload } => {
-                self.worker_message(worker, conn, reply, client, event, payload, now)
+            Command::FromWorker { worker, conn, client, signal } => {
+                self.worker_message(worker, conn, client, signal, now)
             }
             Command::ClientGone { client, conn } => self.client_gone(client, conn),
             Command::WorkerGone { worker, conn } => self.worker_gone(worker, conn),
@@ -151,12 +130,11 @@ impl<P: PeerSink> Router<P> {
         &mut self,
         client: PeerId,
         sink: P,
-        reply: P::Reply,
         worker: PeerId,
-        event: RtcEvent,
-        payload: Bytes,
+        signal: Signal<P::Reply>,
         now: Instant,
     ) {
+        let Signal { event, payload, reply } = signal;
         let m = &self.metrics;
         let refuse = move |code, reason: Bytes| {
             m.errors(code).increment(1);
@@ -222,12 +200,11 @@ impl<P: PeerSink> Router<P> {
         &mut self,
         worker: PeerId,
         conn: ConnId,
-        reply: P::Reply,
         client: PeerId,
-        event: RtcEvent,
-        payload: Bytes,
+        signal: Signal<P::Reply>,
         now: Instant,
     ) {
+        let Signal { event, payload, reply } = signal;
         let m = &self.metrics;
         let refuse = move |code, reason: Bytes| {
             m.errors(code).increment(1);

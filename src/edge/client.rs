@@ -7,7 +7,7 @@ use tonic::{Status, Streaming};
 
 use super::conn::{Close, Sink};
 use super::{Edge, Reader, connected, reply};
-use crate::core::{Command, Outbound, PeerId, Role};
+use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{ClientRtcMessage, RtcEvent};
 
 /// The client id of an open (no auth) distributor: `x-client-id` if given, else a fresh random
@@ -61,14 +61,8 @@ pub async fn serve(edge: Arc<Edge>, sink: Sink, client: PeerId, inbound: Streami
                 continue;
             }
         };
-        let command = Command::FromClient {
-            client,
-            sink: sink.clone(),
-            reply: permit,
-            worker,
-            event,
-            payload: msg.message,
-        };
+        let signal = Signal { event, payload: msg.message, reply: permit };
+        let command = Command::FromClient { client, sink: sink.clone(), worker, signal };
         if shards.send(shards.of_worker(worker), command).await.is_err() {
             break;
         }

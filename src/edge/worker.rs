@@ -6,7 +6,7 @@ use tonic::{Status, Streaming};
 
 use super::conn::{Close, Sink};
 use super::{Edge, Reader, connected, reply};
-use crate::core::{Command, Outbound, PeerId, Role};
+use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{RtcEvent, WorkerRtcMessage};
 
 pub fn encode(msg: Outbound) -> WorkerRtcMessage {
@@ -75,14 +75,8 @@ pub async fn serve(
                 continue;
             }
         };
-        let command = Command::FromWorker {
-            worker,
-            conn: sink.id(),
-            reply: permit,
-            client,
-            event,
-            payload: msg.message,
-        };
+        let signal = Signal { event, payload: msg.message, reply: permit };
+        let command = Command::FromWorker { worker, conn: sink.id(), client, signal };
         if shards.send(shard, command).await.is_err() {
             break;
         }

@@ -8,6 +8,8 @@
 
 mod router;
 pub mod session;
+#[cfg(test)]
+mod tests;
 
 pub use router::{Command, Router, Signal};
 

@@ -40,6 +40,11 @@ impl TestServer {
         TestServer { addr, stop: Some(stop), task: Some(task) }
     }
 
+    /// A server started elsewhere (another process), at `addr`.
+    pub fn external(addr: &str) -> Self {
+        TestServer { addr: addr.parse().expect("a socket address"), stop: None, task: None }
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

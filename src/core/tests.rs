@@ -1,0 +1,248 @@
+//! The router driven directly, in simulated time, with in-memory peers.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::*;
+use crate::pb::{ErrorCode, RtcEvent};
+
+#[derive(Default)]
+struct Peer {
+    queue: Vec<Outbound>,
+    capacity: usize,
+    closed: Option<CloseReason>,
+}
+
+#[derive(Clone)]
+struct TestSink {
+    conn: ConnId,
+    peer: Arc<Mutex<Peer>>,
+}
+
+struct TestReply(TestSink);
+
+impl Reply for TestReply {
+    fn send(self, msg: Outbound) {
+        self.0.peer.lock().unwrap().queue.push(msg);
+    }
+}
+
+impl PeerSink for TestSink {
+    type Reply = TestReply;
+
+    fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError> {
+        let mut peer = self.peer.lock().unwrap();
+        if peer.closed.is_some() {
+            return Err(DeliverError::Closed);
+        }
+        if peer.queue.len() >= peer.capacity {
+            return Err(DeliverError::Full);
+        }
+        peer.queue.push(msg);
+        Ok(())
+    }
+
+    fn close(&self, reason: CloseReason) {
+        self.peer.lock().unwrap().closed.get_or_insert(reason);
+    }
+}
+
+impl TestSink {
+    fn new(conn: u64) -> Self {
+        TestSink { conn: ConnId(conn), peer: Arc::new(Mutex::new(Peer { capacity: 64, ..Peer::default() })) }
+    }
+
+    fn with_capacity(conn: u64, capacity: usize) -> Self {
+        let sink = Self::new(conn);
+        sink.peer.lock().unwrap().capacity = capacity;
+        sink
+    }
+
+    fn take(&self) -> Vec<Outbound> {
+        std::mem::take(&mut self.peer.lock().unwrap().queue)
+    }
+
+    fn events(&self) -> Vec<(RtcEvent, ErrorCode)> {
+        self.take().into_iter().map(|m| (m.event, m.error)).collect()
+    }
+
+    fn closed(&self) -> Option<CloseReason> {
+        self.peer.lock().unwrap().closed
+    }
+}
+
+struct Harness {
+    router: Router<TestSink>,
+    now: Instant,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Harness { router: Router::new(), now: Instant::now() }
+    }
+
+    fn run(&mut self, command: Command<TestSink>) {
+        self.now += Duration::from_millis(1);
+        self.router.handle(command, self.now);
+    }
+
+    fn worker(&mut self, id: PeerId, conn: u64) -> TestSink {
+        let sink = TestSink::new(conn);
+        self.run(Command::RegisterWorker { worker: id, sink: sink.clone() });
+        assert_eq!(sink.events(), [(RtcEvent::Blank, ErrorCode::Unspecified)]);
+        sink
+    }
+
+    fn client(&mut self, id: PeerId, conn: u64) -> TestSink {
+        let sink = TestSink::new(conn);
+        self.run(Command::RegisterClient { client: id, sink: sink.clone() });
+        assert_eq!(sink.events(), [(RtcEvent::Blank, ErrorCode::Unspecified)]);
+        sink
+    }
+
+    fn from_client(&mut self, client: PeerId, sink: &TestSink, worker: PeerId, event: RtcEvent) {
+        let signal = Signal { event, payload: Bytes::from_static(b"x"), reply: TestReply(sink.clone()) };
+        self.run(Command::FromClient { client, sink: sink.clone(), worker, signal });
+    }
+
+    fn from_worker(&mut self, worker: PeerId, sink: &TestSink, client: PeerId, event: RtcEvent) {
+        let signal = Signal { event, payload: Bytes::from_static(b"y"), reply: TestReply(sink.clone()) };
+        self.run(Command::FromWorker { worker, conn: sink.conn, client, signal });
+    }
+}
+
+const OK: ErrorCode = ErrorCode::Unspecified;
+
+#[test]
+fn relays_a_negotiation_and_counts_sessions() {
+    let mut h = Harness::new();
+    let w = h.worker(1, 1);
+    let c = h.client(100, 2);
+    h.from_client(100, &c, 1, RtcEvent::Offer);
+    h.from_worker(1, &w, 100, RtcEvent::Answer);
+    h.from_client(100, &c, 1, RtcEvent::AcceptAnswer);
+    h.from_client(100, &c, 1, RtcEvent::LocalIceCandidate);
+    h.from_worker(1, &w, 100, RtcEvent::LocalIceCandidate);
+    assert_eq!(
+        w.events(),
+        [(RtcEvent::Offer, OK), (RtcEvent::AcceptAnswer, OK), (RtcEvent::IceCandidate, OK)]
+    );
+    assert_eq!(c.events(), [(RtcEvent::Answer, OK), (RtcEvent::IceCandidate, OK)]);
+    assert_eq!(h.router.session_count(), 1);
+}
+
+#[test]
+fn an_overloaded_receiver_gets_nothing_and_the_sender_hears_why() {
+    let mut h = Harness::new();
+    let w = h.worker(1, 1);
+    w.peer.lock().unwrap().capacity = 1;
+    let c = h.client(100, 2);
+    h.from_client(100, &c, 1, RtcEvent::Offer);
+    h.from_client(100, &c, 1, RtcEvent::LocalIceCandidate);
+    assert_eq!(w.events(), [(RtcEvent::Offer, OK)]);
+    let [refused] = c.take().try_into().unwrap();
+    assert_eq!(
+        (refused.event, refused.error, refused.worker),
+        (RtcEvent::Error, ErrorCode::PeerOverloaded, 1)
+    );
+    assert_eq!(w.closed(), None, "a slow reader is refused messages, not cut off");
+    assert_eq!(c.closed(), None);
+}
+
+#[test]
+fn an_undelivered_answer_can_be_sent_again() {
+    let mut h = Harness::new();
+    let w = h.worker(1, 1);
+    let c = TestSink::with_capacity(2, 1);
+    h.run(Command::RegisterClient { client: 100, sink: c.clone() });
+    c.take();
+    h.from_client(100, &c, 1, RtcEvent::Offer);
+    c.peer.lock().unwrap().queue.push(Outbound::peer_gone(0, 0)); // the client's queue is full
+    h.from_worker(1, &w, 100, RtcEvent::Answer);
+    assert_eq!(w.take().last().map(|m| m.error), Some(ErrorCode::PeerOverloaded));
+    c.take();
+    h.from_worker(1, &w, 100, RtcEvent::Answer);
+    assert_eq!(c.events(), [(RtcEvent::Answer, OK)], "the session stayed in `offered`");
+    assert!(w.take().is_empty());
+}
+
+#[test]
+fn a_newer_worker_stream_ends_the_old_one_and_its_sessions() {
+    let mut h = Harness::new();
+    let old = h.worker(1, 1);
+    let c = h.client(100, 2);
+    h.from_client(100, &c, 1, RtcEvent::Offer);
+    let new = h.worker(1, 3);
+    assert_eq!(old.closed(), Some(CloseReason::Superseded));
+    let gone = c.take();
+    assert_eq!((gone[0].event, gone[0].worker), (RtcEvent::PeerGone, 1));
+    // The old stream's own departure, arriving later, changes nothing.
+    h.run(Command::WorkerGone { worker: 1, conn: ConnId(1) });
+    h.from_client(100, &c, 1, RtcEvent::Offer);
+    assert_eq!(new.events(), [(RtcEvent::Offer, OK)]);
+    // An older stream registering late is the one refused.
+    let late = TestSink::new(0);
+    h.run(Command::RegisterWorker { worker: 1, sink: late.clone() });
+    assert_eq!(late.closed(), Some(CloseReason::Superseded));
+    assert_eq!(new.closed(), None);
+}
+
+#[test]
+fn a_newer_client_stream_takes_over_its_sessions() {
+    let mut h = Harness::new();
+    let w = h.worker(1, 1);
+    let old = h.client(100, 2);
+    h.from_client(100, &old, 1, RtcEvent::Offer);
+    w.take();
+    let new = h.client(100, 3);
+    assert_eq!(old.closed(), Some(CloseReason::Superseded));
+    // The new stream's OFFER arrives before the old stream's departure: the worker first
+    // learns the old session ended.
+    h.from_client(100, &new, 1, RtcEvent::Offer);
+    assert_eq!(w.events(), [(RtcEvent::PeerGone, OK), (RtcEvent::Offer, OK)]);
+    // The old stream's late messages and departure do not touch the new session.
+    h.from_client(100, &old, 1, RtcEvent::LocalIceCandidate);
+    assert_eq!(old.events(), [(RtcEvent::Error, ErrorCode::InvalidTransition)]);
+    h.run(Command::ClientGone { client: 100, conn: ConnId(2) });
+    assert!(w.take().is_empty());
+    h.from_worker(1, &w, 100, RtcEvent::Answer);
+    assert_eq!(new.events(), [(RtcEvent::Answer, OK)]);
+    h.run(Command::ClientGone { client: 100, conn: ConnId(3) });
+    assert_eq!(w.events(), [(RtcEvent::PeerGone, OK)]);
+    assert_eq!(h.router.session_count(), 0);
+}
+
+#[test]
+fn a_peer_that_does_not_read_what_it_is_owed_is_closed() {
+    let mut h = Harness::new();
+    let w = h.worker(1, 1);
+    let c = h.client(100, 2);
+    h.from_client(100, &c, 1, RtcEvent::Offer);
+    w.peer.lock().unwrap().capacity = 0;
+    h.run(Command::ClientGone { client: 100, conn: ConnId(2) });
+    assert_eq!(w.closed(), Some(CloseReason::NotReading), "PEER_GONE could not be queued");
+}
+
+#[test]
+fn refusals_name_the_address_and_a_reason() {
+    let mut h = Harness::new();
+    let c = h.client(100, 2);
+    h.from_client(100, &c, 9, RtcEvent::Offer);
+    let w = h.worker(1, 1);
+    h.from_worker(1, &w, 555, RtcEvent::Answer);
+    let [to_client] = c.take().try_into().unwrap();
+    assert_eq!(
+        (to_client.event, to_client.error, to_client.worker),
+        (RtcEvent::Error, ErrorCode::PeerNotConnected, 9)
+    );
+    assert!(std::str::from_utf8(&to_client.payload).unwrap().contains("worker 9"));
+    let [to_worker] = w.take().try_into().unwrap();
+    assert_eq!((to_worker.error, to_worker.client), (ErrorCode::InvalidTransition, 555));
+    assert!(!to_worker.payload.is_empty());
+}

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use distributor::pb::RtcEvent;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 #[tokio::test]
 async fn health_reports_both_services_serving() {
@@ -79,7 +79,8 @@ impl Binary {
         });
         let deadline = Instant::now() + WAIT;
         let addr = loop {
-            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("listening line");
+            let line =
+                rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("listening line");
             if line.contains("distributor listening") {
                 let start = line.find("\"local\":\"").expect("local address field") + 9;
                 let end = start + line[start..].find('"').unwrap();
@@ -163,7 +164,10 @@ fn token_command_prints_a_token_the_server_accepts() {
     assert!(out.status.success(), "{out:?}");
     let token = String::from_utf8(out.stdout).unwrap();
     let auth = distributor::auth::Authenticator::new(b"s3cret");
-    assert_eq!(auth.verify(Some(&format!("Bearer {}", token.trim())), distributor::core::Role::Worker), Ok(42));
+    assert_eq!(
+        auth.verify(Some(&format!("Bearer {}", token.trim())), distributor::core::Role::Worker),
+        Ok(42)
+    );
 }
 
 #[test]

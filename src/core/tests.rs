@@ -106,12 +106,12 @@ impl Harness {
         sink
     }
 
-    fn from_client(&mut self, client: PeerId, sink: &TestSink, worker: PeerId, event: RtcEvent) {
+    fn client_sends(&mut self, client: PeerId, sink: &TestSink, worker: PeerId, event: RtcEvent) {
         let signal = Signal { event, payload: Bytes::from_static(b"x"), reply: TestReply(sink.clone()) };
         self.run(Command::FromClient { client, sink: sink.clone(), worker, signal });
     }
 
-    fn from_worker(&mut self, worker: PeerId, sink: &TestSink, client: PeerId, event: RtcEvent) {
+    fn worker_sends(&mut self, worker: PeerId, sink: &TestSink, client: PeerId, event: RtcEvent) {
         let signal = Signal { event, payload: Bytes::from_static(b"y"), reply: TestReply(sink.clone()) };
         self.run(Command::FromWorker { worker, conn: sink.conn, client, signal });
     }
@@ -124,11 +124,11 @@ fn relays_a_negotiation_and_counts_sessions() {
     let mut h = Harness::new();
     let w = h.worker(1, 1);
     let c = h.client(100, 2);
-    h.from_client(100, &c, 1, RtcEvent::Offer);
-    h.from_worker(1, &w, 100, RtcEvent::Answer);
-    h.from_client(100, &c, 1, RtcEvent::AcceptAnswer);
-    h.from_client(100, &c, 1, RtcEvent::LocalIceCandidate);
-    h.from_worker(1, &w, 100, RtcEvent::LocalIceCandidate);
+    h.client_sends(100, &c, 1, RtcEvent::Offer);
+    h.worker_sends(1, &w, 100, RtcEvent::Answer);
+    h.client_sends(100, &c, 1, RtcEvent::AcceptAnswer);
+    h.client_sends(100, &c, 1, RtcEvent::LocalIceCandidate);
+    h.worker_sends(1, &w, 100, RtcEvent::LocalIceCandidate);
     assert_eq!(
         w.events(),
         [(RtcEvent::Offer, OK), (RtcEvent::AcceptAnswer, OK), (RtcEvent::IceCandidate, OK)]
@@ -143,8 +143,8 @@ fn an_overloaded_receiver_gets_nothing_and_the_sender_hears_why() {
     let w = h.worker(1, 1);
     w.peer.lock().unwrap().capacity = 1;
     let c = h.client(100, 2);
-    h.from_client(100, &c, 1, RtcEvent::Offer);
-    h.from_client(100, &c, 1, RtcEvent::LocalIceCandidate);
+    h.client_sends(100, &c, 1, RtcEvent::Offer);
+    h.client_sends(100, &c, 1, RtcEvent::LocalIceCandidate);
     assert_eq!(w.events(), [(RtcEvent::Offer, OK)]);
     let [refused] = c.take().try_into().unwrap();
     assert_eq!(
@@ -162,12 +162,12 @@ fn an_undelivered_answer_can_be_sent_again() {
     let c = TestSink::with_capacity(2, 1);
     h.run(Command::RegisterClient { client: 100, sink: c.clone() });
     c.take();
-    h.from_client(100, &c, 1, RtcEvent::Offer);
+    h.client_sends(100, &c, 1, RtcEvent::Offer);
     c.peer.lock().unwrap().queue.push(Outbound::peer_gone(0, 0)); // the client's queue is full
-    h.from_worker(1, &w, 100, RtcEvent::Answer);
+    h.worker_sends(1, &w, 100, RtcEvent::Answer);
     assert_eq!(w.take().last().map(|m| m.error), Some(ErrorCode::PeerOverloaded));
     c.take();
-    h.from_worker(1, &w, 100, RtcEvent::Answer);
+    h.worker_sends(1, &w, 100, RtcEvent::Answer);
     assert_eq!(c.events(), [(RtcEvent::Answer, OK)], "the session stayed in `offered`");
     assert!(w.take().is_empty());
 }
@@ -177,14 +177,14 @@ fn a_newer_worker_stream_ends_the_old_one_and_its_sessions() {
     let mut h = Harness::new();
     let old = h.worker(1, 1);
     let c = h.client(100, 2);
-    h.from_client(100, &c, 1, RtcEvent::Offer);
+    h.client_sends(100, &c, 1, RtcEvent::Offer);
     let new = h.worker(1, 3);
     assert_eq!(old.closed(), Some(CloseReason::Superseded));
     let gone = c.take();
     assert_eq!((gone[0].event, gone[0].worker), (RtcEvent::PeerGone, 1));
     // The old stream's own departure, arriving later, changes nothing.
     h.run(Command::WorkerGone { worker: 1, conn: ConnId(1) });
-    h.from_client(100, &c, 1, RtcEvent::Offer);
+    h.client_sends(100, &c, 1, RtcEvent::Offer);
     assert_eq!(new.events(), [(RtcEvent::Offer, OK)]);
     // An older stream registering late is the one refused.
     let late = TestSink::new(0);
@@ -198,20 +198,20 @@ fn a_newer_client_stream_takes_over_its_sessions() {
     let mut h = Harness::new();
     let w = h.worker(1, 1);
     let old = h.client(100, 2);
-    h.from_client(100, &old, 1, RtcEvent::Offer);
+    h.client_sends(100, &old, 1, RtcEvent::Offer);
     w.take();
     let new = h.client(100, 3);
     assert_eq!(old.closed(), Some(CloseReason::Superseded));
     // The new stream's OFFER arrives before the old stream's departure: the worker first
     // learns the old session ended.
-    h.from_client(100, &new, 1, RtcEvent::Offer);
+    h.client_sends(100, &new, 1, RtcEvent::Offer);
     assert_eq!(w.events(), [(RtcEvent::PeerGone, OK), (RtcEvent::Offer, OK)]);
     // The old stream's late messages and departure do not touch the new session.
-    h.from_client(100, &old, 1, RtcEvent::LocalIceCandidate);
+    h.client_sends(100, &old, 1, RtcEvent::LocalIceCandidate);
     assert_eq!(old.events(), [(RtcEvent::Error, ErrorCode::InvalidTransition)]);
     h.run(Command::ClientGone { client: 100, conn: ConnId(2) });
     assert!(w.take().is_empty());
-    h.from_worker(1, &w, 100, RtcEvent::Answer);
+    h.worker_sends(1, &w, 100, RtcEvent::Answer);
     assert_eq!(new.events(), [(RtcEvent::Answer, OK)]);
     h.run(Command::ClientGone { client: 100, conn: ConnId(3) });
     assert_eq!(w.events(), [(RtcEvent::PeerGone, OK)]);
@@ -223,7 +223,7 @@ fn a_peer_that_does_not_read_what_it_is_owed_is_closed() {
     let mut h = Harness::new();
     let w = h.worker(1, 1);
     let c = h.client(100, 2);
-    h.from_client(100, &c, 1, RtcEvent::Offer);
+    h.client_sends(100, &c, 1, RtcEvent::Offer);
     w.peer.lock().unwrap().capacity = 0;
     h.run(Command::ClientGone { client: 100, conn: ConnId(2) });
     assert_eq!(w.closed(), Some(CloseReason::NotReading), "PEER_GONE could not be queued");
@@ -233,9 +233,9 @@ fn a_peer_that_does_not_read_what_it_is_owed_is_closed() {
 fn refusals_name_the_address_and_a_reason() {
     let mut h = Harness::new();
     let c = h.client(100, 2);
-    h.from_client(100, &c, 9, RtcEvent::Offer);
+    h.client_sends(100, &c, 9, RtcEvent::Offer);
     let w = h.worker(1, 1);
-    h.from_worker(1, &w, 555, RtcEvent::Answer);
+    h.worker_sends(1, &w, 555, RtcEvent::Answer);
     let [to_client] = c.take().try_into().unwrap();
     assert_eq!(
         (to_client.event, to_client.error, to_client.worker),

@@ -1,13 +1,24 @@
-//! Compiles the wire contract with `protox` (no system `protoc` needed) and keeps the
-//! encoded descriptor set for gRPC server reflection.
+//! Compiles the protos with `protox` (no system `protoc` needed) and keeps the encoded
+//! descriptor set of the peer contract for gRPC server reflection.
 use std::{env, fs, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/distributor/v1/signaling.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([proto], ["proto"])?;
+    let signaling = "proto/distributor/v1/signaling.proto";
+    let link = "proto/distributor/cluster/v1/link.proto";
+    println!("cargo:rerun-if-changed={signaling}");
+    println!("cargo:rerun-if-changed={link}");
+
+    let fds = protox::compile([signaling], ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("distributor_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
     tonic_prost_build::configure().bytes(".distributor.v1").compile_fds(fds)?;
+
+    // The link protocol between instances is internal: messages only, not served.
+    let fds = protox::compile([link], ["proto"])?;
+    tonic_prost_build::configure()
+        .bytes(".distributor.cluster.v1")
+        .build_client(false)
+        .build_server(false)
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::cluster::NatsConfig;
 use crate::core::{PeerId, Role};
 
 /// The largest gRPC frame a peer may send; a bigger one ends its stream with `RESOURCE_EXHAUSTED`.
@@ -24,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the signaling relay (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a bearer token for a peer, signed with the auth secret.
     Token(TokenArgs),
 }
@@ -68,6 +69,78 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "DISTRIBUTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+/// Cluster mode: instances reach each other's peers over NATS.
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// NATS servers, comma-separated (e.g. nats://a:4222,nats://b:4222); turns cluster mode on.
+    #[arg(long, env = "DISTRIBUTOR_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Subject prefix, so that several deployments can share one NATS cluster.
+    #[arg(long, env = "DISTRIBUTOR_NATS_PREFIX", default_value = "distributor")]
+    pub nats_prefix: String,
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "DISTRIBUTOR_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "DISTRIBUTOR_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "DISTRIBUTOR_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS NKey seed.
+    #[arg(long, env = "DISTRIBUTOR_NATS_NKEY", hide_env_values = true)]
+    pub nats_nkey: Option<String>,
+    /// NATS credentials file (JWT and NKey seed).
+    #[arg(long, env = "DISTRIBUTOR_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// CA certificate (PEM) to verify the NATS servers with.
+    #[arg(long, env = "DISTRIBUTOR_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for NATS mutual TLS (with --nats-tls-key).
+    #[arg(long, env = "DISTRIBUTOR_NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<std::path::PathBuf>,
+    /// Client key (PEM) for NATS mutual TLS.
+    #[arg(long, env = "DISTRIBUTOR_NATS_TLS_KEY")]
+    pub nats_tls_key: Option<std::path::PathBuf>,
+    /// Refuse a NATS connection without TLS.
+    #[arg(long, env = "DISTRIBUTOR_NATS_REQUIRE_TLS")]
+    pub nats_require_tls: bool,
+}
+
+impl NatsArgs {
+    fn into_config(self) -> Result<Option<NatsConfig>, ConfigError> {
+        let Some(url) = self.nats_url.filter(|u| !u.trim().is_empty()) else { return Ok(None) };
+        let prefix_ok = !self.nats_prefix.is_empty()
+            && self.nats_prefix.split('.').all(|t| {
+                !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            });
+        if !prefix_ok {
+            return Err(ConfigError::NatsPrefix(self.nats_prefix));
+        }
+        if self.nats_user.is_some() != self.nats_password.is_some() {
+            return Err(ConfigError::Pair("--nats-user", "--nats-password"));
+        }
+        if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
+            return Err(ConfigError::Pair("--nats-tls-cert", "--nats-tls-key"));
+        }
+        Ok(Some(NatsConfig {
+            url,
+            prefix: self.nats_prefix,
+            user: self.nats_user,
+            password: self.nats_password,
+            token: self.nats_token,
+            nkey: self.nats_nkey,
+            creds: self.nats_creds,
+            tls_ca: self.nats_tls_ca,
+            tls_cert: self.nats_tls_cert,
+            tls_key: self.nats_tls_key,
+            require_tls: self.nats_require_tls,
+        }))
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -106,6 +179,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub auth_secret: Option<String>,
     pub metrics_listen: Option<SocketAddr>,
+    /// Cluster mode when set.
+    pub nats: Option<NatsConfig>,
 }
 
 impl Default for Config {
@@ -121,6 +196,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(10),
             auth_secret: None,
             metrics_listen: None,
+            nats: None,
         }
     }
 }
@@ -135,6 +211,10 @@ pub enum ConfigError {
     Port(String),
     #[error("--auth-secret must not be empty")]
     EmptySecret,
+    #[error("--nats-prefix must be dot-separated tokens of letters, digits, '-' and '_', got {0:?}")]
+    NatsPrefix(String),
+    #[error("{0} and {1} go together")]
+    Pair(&'static str, &'static str),
 }
 
 impl ServeArgs {
@@ -158,6 +238,7 @@ impl ServeArgs {
             drain_timeout: self.drain_timeout,
             auth_secret: self.auth_secret,
             metrics_listen: self.metrics_listen,
+            nats: self.nats.into_config()?,
         };
         config.check()?;
         Ok(config)
@@ -197,7 +278,8 @@ mod tests {
         assert!(cli.command.is_none());
         assert_eq!(cli.serve.shards, Some(3));
         let cli = Cli::try_parse_from(["distributor", "serve", "--shards", "2"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Serve(ServeArgs { shards: Some(2), .. }))));
+        let Some(Command::Serve(args)) = cli.command else { panic!("not serve") };
+        assert_eq!(args.shards, Some(2));
     }
 
     #[test]

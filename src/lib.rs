@@ -7,10 +7,12 @@
 //!   tonic writes each stream's bounded outbound queue.
 //! - [`shards`]: N routing threads joined to the edge by crossbeam channels.
 //! - [`core`]: the sans-IO routing state each shard owns, and the session state machine.
+//! - [`cluster`]: NATS between instances: the bridge task, reliable links, worker lookup.
 //! - [`auth`]: bearer JWTs. [`config`]: flags. [`metrics`]: Prometheus names and exporter.
 //!   [`shutdown`]: SIGINT/SIGTERM.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod edge;

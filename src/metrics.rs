@@ -15,7 +15,14 @@ pub const MESSAGES_RELAYED: &str = "distributor_messages_relayed_total";
 pub const ERRORS: &str = "distributor_errors_total";
 pub const QUEUE_DROPS: &str = "distributor_queue_drops_total";
 pub const OFFER_TO_ANSWER: &str = "distributor_offer_to_answer_seconds";
-pub const STREAMS_ENDED: &str = "distributor_streams_ended_total";
+pub const NATS_CONNECTED: &str = "distributor_nats_connected";
+pub const CLUSTER_FRAMES: &str = "distributor_cluster_frames_total";
+pub const CLUSTER_RECORDS: &str = "distributor_cluster_records_total";
+pub const CLUSTER_ACK: &str = "distributor_cluster_ack_seconds";
+
+/// Buckets of cross-instance latencies: a round trip through NATS takes 0.1 ms to seconds.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0];
 
 /// Buckets of the offer-to-answer histogram: a worker answers in milliseconds to seconds.
 const OFFER_TO_ANSWER_BUCKETS: &[f64] =
@@ -27,6 +34,7 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Full(OFFER_TO_ANSWER.into()), OFFER_TO_ANSWER_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(CLUSTER_ACK.into()), LATENCY_BUCKETS)?
         .install()?;
     describe();
     Ok(())
@@ -46,5 +54,12 @@ fn describe() {
         Unit::Seconds,
         "Time from a session's OFFER to the worker's ANSWER."
     );
-    describe_counter!(STREAMS_ENDED, "Peer streams ended, by role and gRPC status code.");
+    describe_gauge!(NATS_CONNECTED, "1 while the NATS connection is up (cluster mode).");
+    describe_counter!(CLUSTER_FRAMES, "Frames published to other instances: data, ack, resent.");
+    describe_counter!(CLUSTER_RECORDS, "Messages carried between instances, by direction.");
+    describe_histogram!(
+        CLUSTER_ACK,
+        Unit::Seconds,
+        "Time from publishing a frame to another instance to its acknowledgement."
+    );
 }

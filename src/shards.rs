@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::core::{Command, PeerId, PeerSink, Router};
+use crate::core::{Command, Elsewhere, PeerId, PeerSink, Router};
 
 /// Commands a shard handles per clock read and per turn of its loop.
 pub const BATCH: usize = 256;
@@ -27,16 +27,22 @@ pub struct Shards<P: PeerSink> {
 }
 
 impl<P: PeerSink + Send + 'static> Shards<P> {
-    /// Starts `count` shard threads (at least one), each with a queue of `capacity` commands.
-    pub fn start(count: usize, capacity: usize) -> std::io::Result<Self> {
+    /// Starts `count` shard threads (at least one), each with a queue of `capacity` commands,
+    /// and each with the [`Elsewhere`] `elsewhere` makes, if any.
+    pub fn start(
+        count: usize,
+        capacity: usize,
+        elsewhere: impl Fn() -> Option<Box<dyn Elsewhere<P>>>,
+    ) -> std::io::Result<Self> {
         let count = count.max(1);
         let mut senders = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
         for index in 0..count {
             let (tx, rx) = crossbeam_channel::bounded(capacity);
+            let router = Router::new(elsewhere());
             let thread = std::thread::Builder::new()
                 .name(format!("distributor-shard-{index}"))
-                .spawn(move || run_shard(rx))?;
+                .spawn(move || run_shard(router, rx))?;
             senders.push(tx);
             threads.push(thread);
         }
@@ -81,6 +87,13 @@ impl<P: PeerSink + Send + 'static> Shards<P> {
         }
     }
 
+    /// Queues `command` on `shard` if there is room; gives it back if not.
+    pub fn try_send(&self, shard: usize, command: Command<P>) -> Result<(), Command<P>> {
+        self.senders[shard].try_send(command).map_err(|e| match e {
+            TrySendError::Full(c) | TrySendError::Disconnected(c) => c,
+        })
+    }
+
     /// Queues the command `make` builds on every shard.
     pub async fn send_all(&self, make: impl Fn() -> Command<P>) -> Result<(), ShardsStopped> {
         for shard in 0..self.senders.len() {
@@ -100,8 +113,7 @@ impl<P: PeerSink> Drop for Shards<P> {
     }
 }
 
-fn run_shard<P: PeerSink>(commands: Receiver<Command<P>>) {
-    let mut router = Router::new();
+fn run_shard<P: PeerSink>(mut router: Router<P>, commands: Receiver<Command<P>>) {
     while let Ok(first) = commands.recv() {
         let now = Instant::now();
         router.handle(first, now);

@@ -5,13 +5,17 @@
 //! It delivers through [`PeerSink`], which the gRPC edge implements with bounded queues and the
 //! tests with plain vectors. Sessions live on their worker's shard, so both directions of a
 //! session pass through one owner in order and no lock is taken per message.
+//!
+//! In a cluster, a session lives on its worker's shard on the worker's instance; its client may
+//! be a [`PeerSink`] standing for a stream on another instance. A local client's message for a
+//! worker registered elsewhere is handed to [`Elsewhere`].
 
 mod router;
 pub mod session;
 #[cfg(test)]
 mod tests;
 
-pub use router::{Command, Router, Signal};
+pub use router::{Command, Elsewhere, Router, Signal};
 
 use bytes::Bytes;
 
@@ -20,10 +24,23 @@ use crate::pb::{ErrorCode, RtcEvent};
 /// A client's or worker's id: its address on the wire. Never zero for a connected peer.
 pub type PeerId = i64;
 
-/// One gRPC stream, numbered in the order streams were opened on this instance. When two streams
-/// claim the same peer id, the higher number is the newer one and wins.
+/// A distributor instance: random at start, so a restarted instance is a new one.
+pub type InstanceId = u64;
+
+/// One gRPC stream, unique across instances and ordered by when it opened (then by instance).
+/// When two streams claim the same peer id, the greater is the newer one and wins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ConnId(pub u64);
+pub struct ConnId {
+    /// Nanoseconds since the Unix epoch when the stream opened, strictly increasing per instance.
+    pub at: u64,
+    pub instance: InstanceId,
+}
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}@{:x}", self.at, self.instance)
+    }
+}
 
 /// The two kinds of peer; each speaks its own half of the contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,6 +91,8 @@ pub enum DeliverError {
     Full,
     /// The peer's stream is ending.
     Closed,
+    /// The peer is on another instance, which cannot be reached right now.
+    Unavailable,
 }
 
 /// Why the core ends a peer's stream.
@@ -95,6 +114,10 @@ pub trait Reply {
 pub trait PeerSink: Clone {
     /// A reserved slot in this peer's queue, for the answer to one of its own messages.
     type Reply: Reply + Send + 'static;
+    /// The instance the peer's stream is on, when it is not this one.
+    fn remote(&self) -> Option<InstanceId> {
+        None
+    }
     fn conn(&self) -> ConnId;
     /// Queues `msg` without blocking.
     fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError>;

@@ -9,20 +9,57 @@ use bytes::Bytes;
 use metrics::{Counter, Gauge, Histogram};
 
 use super::session::{self, State};
-use super::{CloseReason, ConnId, DeliverError, Outbound, PeerId, PeerSink, Reply, Role};
+use super::{CloseReason, ConnId, DeliverError, InstanceId, Outbound, PeerId, PeerSink, Reply, Role};
 use crate::metrics as names;
 use crate::pb::{ErrorCode, RtcEvent};
 
 /// One input to a [`Router`]. Each is handled completely, in order, by the shard that owns it:
 /// worker registrations and every session message by the worker's shard, client registrations by
-/// the client's shard, and `ClientGone` by every shard (a client may hold sessions on all).
+/// the client's shard, and `ClientGone` and `InstanceGone` by every shard.
 pub enum Command<P: PeerSink> {
-    RegisterWorker { worker: PeerId, sink: P },
-    RegisterClient { client: PeerId, sink: P },
-    FromClient { client: PeerId, sink: P, worker: PeerId, signal: Signal<P::Reply> },
-    FromWorker { worker: PeerId, conn: ConnId, client: PeerId, signal: Signal<P::Reply> },
-    ClientGone { client: PeerId, conn: ConnId },
-    WorkerGone { worker: PeerId, conn: ConnId },
+    RegisterWorker {
+        worker: PeerId,
+        sink: P,
+    },
+    RegisterClient {
+        client: PeerId,
+        sink: P,
+    },
+    FromClient {
+        client: PeerId,
+        sink: P,
+        worker: PeerId,
+        signal: Signal<P::Reply>,
+    },
+    FromWorker {
+        worker: PeerId,
+        conn: ConnId,
+        client: PeerId,
+        signal: Signal<P::Reply>,
+    },
+    ClientGone {
+        client: PeerId,
+        conn: ConnId,
+    },
+    WorkerGone {
+        worker: PeerId,
+        conn: ConnId,
+    },
+    /// A message owed to a worker registered here (a refusal decided on another instance).
+    ToWorker {
+        worker: PeerId,
+        msg: Outbound,
+    },
+    /// A newer stream registered this id elsewhere: an older one here ends.
+    Evict {
+        role: Role,
+        id: PeerId,
+        newer: ConnId,
+    },
+    /// An instance left or died: sessions with its clients end.
+    InstanceGone {
+        instance: InstanceId,
+    },
 }
 
 /// A peer's message for the other side of a session. It carries `reply`, a slot reserved in the
@@ -31,6 +68,14 @@ pub struct Signal<R> {
     pub event: RtcEvent,
     pub payload: Bytes,
     pub reply: R,
+}
+
+/// Where a local client's message goes when its worker is not registered on this instance.
+pub trait Elsewhere<P: PeerSink>: Send {
+    /// Takes the message on, or refuses it through `signal.reply`.
+    fn to_worker(&mut self, client: PeerId, sink: &P, worker: PeerId, signal: Signal<P::Reply>);
+    /// A local client stream ended; called after every message of it this shard handed over.
+    fn client_gone(&mut self, client: PeerId, conn: ConnId);
 }
 
 struct WorkerEntry<P> {
@@ -47,27 +92,30 @@ struct Session<P> {
 
 /// A shard's routing table and the session state machines it owns. See the module docs of
 /// [`crate::core`] for who owns what.
-pub struct Router<P> {
+pub struct Router<P: PeerSink> {
     workers: HashMap<PeerId, WorkerEntry<P>>,
     /// The newest stream of each client id that hashes to this shard.
     clients: HashMap<PeerId, P>,
     /// For each client, the workers on this shard it holds a session with.
     client_sessions: HashMap<PeerId, Vec<PeerId>>,
+    elsewhere: Option<Box<dyn Elsewhere<P>>>,
     metrics: RouterMetrics,
 }
 
 impl<P: PeerSink> Default for Router<P> {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 
 impl<P: PeerSink> Router<P> {
-    pub fn new() -> Self {
+    /// A router; without `elsewhere`, a worker not registered here is connected nowhere.
+    pub fn new(elsewhere: Option<Box<dyn Elsewhere<P>>>) -> Self {
         Router {
             workers: HashMap::new(),
             clients: HashMap::new(),
             client_sessions: HashMap::new(),
+            elsewhere,
             metrics: RouterMetrics::new(),
         }
     }
@@ -89,6 +137,27 @@ impl<P: PeerSink> Router<P> {
             }
             Command::ClientGone { client, conn } => self.client_gone(client, conn),
             Command::WorkerGone { worker, conn } => self.worker_gone(worker, conn),
+            Command::ToWorker { worker, msg } => {
+                if let Some(entry) = self.workers.get(&worker) {
+                    notify(&self.metrics, &entry.sink, msg);
+                }
+            }
+            Command::Evict { role: Role::Worker, id, newer } => {
+                if self.workers.get(&id).is_some_and(|w| w.sink.conn() < newer) {
+                    let old = self.workers.remove(&id).expect("just looked up");
+                    old.sink.close(CloseReason::Superseded);
+                    self.end_worker_sessions(id, old);
+                }
+            }
+            Command::Evict { role: Role::Client, id, newer } => {
+                if let Entry::Occupied(current) = self.clients.entry(id)
+                    && current.get().conn() < newer
+                {
+                    // Its own `ClientGone` ends its sessions.
+                    current.remove().close(CloseReason::Superseded);
+                }
+            }
+            Command::InstanceGone { instance } => self.instance_gone(instance),
         }
     }
 
@@ -134,33 +203,38 @@ impl<P: PeerSink> Router<P> {
         signal: Signal<P::Reply>,
         now: Instant,
     ) {
-        let Signal { event, payload, reply } = signal;
         let m = &self.metrics;
-        let refuse = move |code, reason: Bytes| {
+        let Signal { event, payload, reply } = signal;
+        let refuse = |reply: P::Reply, code, reason: Bytes| {
             m.errors(code).increment(1);
             reply.send(Outbound::error(code, worker, client, reason));
         };
         if !session::is_relayable(Role::Client, event) {
             let reason = session::step(None, Role::Client, event).expect_err("not relayable");
-            return refuse(ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
+            return refuse(reply, ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
         }
         let Some(entry) = self.workers.get_mut(&worker) else {
+            if let Some(elsewhere) = self.elsewhere.as_mut()
+                && sink.remote().is_none()
+            {
+                return elsewhere.to_worker(client, &sink, worker, Signal { event, payload, reply });
+            }
             let reason = format!("worker {worker} is not connected");
-            return refuse(ErrorCode::PeerNotConnected, reason.into());
+            return refuse(reply, ErrorCode::PeerNotConnected, reason.into());
         };
         let (state, superseded) = match entry.sessions.get(&client) {
             None => (None, false),
             Some(s) if s.client.conn() == sink.conn() => (Some(s.state), false),
             Some(s) if s.client.conn() > sink.conn() => {
                 let reason = "this stream was superseded by a newer stream of the same client";
-                return refuse(ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
+                return refuse(reply, ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
             }
             Some(_) => (None, true),
         };
         let next = match session::step(state, Role::Client, event) {
             Ok(next) => next,
             Err(reason) => {
-                return refuse(ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
+                return refuse(reply, ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
             }
         };
         if superseded {
@@ -172,7 +246,7 @@ impl<P: PeerSink> Router<P> {
         let forwarded = session::forwarded(event);
         match entry.sink.try_deliver(Outbound::relay(forwarded, worker, client, payload)) {
             Ok(()) => m.relayed(forwarded).increment(1),
-            Err(e) => return refuse(e.code(), undelivered(Role::Worker, worker, e)),
+            Err(e) => return refuse(reply, e.code(), undelivered(Role::Worker, worker, e)),
         }
         match entry.sessions.get_mut(&client) {
             Some(s) => {
@@ -204,9 +278,9 @@ impl<P: PeerSink> Router<P> {
         signal: Signal<P::Reply>,
         now: Instant,
     ) {
-        let Signal { event, payload, reply } = signal;
         let m = &self.metrics;
-        let refuse = move |code, reason: Bytes| {
+        let Signal { event, payload, reply } = signal;
+        let refuse = |code, reason: Bytes| {
             m.errors(code).increment(1);
             reply.send(Outbound::error(code, worker, client, reason));
         };
@@ -252,27 +326,29 @@ impl<P: PeerSink> Router<P> {
         {
             current.remove();
         }
-        let Entry::Occupied(mut index) = self.client_sessions.entry(client) else {
-            return;
-        };
-        let m = &self.metrics;
-        let workers = &mut self.workers;
-        index.get_mut().retain(|worker| {
-            let Some(entry) = workers.get_mut(worker) else {
-                return false;
-            };
-            match entry.sessions.entry(client) {
-                Entry::Occupied(s) if s.get().client.conn() == conn => {
-                    m.sessions(s.remove().state).decrement(1.0);
-                    notify(m, &entry.sink, Outbound::peer_gone(*worker, client));
-                    false
+        if let Entry::Occupied(mut index) = self.client_sessions.entry(client) {
+            let m = &self.metrics;
+            let workers = &mut self.workers;
+            index.get_mut().retain(|worker| {
+                let Some(entry) = workers.get_mut(worker) else {
+                    return false;
+                };
+                match entry.sessions.entry(client) {
+                    Entry::Occupied(s) if s.get().client.conn() == conn => {
+                        m.sessions(s.remove().state).decrement(1.0);
+                        notify(m, &entry.sink, Outbound::peer_gone(*worker, client));
+                        false
+                    }
+                    Entry::Occupied(_) => true,
+                    Entry::Vacant(_) => false,
                 }
-                Entry::Occupied(_) => true,
-                Entry::Vacant(_) => false,
+            });
+            if index.get().is_empty() {
+                index.remove();
             }
-        });
-        if index.get().is_empty() {
-            index.remove();
+        }
+        if let Some(elsewhere) = self.elsewhere.as_mut() {
+            elsewhere.client_gone(client, conn);
         }
     }
 
@@ -283,6 +359,27 @@ impl<P: PeerSink> Router<P> {
                 self.end_worker_sessions(worker, entry);
             }
             _ => {}
+        }
+    }
+
+    /// Ends every session whose client is on `instance`; their workers get `PEER_GONE`.
+    fn instance_gone(&mut self, instance: InstanceId) {
+        let m = &self.metrics;
+        for (worker, entry) in &mut self.workers {
+            entry.sessions.retain(|client, session| {
+                if session.client.remote() != Some(instance) {
+                    return true;
+                }
+                m.sessions(session.state).decrement(1.0);
+                notify(m, &entry.sink, Outbound::peer_gone(*worker, *client));
+                if let Entry::Occupied(mut index) = self.client_sessions.entry(*client) {
+                    index.get_mut().retain(|w| w != worker);
+                    if index.get().is_empty() {
+                        index.remove();
+                    }
+                }
+                false
+            });
         }
     }
 
@@ -302,10 +399,11 @@ impl<P: PeerSink> Router<P> {
 }
 
 impl DeliverError {
-    fn code(self) -> ErrorCode {
+    pub fn code(self) -> ErrorCode {
         match self {
             DeliverError::Full => ErrorCode::PeerOverloaded,
             DeliverError::Closed => ErrorCode::PeerNotConnected,
+            DeliverError::Unavailable => ErrorCode::ClusterUnavailable,
         }
     }
 }
@@ -315,11 +413,15 @@ fn undelivered(role: Role, id: PeerId, e: DeliverError) -> Bytes {
     match e {
         DeliverError::Full => format!("{role} {id} is not reading; the message was not delivered"),
         DeliverError::Closed => format!("{role} {id} is disconnecting; the message was not delivered"),
+        DeliverError::Unavailable => {
+            format!("{role} {id} is on an instance that cannot be reached; the message was not delivered")
+        }
     }
     .into()
 }
 
-/// Delivers a message the distributor owes a peer unasked (an acknowledgement, a `PEER_GONE`). If the peer's queue is full it is not reading, and rather than lose the message
+/// Delivers a message the distributor owes a peer unasked (an acknowledgement, a `PEER_GONE`).
+/// If the peer's queue is full it is not reading, and rather than lose the message
 /// silently its stream is ended.
 fn notify<P: PeerSink>(m: &RouterMetrics, peer: &P, msg: Outbound) {
     if let Err(DeliverError::Full) = peer.try_deliver(msg) {

@@ -55,7 +55,7 @@ impl PeerSink for TestSink {
 
 impl TestSink {
     fn new(conn: u64) -> Self {
-        TestSink { conn: ConnId(conn), peer: Arc::new(Mutex::new(Peer { capacity: 64, ..Peer::default() })) }
+        TestSink { conn: cid(conn), peer: Arc::new(Mutex::new(Peer { capacity: 64, ..Peer::default() })) }
     }
 
     fn with_capacity(conn: u64, capacity: usize) -> Self {
@@ -84,7 +84,7 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        Harness { router: Router::new(), now: Instant::now() }
+        Harness { router: Router::new(None), now: Instant::now() }
     }
 
     fn run(&mut self, command: Command<TestSink>) {
@@ -183,7 +183,7 @@ fn a_newer_worker_stream_ends_the_old_one_and_its_sessions() {
     let gone = c.take();
     assert_eq!((gone[0].event, gone[0].worker), (RtcEvent::PeerGone, 1));
     // The old stream's own departure, arriving later, changes nothing.
-    h.run(Command::WorkerGone { worker: 1, conn: ConnId(1) });
+    h.run(Command::WorkerGone { worker: 1, conn: cid(1) });
     h.client_sends(100, &c, 1, RtcEvent::Offer);
     assert_eq!(new.events(), [(RtcEvent::Offer, OK)]);
     // An older stream registering late is the one refused.
@@ -209,11 +209,11 @@ fn a_newer_client_stream_takes_over_its_sessions() {
     // The old stream's late messages and departure do not touch the new session.
     h.client_sends(100, &old, 1, RtcEvent::LocalIceCandidate);
     assert_eq!(old.events(), [(RtcEvent::Error, ErrorCode::InvalidTransition)]);
-    h.run(Command::ClientGone { client: 100, conn: ConnId(2) });
+    h.run(Command::ClientGone { client: 100, conn: cid(2) });
     assert!(w.take().is_empty());
     h.worker_sends(1, &w, 100, RtcEvent::Answer);
     assert_eq!(new.events(), [(RtcEvent::Answer, OK)]);
-    h.run(Command::ClientGone { client: 100, conn: ConnId(3) });
+    h.run(Command::ClientGone { client: 100, conn: cid(3) });
     assert_eq!(w.events(), [(RtcEvent::PeerGone, OK)]);
     assert_eq!(h.router.session_count(), 0);
 }
@@ -225,7 +225,7 @@ fn a_peer_that_does_not_read_what_it_is_owed_is_closed() {
     let c = h.client(100, 2);
     h.client_sends(100, &c, 1, RtcEvent::Offer);
     w.peer.lock().unwrap().capacity = 0;
-    h.run(Command::ClientGone { client: 100, conn: ConnId(2) });
+    h.run(Command::ClientGone { client: 100, conn: cid(2) });
     assert_eq!(w.closed(), Some(CloseReason::NotReading), "PEER_GONE could not be queued");
 }
 
@@ -245,4 +245,8 @@ fn refusals_name_the_address_and_a_reason() {
     let [to_worker] = w.take().try_into().unwrap();
     assert_eq!((to_worker.error, to_worker.client), (ErrorCode::InvalidTransition, 555));
     assert!(!to_worker.payload.is_empty());
+}
+
+fn cid(at: u64) -> ConnId {
+    ConnId { at, instance: 1 }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::metadata::MetadataMap;
 use tonic::{Status, Streaming};
 
-use super::conn::{Close, Sink};
+use super::conn::{Close, Peer, PeerReply, Sink};
 use super::{Edge, Reader, connected, reply};
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{ClientRtcMessage, RtcEvent};
@@ -43,10 +43,13 @@ pub async fn serve(edge: Arc<Edge>, sink: Sink, client: PeerId, inbound: Streami
     let shards = &edge.shards;
     let gauge = connected(Role::Client);
     gauge.increment(1.0);
-    tracing::debug!(client, conn = sink.id().0, "client connected");
+    tracing::debug!(client, conn = %sink.id(), "client connected");
     let mut reader = Reader::new(inbound, sink.clone());
-    let registered =
-        shards.send(shards.of_client(client), Command::RegisterClient { client, sink: sink.clone() }).await;
+    if let Some(cluster) = &edge.cluster {
+        cluster.claim(Role::Client, client, sink.id()).await;
+    }
+    let register = Command::RegisterClient { client, sink: Peer::Local(sink.clone()) };
+    let registered = shards.send(shards.of_client(client), register).await;
     while registered.is_ok() {
         let Some((msg, permit)) = reader.message_with_reply().await else { break };
         let worker = msg.worker_machine_id;
@@ -61,8 +64,8 @@ pub async fn serve(edge: Arc<Edge>, sink: Sink, client: PeerId, inbound: Streami
                 continue;
             }
         };
-        let signal = Signal { event, payload: msg.message, reply: permit };
-        let command = Command::FromClient { client, sink: sink.clone(), worker, signal };
+        let signal = Signal { event, payload: msg.message, reply: PeerReply::Local(permit) };
+        let command = Command::FromClient { client, sink: Peer::Local(sink.clone()), worker, signal };
         if shards.send(shards.of_worker(worker), command).await.is_err() {
             break;
         }
@@ -71,5 +74,5 @@ pub async fn serve(edge: Arc<Edge>, sink: Sink, client: PeerId, inbound: Streami
         sink.end(Close::Now(Status::unavailable("the distributor is shutting down")));
     }
     gauge.decrement(1.0);
-    tracing::debug!(client, conn = sink.id().0, "client stream ended");
+    tracing::debug!(client, conn = %sink.id(), "client stream ended");
 }

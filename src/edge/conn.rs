@@ -2,18 +2,49 @@
 //! the response stream tonic writes from it.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 
-use crate::core::{CloseReason, ConnId, DeliverError, Outbound, PeerSink, Reply};
+use crate::cluster::RemoteClient;
+use crate::core::{CloseReason, ConnId, DeliverError, InstanceId, Outbound, PeerSink, Reply};
 
-/// The handle shards deliver through; cheap to clone.
+/// Hands out [`ConnId`]s: nanoseconds since the Unix epoch, strictly increasing.
+#[derive(Debug, Default)]
+pub struct ConnClock(AtomicU64);
+
+impl ConnClock {
+    pub fn next(&self, instance: InstanceId) -> ConnId {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let previous = self.0.fetch_max(now, Ordering::Relaxed);
+        let at = if previous >= now { self.0.fetch_add(1, Ordering::Relaxed) + 1 } else { now };
+        ConnId { at, instance }
+    }
+}
+
+/// The edge's handle on one of its streams; cheap to clone.
 pub type Sink = Arc<Conn>;
+
+/// A peer as the routing core sees it: a stream here, or a client stream on another instance.
+#[derive(Clone)]
+pub enum Peer {
+    Local(Sink),
+    Remote(Arc<RemoteClient>),
+}
+
+/// Where the answer to a peer's message goes.
+pub enum PeerReply {
+    /// Room reserved in a local stream's queue.
+    Local(Permit),
+    /// Back to a client on another instance.
+    Remote(Arc<RemoteClient>),
+}
 
 /// How a stream ends.
 #[derive(Clone, Debug)]
@@ -81,20 +112,54 @@ impl Conn {
 /// Room reserved in a stream's queue.
 pub type Permit = mpsc::OwnedPermit<Outbound>;
 
-impl Reply for Permit {
+impl Reply for PeerReply {
     fn send(self, msg: Outbound) {
-        mpsc::OwnedPermit::send(self, msg);
+        match self {
+            PeerReply::Local(permit) => {
+                permit.send(msg);
+            }
+            PeerReply::Remote(client) => client.reply(msg),
+        }
     }
 }
 
-impl PeerSink for Sink {
-    type Reply = Permit;
+impl PeerSink for Peer {
+    type Reply = PeerReply;
 
     fn conn(&self) -> ConnId {
-        self.id
+        match self {
+            Peer::Local(conn) => conn.id,
+            Peer::Remote(client) => client.conn(),
+        }
     }
 
     fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError> {
+        match self {
+            Peer::Local(conn) => conn.try_deliver(msg),
+            Peer::Remote(client) => client.try_deliver(msg),
+        }
+    }
+
+    fn close(&self, reason: CloseReason) {
+        match self {
+            Peer::Local(conn) => conn.close(reason),
+            // A remote stream is ended by its own instance, which hears of newer streams
+            // through claims and of its peer's departure through PEER_GONE.
+            Peer::Remote(_) => {}
+        }
+    }
+
+    fn remote(&self) -> Option<InstanceId> {
+        match self {
+            Peer::Local(_) => None,
+            Peer::Remote(client) => Some(client.conn().instance),
+        }
+    }
+}
+
+impl Conn {
+    /// Queues `msg` without blocking.
+    pub fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError> {
         if self.closing.is_cancelled() {
             return Err(DeliverError::Closed);
         }
@@ -104,11 +169,12 @@ impl PeerSink for Sink {
         })
     }
 
-    fn close(&self, reason: CloseReason) {
+    /// Ends the stream for a reason of the routing core's.
+    pub fn close(&self, reason: CloseReason) {
         let status = match reason {
             CloseReason::Superseded => Status::aborted("this peer id was claimed by a newer stream"),
             CloseReason::NotReading => {
-                tracing::warn!(conn = self.id.0, "ending a stream that does not read its messages");
+                tracing::warn!(conn = %self.id, "ending a stream that does not read its messages");
                 Status::resource_exhausted("the outbound queue is full: this stream does not read")
             }
         };

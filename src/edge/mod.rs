@@ -11,7 +11,6 @@ mod worker;
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -20,46 +19,31 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{AuthError, Authenticator};
-use crate::core::{ConnId, Outbound, PeerId, Role};
+use crate::cluster::Cluster;
+use crate::core::{InstanceId, Outbound, PeerId, Role};
 use crate::metrics as names;
 use crate::pb::{self, ClientRtcMessage, ErrorCode, RtcEvent, WorkerRtcMessage};
 use crate::shards::Shards;
-use conn::{Close, Conn, OutboundStream, Permit, Sink};
+use conn::{Close, Conn, ConnClock, OutboundStream, Peer, PeerReply, Permit, Sink};
 
 /// What every stream task shares.
 pub struct Edge {
-    shards: Arc<Shards<Sink>>,
-    auth: Option<Authenticator>,
-    max_message_bytes: usize,
-    peer_queue: usize,
-    next_conn: AtomicU64,
+    pub shards: Arc<Shards<Peer>>,
+    /// Present in cluster mode.
+    pub cluster: Option<Arc<Cluster>>,
+    pub auth: Option<Authenticator>,
+    pub max_message_bytes: usize,
+    pub peer_queue: usize,
+    pub instance: InstanceId,
+    pub conn_clock: ConnClock,
     /// Cancelled on shutdown; every stream's token is a child of it.
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
 }
 
 impl Edge {
-    pub fn new(
-        shards: Arc<Shards<Sink>>,
-        auth: Option<Authenticator>,
-        max_message_bytes: usize,
-        peer_queue: usize,
-        shutdown: CancellationToken,
-        tasks: TaskTracker,
-    ) -> Arc<Self> {
-        Arc::new(Edge {
-            shards,
-            auth,
-            max_message_bytes,
-            peer_queue,
-            next_conn: AtomicU64::new(1),
-            shutdown,
-            tasks,
-        })
-    }
-
     fn open<M>(&self, encode: fn(Outbound) -> M) -> (Sink, OutboundStream<M>) {
-        let id = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        let id = self.conn_clock.next(self.instance);
         Conn::open(id, self.peer_queue, &self.shutdown, encode)
     }
 
@@ -91,7 +75,7 @@ fn reply(permit: Permit, msg: Outbound) {
     if msg.event == RtcEvent::Error {
         metrics::counter!(names::ERRORS, "code" => msg.error.as_str_name()).increment(1);
     }
-    crate::core::Reply::send(permit, msg);
+    crate::core::Reply::send(PeerReply::Local(permit), msg);
 }
 
 /// How a stream ends when reading it failed: a frame over the limit is `RESOURCE_EXHAUSTED`

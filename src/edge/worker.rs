@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Status, Streaming};
 
-use super::conn::{Close, Sink};
+use super::conn::{Close, Peer, PeerReply, Sink};
 use super::{Edge, Reader, connected, reply};
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{RtcEvent, WorkerRtcMessage};
@@ -49,12 +49,18 @@ pub async fn serve(
         Err(status) => return sink.end(Close::Now(status)),
     };
     let shard = shards.of_worker(worker);
-    if shards.send(shard, Command::RegisterWorker { worker, sink: sink.clone() }).await.is_err() {
+    // In a cluster, the registration is acknowledged only once other instances can find it.
+    let _registration = match &edge.cluster {
+        Some(cluster) => cluster.register_worker(worker, sink.id()).await,
+        None => None,
+    };
+    let register = Command::RegisterWorker { worker, sink: Peer::Local(sink.clone()) };
+    if shards.send(shard, register).await.is_err() {
         return sink.end(Close::Now(Status::unavailable("the distributor is shutting down")));
     }
     let gauge = connected(Role::Worker);
     gauge.increment(1.0);
-    tracing::debug!(worker, conn = sink.id().0, "worker registered");
+    tracing::debug!(worker, conn = %sink.id(), "worker registered");
     while let Some((msg, permit)) = reader.message_with_reply().await {
         if msg.worker_machine_id != 0 && msg.worker_machine_id != worker {
             sink.end(Close::Now(Status::permission_denied(format!(
@@ -75,7 +81,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let signal = Signal { event, payload: msg.message, reply: permit };
+        let signal = Signal { event, payload: msg.message, reply: PeerReply::Local(permit) };
         let command = Command::FromWorker { worker, conn: sink.id(), client, signal };
         if shards.send(shard, command).await.is_err() {
             break;
@@ -85,5 +91,5 @@ pub async fn serve(
         sink.end(Close::Now(Status::unavailable("the distributor is shutting down")));
     }
     gauge.decrement(1.0);
-    tracing::debug!(worker, conn = sink.id().0, "worker stream ended");
+    tracing::debug!(worker, conn = %sink.id(), "worker stream ended");
 }

@@ -12,5 +12,10 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 
+step "nats-server (for the cluster tests)"
+NATS_SERVER="$(bash scripts/nats-server.sh)"
+export NATS_SERVER
+"$NATS_SERVER" --version
+
 step "cargo test"
 cargo test --all-targets --locked

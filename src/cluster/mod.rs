@@ -38,6 +38,17 @@ pub mod wire {
     tonic::include_proto!("distributor.cluster.v1");
 }
 
+/// How long startup waits for a first NATS connection before serving without one.
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
+
+/// Reconnect at once, then back off from 100 ms up to 2 s between attempts.
+fn reconnect_delay(attempts: usize) -> Duration {
+    match attempts {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_millis((50u64 << (n - 1).min(6)).min(2000)),
+    }
+}
+
 /// The health service name that reports the NATS connection (`grpc.health.v1`).
 pub const HEALTH_SERVICE: &str = "distributor.cluster";
 
@@ -202,9 +213,7 @@ impl Cluster {
             .ping_interval(Duration::from_secs(5))
             .subscription_capacity(1 << 16)
             .client_capacity(1 << 14)
-            .reconnect_delay_callback(|attempts| {
-                Duration::from_millis((50u64 << attempts.min(6)).min(2000)) * u32::from(attempts > 0)
-            })
+            .reconnect_delay_callback(reconnect_delay)
             .event_callback(move |event| {
                 let health = health.clone();
                 async move { bridge::on_event(event, health).await }
@@ -232,7 +241,18 @@ impl Cluster {
         }
         let urls: Vec<async_nats::ServerAddr> =
             config.url.split(',').map(|u| u.trim().parse()).collect::<Result<_, _>>()?;
-        Ok(options.connect(urls).await?)
+        let client = options.connect(urls).await?;
+        // Serve only once connected, so that the first peers find the cluster; if NATS stays
+        // unreachable, serve anyway (local relay works) and keep trying in the background.
+        let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(url = %config.url, "NATS unreachable: serving anyway, cross-instance messages are refused until it answers");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(client)
     }
 
     /// The bridge's command queue.

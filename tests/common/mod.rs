@@ -1,6 +1,8 @@
 //! Test harness: a real distributor on a free loopback port, and real tonic peers.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -31,6 +33,11 @@ impl TestServer {
     }
 
     pub async fn with(config: Config) -> Self {
+        // RUST_LOG=distributor=debug shows the servers' logs beside a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

@@ -1,0 +1,221 @@
+//! Cluster mode: distributor instances on a real 3-node NATS cluster, peers on different
+//! instances. Every behaviour of the contract holds across instances.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::nats::NatsCluster;
+use common::*;
+use distributor::cluster::NatsConfig;
+use distributor::config::Config;
+use distributor::pb::{ErrorCode, RtcEvent};
+use tonic::Code;
+
+/// A distributor instance of the cluster, on NATS node `first` first.
+async fn instance(nats: &NatsCluster, first: usize, prefix: &str) -> TestServer {
+    instance_with(nats, first, prefix, Config::default()).await
+}
+
+async fn instance_with(nats: &NatsCluster, first: usize, prefix: &str, config: Config) -> TestServer {
+    let nats = NatsConfig { url: nats.url_from(first), prefix: prefix.into(), ..Default::default() };
+    TestServer::with(Config { shards: 2, nats: Some(nats), ..config }).await
+}
+
+#[tokio::test]
+async fn full_negotiation_across_instances() {
+    let nats = NatsCluster::start().await;
+    let (a, b) = (instance(&nats, 0, "t1").await, instance(&nats, 1, "t1").await);
+    let mut w = worker(&b, 42).await;
+    // The client offers right after the worker's registration was acknowledged.
+    let (mut c, cid) = client(&a).await;
+    negotiate(&mut c, cid, &mut w, 42).await;
+    for i in 0..200u32 {
+        c.send(to_worker(42, RtcEvent::LocalIceCandidate, &i.to_be_bytes())).await;
+        w.send(to_client(cid, RtcEvent::LocalIceCandidate, &i.to_be_bytes())).await;
+    }
+    for i in 0..200u32 {
+        let to_w = w.recv().await;
+        assert_eq!((to_w.event(), to_w.client_id), (RtcEvent::IceCandidate, cid));
+        assert_eq!(&to_w.message[..], &i.to_be_bytes()[..], "in order, client to worker");
+        let to_c = c.recv().await;
+        assert_eq!((to_c.event(), to_c.worker_machine_id), (RtcEvent::IceCandidate, 42));
+        assert_eq!(&to_c.message[..], &i.to_be_bytes()[..], "in order, worker to client");
+    }
+    c.send(to_worker(42, RtcEvent::Ping, b"p")).await;
+    assert_eq!(c.recv().await.event(), RtcEvent::Ping);
+}
+
+#[tokio::test]
+async fn one_client_with_workers_on_three_instances() {
+    let nats = NatsCluster::start().await;
+    let servers =
+        [instance(&nats, 0, "t2").await, instance(&nats, 1, "t2").await, instance(&nats, 2, "t2").await];
+    let mut workers = Vec::new();
+    for (i, server) in servers.iter().enumerate() {
+        workers.push((100 + i as i64, worker(server, 100 + i as i64).await));
+    }
+    let (mut c, cid) = client(&servers[0]).await;
+    for (id, w) in &mut workers {
+        negotiate(&mut c, cid, w, *id).await;
+    }
+}
+
+#[tokio::test]
+async fn errors_across_instances() {
+    let nats = NatsCluster::start().await;
+    let (a, b) = (
+        instance(&nats, 0, "t3").await,
+        instance_with(&nats, 1, "t3", Config { peer_queue: 4, ..Config::default() }).await,
+    );
+    let (mut c, cid) = client(&a).await;
+    // A worker connected nowhere.
+    c.send(to_worker(404, RtcEvent::Offer, b"offer")).await;
+    assert_client_error(&c.recv().await, ErrorCode::PeerNotConnected, 404);
+    // The state machine runs on the worker's instance; its refusal reaches the client.
+    let mut w = worker(&b, 7).await;
+    c.send(to_worker(7, RtcEvent::Offer, b"offer")).await;
+    assert_eq!(w.recv().await.event(), RtcEvent::Offer);
+    c.send(to_worker(7, RtcEvent::AcceptAnswer, b"")).await;
+    assert_client_error(&c.recv().await, ErrorCode::InvalidTransition, 7);
+    w.send(to_client(cid, RtcEvent::LocalIceCandidate, b"early")).await;
+    assert_worker_error(&w.recv().await, ErrorCode::InvalidTransition, cid);
+    // A remote worker that does not read: PEER_OVERLOADED, and nothing lost.
+    const SENT: u32 = 300;
+    let mut payload = vec![0u8; 16 * 1024];
+    for i in 0..SENT {
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        c.send(to_worker(7, RtcEvent::LocalIceCandidate, &payload)).await;
+    }
+    let mut refused = 0;
+    while let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_millis(1000), c.rx_message()).await {
+        assert_client_error(&msg, ErrorCode::PeerOverloaded, 7);
+        refused += 1;
+    }
+    let mut delivered = Vec::new();
+    while let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_millis(1000), w.rx_message()).await {
+        delivered.push(u32::from_be_bytes(msg.message[..4].try_into().unwrap()));
+    }
+    assert!(refused > 0, "the remote worker's full queue refuses");
+    assert!(delivered.windows(2).all(|p| p[0] < p[1]), "delivered in order");
+    assert_eq!(delivered.len() + refused, SENT as usize, "delivered + refused = sent");
+}
+
+#[tokio::test]
+async fn peer_gone_across_instances() {
+    let nats = NatsCluster::start().await;
+    let (a, b) = (instance(&nats, 0, "t4").await, instance(&nats, 1, "t4").await);
+    let mut w = worker(&b, 21).await;
+    let (mut c, cid) = client(&a).await;
+    negotiate(&mut c, cid, &mut w, 21).await;
+    drop(c);
+    let gone = w.recv().await;
+    assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, cid));
+
+    let (mut c, cid) = client(&a).await;
+    negotiate(&mut c, cid, &mut w, 21).await;
+    drop(w);
+    let gone = c.recv().await;
+    assert_eq!((gone.event(), gone.worker_machine_id), (RtcEvent::PeerGone, 21));
+    c.send(to_worker(21, RtcEvent::Offer, b"offer")).await;
+    assert_client_error(&c.recv().await, ErrorCode::PeerNotConnected, 21);
+}
+
+#[tokio::test]
+async fn newest_registration_wins_across_instances() {
+    let nats = NatsCluster::start().await;
+    let (a, b) = (instance(&nats, 0, "t5").await, instance(&nats, 1, "t5").await);
+    let mut old = worker(&a, 31).await;
+    let (mut c, cid) = client(&a).await;
+    negotiate(&mut c, cid, &mut old, 31).await;
+    let mut new = worker(&b, 31).await;
+    assert_eq!(old.ended().await.code(), Code::Aborted);
+    let gone = c.recv().await;
+    assert_eq!((gone.event(), gone.worker_machine_id), (RtcEvent::PeerGone, 31));
+    negotiate(&mut c, cid, &mut new, 31).await;
+
+    let id = [("x-client-id", "9001".to_string())];
+    let (mut first, cid) = client_with(&a, &id).await;
+    negotiate(&mut first, cid, &mut new, 31).await;
+    let (mut second, _) = client_with(&b, &id).await;
+    assert_eq!(first.ended().await.code(), Code::Aborted);
+    let gone = new.recv().await;
+    assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, cid));
+    negotiate(&mut second, cid, &mut new, 31).await;
+}
+
+#[tokio::test]
+async fn an_instance_that_shuts_down_ends_its_sessions_elsewhere() {
+    let nats = NatsCluster::start().await;
+    let (a, b) = (instance(&nats, 0, "t6").await, instance(&nats, 1, "t6").await);
+    let mut w = worker(&b, 61).await;
+    let (mut c, cid) = client(&a).await;
+    negotiate(&mut c, cid, &mut w, 61).await;
+    let started = Instant::now();
+    b.shutdown().await.expect("clean shutdown");
+    assert_eq!(w.ended().await.code(), Code::Unavailable);
+    let gone = c.recv().await;
+    assert_eq!((gone.event(), gone.worker_machine_id), (RtcEvent::PeerGone, 61));
+    assert!(started.elapsed() < Duration::from_secs(3), "graceful: no waiting for the dead-instance timeout");
+}
+
+#[tokio::test]
+async fn local_relay_goes_on_while_nats_is_down_and_recovers() {
+    let mut nats = NatsCluster::start().await;
+    let (a, b) = (instance(&nats, 0, "t7").await, instance(&nats, 1, "t7").await);
+    let mut local_w = worker(&a, 71).await;
+    let mut remote_w = worker(&b, 72).await;
+    let (mut c, cid) = client(&a).await;
+    negotiate(&mut c, cid, &mut local_w, 71).await;
+    negotiate(&mut c, cid, &mut remote_w, 72).await;
+    for i in 0..3 {
+        nats.kill(i);
+    }
+    // Cross-instance: refused at once, not hanging.
+    let asked = Instant::now();
+    c.send(to_worker(72, RtcEvent::LocalIceCandidate, b"across")).await;
+    let msg = c.recv().await;
+    assert_client_error(&msg, ErrorCode::ClusterUnavailable, 72);
+    assert!(asked.elapsed() < Duration::from_secs(1), "refused at once: {:?}", asked.elapsed());
+    // Same instance: goes on.
+    c.send(to_worker(71, RtcEvent::LocalIceCandidate, b"local")).await;
+    assert_eq!(&local_w.recv().await.message[..], b"local");
+    // The session across the cluster ends once the other instance is given up on.
+    let gone = c.recv().await;
+    assert_eq!((gone.event(), gone.worker_machine_id), (RtcEvent::PeerGone, 72));
+    let gone = remote_w.recv().await;
+    assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, cid));
+
+    for i in 0..3 {
+        nats.restart(i).await;
+    }
+    nats.wait_routed().await;
+    // Recovery: a new negotiation across instances works once both have reconnected. Until
+    // then, each OFFER is refused with an ERROR; none is lost.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        c.send(to_worker(72, RtcEvent::Offer, b"offer-again")).await;
+        tokio::select! {
+            offer = remote_w.rx_message() => {
+                let offer = offer.unwrap().expect("worker stream open");
+                assert_eq!((offer.event(), offer.client_id), (RtcEvent::Offer, cid));
+                break;
+            }
+            refused = c.rx_message() => {
+                let refused = refused.unwrap().expect("client stream open");
+                assert_eq!(refused.event(), RtcEvent::Error, "{refused:?}");
+            }
+            _ = tokio::time::sleep(WAIT) => panic!("an OFFER was neither delivered nor refused"),
+        }
+        assert!(Instant::now() < deadline, "cross-instance relay did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    negotiate_rest(&mut c, cid, &mut remote_w, 72).await;
+}
+
+/// Finishes a negotiation whose OFFER was delivered.
+async fn negotiate_rest(c: &mut ClientStream, cid: i64, w: &mut WorkerStream, id: i64) {
+    w.send(to_client(cid, RtcEvent::Answer, b"answer")).await;
+    assert_eq!((c.recv().await.event()), RtcEvent::Answer);
+    c.send(to_worker(id, RtcEvent::AcceptAnswer, b"")).await;
+    assert_eq!(w.recv().await.event(), RtcEvent::AcceptAnswer);
+}

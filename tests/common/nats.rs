@@ -1,0 +1,157 @@
+//! A real 3-node nats-server cluster on free loopback ports, killed on drop.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+/// The nats-server binary: `$NATS_SERVER`, else what `scripts/nats-server.sh` finds or installs.
+pub fn server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("NATS_SERVER") {
+        return path.into();
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new("bash")
+        .arg(format!("{root}/scripts/nats-server.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/nats-server.sh");
+    assert!(out.status.success(), "no nats-server could be found or installed");
+    String::from_utf8(out.stdout).unwrap().trim().into()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Node {
+    client_port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct NatsCluster {
+    binary: PathBuf,
+    dir: PathBuf,
+    nodes: Vec<Node>,
+}
+
+impl NatsCluster {
+    /// Starts three routed nodes and waits until a message crosses from the last to the first.
+    pub async fn start() -> Self {
+        let binary = server_binary();
+        let dir =
+            std::env::temp_dir().join(format!("distributor-nats-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for (i, cluster_port) in cluster_ports.iter().enumerate() {
+            let client_port = free_port();
+            let routes: Vec<String> = cluster_ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
+                .collect();
+            let config = dir.join(format!("n{i}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "server_name: n{i}\nhost: 127.0.0.1\nport: {client_port}\nmax_payload: 1MB\n\
+                     cluster {{\n  name: test\n  host: 127.0.0.1\n  port: {cluster_port}\n  routes: [{}]\n}}\n",
+                    routes.join(", ")
+                ),
+            )
+            .unwrap();
+            nodes.push(Node { client_port, config, child: None });
+        }
+        let mut cluster = NatsCluster { binary, dir, nodes };
+        for i in 0..3 {
+            cluster.spawn(i);
+        }
+        cluster.wait_routed().await;
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log = self.dir.join(format!("n{i}.log"));
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&self.nodes[i].config)
+            .arg("-l")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.nodes[i].child = Some(child);
+    }
+
+    /// `nats://` URLs of the nodes, starting with node `first`.
+    pub fn url_from(&self, first: usize) -> String {
+        (0..3)
+            .map(|k| format!("nats://127.0.0.1:{}", self.nodes[(first + k) % 3].client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn url(&self) -> String {
+        self.url_from(0)
+    }
+
+    /// Kills node `i` at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i` again on the same ports.
+    pub async fn restart(&mut self, i: usize) {
+        self.spawn(i);
+        let port = self.nodes[i].client_port;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < deadline, "nats-server n{i} did not come back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until a message published on the last node reaches a subscriber on the first.
+    pub async fn wait_routed(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let connect = |port: u16| async move {
+            loop {
+                if let Ok(client) = async_nats::connect(format!("nats://127.0.0.1:{port}")).await {
+                    return client;
+                }
+                assert!(Instant::now() < deadline, "nats-server on {port} does not accept clients");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let first = connect(self.nodes[0].client_port).await;
+        let _middle = connect(self.nodes[1].client_port).await;
+        let last = connect(self.nodes[2].client_port).await;
+        let mut sub = first.subscribe("ready").await.unwrap();
+        first.flush().await.unwrap();
+        loop {
+            last.publish("ready", "?".into()).await.unwrap();
+            last.flush().await.unwrap();
+            if tokio::time::timeout(Duration::from_millis(100), sub.next()).await.is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the NATS cluster did not form routes");
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -179,10 +179,23 @@ async fn local_relay_goes_on_while_nats_is_down_and_recovers() {
     // Same instance: goes on.
     c.send(to_worker(71, RtcEvent::LocalIceCandidate, b"local")).await;
     assert_eq!(&local_w.recv().await.message[..], b"local");
-    // The session across the cluster ends once the other instance is given up on.
-    let gone = c.recv().await;
+    // The session across the cluster ends once the other instance is given up on. Messages
+    // sent just before NATS died whose acknowledgement was lost are refused first.
+    let gone = loop {
+        let msg = c.recv().await;
+        if msg.event() != RtcEvent::Error {
+            break msg;
+        }
+        assert_client_error(&msg, ErrorCode::ClusterUnavailable, 72);
+    };
     assert_eq!((gone.event(), gone.worker_machine_id), (RtcEvent::PeerGone, 72));
-    let gone = remote_w.recv().await;
+    let gone = loop {
+        let msg = remote_w.recv().await;
+        if msg.event() != RtcEvent::Error {
+            break msg;
+        }
+        assert_worker_error(&msg, ErrorCode::ClusterUnavailable, cid);
+    };
     assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, cid));
 
     for i in 0..3 {
@@ -218,4 +231,107 @@ async fn negotiate_rest(c: &mut ClientStream, cid: i64, w: &mut WorkerStream, id
     assert_eq!((c.recv().await.event()), RtcEvent::Answer);
     c.send(to_worker(id, RtcEvent::AcceptAnswer, b"")).await;
     assert_eq!(w.recv().await.event(), RtcEvent::AcceptAnswer);
+}
+
+/// Counts what one side received of the other's numbered candidates, and the refusals of its own.
+#[derive(Default, Debug)]
+struct Tally {
+    delivered: Vec<u32>,
+    refused: usize,
+    other: Vec<String>,
+}
+
+#[tokio::test]
+async fn nats_nodes_killed_mid_stream_lose_nothing_silently() {
+    let mut nats = NatsCluster::start().await;
+    let (a, b) = (instance(&nats, 0, "t8").await, instance(&nats, 1, "t8").await);
+    let mut w = worker(&b, 81).await;
+    let (mut c, cid) = client(&a).await;
+    negotiate(&mut c, cid, &mut w, 81).await;
+
+    const SENT: u32 = 1500;
+    let (c_tx, mut c_rx) = (c.sender(), c.take_receiver());
+    let (w_tx, mut w_rx) = (w.sender(), w.take_receiver());
+    // Each side tallies what reaches it: the other's candidates, or refusals of its own.
+    let client_side = tokio::spawn(async move {
+        let mut t = Tally::default();
+        while let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_secs(6), c_rx.message()).await {
+            match msg.event() {
+                RtcEvent::IceCandidate => {
+                    t.delivered.push(u32::from_be_bytes(msg.message[..4].try_into().unwrap()))
+                }
+                RtcEvent::Error => t.refused += 1,
+                _ => t.other.push(format!("{msg:?}")),
+            }
+        }
+        t
+    });
+    let worker_side = tokio::spawn(async move {
+        let mut t = Tally::default();
+        while let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_secs(6), w_rx.message()).await {
+            match msg.event() {
+                RtcEvent::IceCandidate => {
+                    t.delivered.push(u32::from_be_bytes(msg.message[..4].try_into().unwrap()))
+                }
+                RtcEvent::Error => t.refused += 1,
+                _ => t.other.push(format!("{msg:?}")),
+            }
+        }
+        t
+    });
+    for i in 0..SENT {
+        c_tx.send(to_worker(81, RtcEvent::LocalIceCandidate, &i.to_be_bytes())).await.unwrap();
+        w_tx.send(to_client(cid, RtcEvent::LocalIceCandidate, &i.to_be_bytes())).await.unwrap();
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Two of the three NATS nodes die, one after the other, while messages flow.
+        if i == SENT / 3 {
+            nats.kill(0);
+        }
+        if i == 2 * SENT / 3 {
+            nats.kill(1);
+        }
+    }
+    // Traffic resumes on the last node.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c_tx.send(to_worker(81, RtcEvent::LocalIceCandidate, &SENT.to_be_bytes())).await.unwrap();
+    w_tx.send(to_client(cid, RtcEvent::LocalIceCandidate, &SENT.to_be_bytes())).await.unwrap();
+
+    let (at_client, at_worker) = (client_side.await.unwrap(), worker_side.await.unwrap());
+    for (side, own, other) in [("client", &at_client, &at_worker), ("worker", &at_worker, &at_client)] {
+        assert!(own.other.is_empty(), "{side} got unexpected messages: {:?}", own.other);
+        assert!(own.delivered.windows(2).all(|p| p[0] < p[1]), "{side}: delivered in order");
+        assert_eq!(
+            other.delivered.iter().filter(|n| **n < SENT).count() + own.refused,
+            SENT as usize,
+            "{side}'s messages: delivered + refused = sent"
+        );
+        assert_eq!(other.delivered.last(), Some(&SENT), "{side}'s traffic resumed after the failures");
+    }
+    drop((a, b, c_tx, w_tx));
+}
+
+#[tokio::test]
+async fn a_killed_instance_ends_its_sessions_elsewhere_within_bounded_time() {
+    let nats = NatsCluster::start().await;
+    let a = instance(&nats, 0, "t9").await;
+    let url = nats.url_from(1);
+    let mut b = Binary::start(&["--nats-url", &url, "--nats-prefix", "t9", "--shards", "2"], &[]);
+    let b_server = TestServer::external(&b.addr);
+    let mut w = worker(&b_server, 91).await;
+    let (mut c, cid) = client(&a).await;
+    negotiate(&mut c, cid, &mut w, 91).await;
+    let killed = Instant::now();
+    b.kill();
+    let gone = tokio::time::timeout(Duration::from_secs(8), c.rx_message())
+        .await
+        .expect("PEER_GONE within the bound")
+        .unwrap()
+        .unwrap();
+    assert_eq!((gone.event(), gone.worker_machine_id), (RtcEvent::PeerGone, 91));
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_secs(5), "PEER_GONE after {took:?}, documented bound is 3 s + 1 s");
+    c.send(to_worker(91, RtcEvent::Offer, b"offer")).await;
+    assert_client_error(&c.recv().await, ErrorCode::PeerNotConnected, 91);
 }

@@ -1,8 +1,8 @@
 //! What operators and tooling see: health, reflection, the binary, metrics, SIGTERM.
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -47,67 +47,6 @@ async fn reflection_lists_the_services() {
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     for wanted in ["distributor.v1.ClientService", "distributor.v1.WorkerService", "grpc.health.v1.Health"] {
         assert!(names.iter().any(|n| n == wanted), "{wanted} in {names:?}");
-    }
-}
-
-/// The real binary, stopped by PID when dropped.
-struct Binary {
-    child: Child,
-    addr: String,
-}
-
-impl Binary {
-    fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_distributor"))
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(args)
-            .envs(envs.iter().copied())
-            .env_remove("PORT")
-            .env_remove("DISTRIBUTOR_AUTH_SECRET")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the distributor binary");
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Keep reading stdout so the process never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in stdout.lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + WAIT;
-        let addr = loop {
-            let line =
-                rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("listening line");
-            if line.contains("distributor listening") {
-                let start = line.find("\"local\":\"").expect("local address field") + 9;
-                let end = start + line[start..].find('"').unwrap();
-                break line[start..end].to_string();
-            }
-        };
-        Binary { child, addr }
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -3,8 +3,11 @@
 
 pub mod nats;
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use std::time::Instant;
 
 use distributor::config::Config;
 use distributor::pb::client_service_client::ClientServiceClient;
@@ -130,6 +133,16 @@ impl<M: std::fmt::Debug + Send + 'static> Stream<M> {
         !matches!(tokio::time::timeout(QUIET, self.rx.message()).await, Ok(Ok(None)) | Ok(Err(_)))
     }
 
+    /// A handle to send on this stream from another task.
+    pub fn sender(&self) -> mpsc::Sender<M> {
+        self.tx.clone().expect("stream still open")
+    }
+
+    /// Takes the receiving side, to read it from another task.
+    pub fn take_receiver(self) -> Streaming<M> {
+        self.rx
+    }
+
     /// Closes the sending side (a clean end of the peer's stream).
     pub fn close(&mut self) {
         self.tx = None;
@@ -247,4 +260,73 @@ pub async fn negotiate(client: &mut ClientStream, c: i64, worker: &mut WorkerStr
     client.send(to_worker(w, RtcEvent::AcceptAnswer, b"")).await;
     let accept = worker.recv().await;
     assert_eq!((accept.event(), accept.client_id), (RtcEvent::AcceptAnswer, c));
+}
+
+/// The real binary, stopped by PID when dropped.
+pub struct Binary {
+    child: Child,
+    pub addr: String,
+}
+
+impl Binary {
+    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_distributor"))
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .envs(envs.iter().copied())
+            .env_remove("PORT")
+            .env_remove("DISTRIBUTOR_AUTH_SECRET")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the distributor binary");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Keep reading stdout so the process never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        let addr = loop {
+            let line =
+                rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("listening line");
+            if line.contains("distributor listening") {
+                let start = line.find("\"local\":\"").expect("local address field") + 9;
+                let end = start + line[start..].find('"').unwrap();
+                break line[start..end].to_string();
+            }
+        };
+        Binary { child, addr }
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Binary {
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -10,6 +10,9 @@ use distributor::cluster::NatsConfig;
 use distributor::config::Config;
 use distributor::pb::{ErrorCode, RtcEvent};
 use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// A distributor instance of the cluster, on NATS node `first` first.
 async fn instance(nats: &NatsCluster, first: usize, prefix: &str) -> TestServer {
@@ -167,9 +170,12 @@ async fn local_relay_goes_on_while_nats_is_down_and_recovers() {
     let (mut c, cid) = client(&a).await;
     negotiate(&mut c, cid, &mut local_w, 71).await;
     negotiate(&mut c, cid, &mut remote_w, 72).await;
+    assert_eq!(cluster_health(&a).await, ServingStatus::Serving);
     for i in 0..3 {
         nats.kill(i);
     }
+    // The health service tells, for the cluster only: the relay itself still serves.
+    wait_for_health(&a, ServingStatus::NotServing).await;
     // Cross-instance: refused at once, not hanging.
     let asked = Instant::now();
     c.send(to_worker(72, RtcEvent::LocalIceCandidate, b"across")).await;
@@ -202,6 +208,7 @@ async fn local_relay_goes_on_while_nats_is_down_and_recovers() {
         nats.restart(i).await;
     }
     nats.wait_routed().await;
+    wait_for_health(&a, ServingStatus::Serving).await;
     // Recovery: a new negotiation across instances works once both have reconnected. Until
     // then, each OFFER is refused with an ERROR; none is lost.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -223,6 +230,23 @@ async fn local_relay_goes_on_while_nats_is_down_and_recovers() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     negotiate_rest(&mut c, cid, &mut remote_w, 72).await;
+}
+
+async fn cluster_health(server: &TestServer) -> ServingStatus {
+    let mut health = HealthClient::new(server.channel().await);
+    let request = HealthCheckRequest { service: distributor::cluster::HEALTH_SERVICE.into() };
+    health.check(request).await.expect("health check").into_inner().status()
+}
+
+async fn wait_for_health(server: &TestServer, wanted: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster_health(server).await != wanted {
+        assert!(Instant::now() < deadline, "cluster health never became {wanted:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut health = HealthClient::new(server.channel().await);
+    let overall = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(overall.status(), ServingStatus::Serving, "the relay itself keeps serving");
 }
 
 /// Finishes a negotiation whose OFFER was delivered.

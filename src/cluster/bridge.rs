@@ -140,8 +140,9 @@ impl Bridge {
         tracing::info!(instance = format!("{:x}", self.me), "cluster bridge running");
         loop {
             let parked: usize = self.parked.iter().map(VecDeque::len).sum();
+            // Not biased: under load, neither the commands nor the inbox may starve the other
+            // (acknowledgements arrive in the inbox).
             tokio::select! {
-                biased;
                 command = commands.recv() => {
                     let Some(command) = command else { break };
                     self.command(command);

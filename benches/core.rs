@@ -1,0 +1,237 @@
+//! The hot path without I/O: the wire codec, the state machine, the router, the shard threads,
+//! and the cross-instance frame. End-to-end numbers come from `distributor-load`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use distributor::cluster::wire;
+use distributor::core::session::{State, step};
+use distributor::core::{
+    CloseReason, Command, ConnId, DeliverError, Outbound, PeerId, PeerSink, Reply, Role, Router, Signal,
+};
+use distributor::pb::{ClientRtcMessage, RtcEvent};
+use distributor::shards::Shards;
+use prost::Message;
+
+/// A peer whose deliveries only count.
+#[derive(Clone)]
+struct CountingSink {
+    conn: ConnId,
+    delivered: Arc<AtomicU64>,
+}
+
+struct NoReply;
+
+impl Reply for NoReply {
+    fn send(self, msg: Outbound) {
+        black_box(msg);
+    }
+}
+
+impl PeerSink for CountingSink {
+    type Reply = NoReply;
+    fn conn(&self) -> ConnId {
+        self.conn
+    }
+    fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError> {
+        black_box(msg);
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn close(&self, _: CloseReason) {}
+}
+
+fn sink(n: u64, delivered: &Arc<AtomicU64>) -> CountingSink {
+    CountingSink { conn: ConnId { at: n, instance: 1 }, delivered: delivered.clone() }
+}
+
+fn candidate(worker: PeerId, size: usize) -> ClientRtcMessage {
+    ClientRtcMessage {
+        worker_machine_id: worker,
+        event: RtcEvent::LocalIceCandidate as i32,
+        message: Bytes::from(vec![b'a'; size]),
+        client_id: 0,
+        error_code: 0,
+    }
+}
+
+fn codec(c: &mut Criterion) {
+    let mut group = c.benchmark_group("codec");
+    group.throughput(Throughput::Elements(1));
+    for size in [200, 2048] {
+        let msg = candidate(42, size);
+        let encoded = Bytes::from(msg.encode_to_vec());
+        group.bench_with_input(BenchmarkId::new("encode", size), &msg, |b, msg| {
+            let mut buf = Vec::with_capacity(size + 32);
+            b.iter(|| {
+                buf.clear();
+                msg.encode(&mut buf).unwrap();
+                black_box(&buf);
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("decode", size), &encoded, |b, encoded| {
+            b.iter(|| black_box(ClientRtcMessage::decode(encoded.clone()).unwrap()))
+        });
+    }
+    group.finish();
+}
+
+fn state_machine(c: &mut Criterion) {
+    let mut group = c.benchmark_group("state_machine");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("candidate_in_accepted", |b| {
+        b.iter(|| {
+            step(black_box(Some(State::Accepted)), Role::Client, black_box(RtcEvent::LocalIceCandidate))
+        })
+    });
+    group.bench_function("refused_event", |b| {
+        b.iter(|| step(black_box(None), Role::Worker, black_box(RtcEvent::Offer)))
+    });
+    group.finish();
+}
+
+/// Registers `pairs` workers and clients with a session each, in one router.
+fn router_with_sessions(pairs: i64, delivered: &Arc<AtomicU64>) -> (Router<CountingSink>, Vec<CountingSink>) {
+    let mut router = Router::new(None);
+    let now = Instant::now();
+    let mut clients = Vec::new();
+    for i in 0..pairs {
+        let worker = sink(2 * i as u64 + 1, delivered);
+        router.handle(Command::RegisterWorker { worker: i + 1, sink: worker }, now);
+        let client = sink(2 * i as u64 + 2, delivered);
+        let signal = Signal { event: RtcEvent::Offer, payload: Bytes::new(), reply: NoReply };
+        router.handle(
+            Command::FromClient { client: 1000 + i, sink: client.clone(), worker: i + 1, signal },
+            now,
+        );
+        clients.push(client);
+    }
+    (router, clients)
+}
+
+fn router(c: &mut Criterion) {
+    let mut group = c.benchmark_group("router");
+    group.throughput(Throughput::Elements(1));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let (mut router, clients) = router_with_sessions(1000, &delivered);
+    let payload = Bytes::from(vec![b'a'; 200]);
+    let now = Instant::now();
+    let mut i = 0usize;
+    group.bench_function("relay_candidate_1000_sessions", |b| {
+        b.iter(|| {
+            i = (i + 1) % clients.len();
+            let signal =
+                Signal { event: RtcEvent::LocalIceCandidate, payload: payload.clone(), reply: NoReply };
+            let command = Command::FromClient {
+                client: 1000 + i as i64,
+                sink: clients[i].clone(),
+                worker: i as i64 + 1,
+                signal,
+            };
+            router.handle(command, now);
+        })
+    });
+    group.finish();
+}
+
+/// Moves `batch` candidates from local clients to local workers through the shard threads.
+fn shards(c: &mut Criterion) {
+    let mut group = c.benchmark_group("shards");
+    const PAIRS: i64 = 1024;
+    const BATCH: u64 = 16_384;
+    group.throughput(Throughput::Elements(BATCH));
+    group.measurement_time(Duration::from_secs(4));
+    for count in [1usize, 2, 4] {
+        let delivered = Arc::new(AtomicU64::new(0));
+        let shards = Shards::<CountingSink>::start(count, 65_536, || None).unwrap();
+        let clients: Vec<CountingSink> = (0..PAIRS).map(|i| sink(2 * i as u64 + 2, &delivered)).collect();
+        for i in 0..PAIRS {
+            let w = sink(2 * i as u64 + 1, &delivered);
+            push(&shards, shards.of_worker(i + 1), Command::RegisterWorker { worker: i + 1, sink: w });
+            let signal = Signal { event: RtcEvent::Offer, payload: Bytes::new(), reply: NoReply };
+            let offer = Command::FromClient {
+                client: 1000 + i,
+                sink: clients[i as usize].clone(),
+                worker: i + 1,
+                signal,
+            };
+            push(&shards, shards.of_worker(i + 1), offer);
+        }
+        wait_for(&delivered, 2 * PAIRS as u64);
+        let payload = Bytes::from(vec![b'a'; 200]);
+        group.bench_with_input(BenchmarkId::new("relay", count), &count, |b, _| {
+            b.iter(|| {
+                let target = delivered.load(Ordering::Relaxed) + BATCH;
+                for n in 0..BATCH {
+                    let i = (n % PAIRS as u64) as i64;
+                    let signal = Signal {
+                        event: RtcEvent::LocalIceCandidate,
+                        payload: payload.clone(),
+                        reply: NoReply,
+                    };
+                    let command = Command::FromClient {
+                        client: 1000 + i,
+                        sink: clients[i as usize].clone(),
+                        worker: i + 1,
+                        signal,
+                    };
+                    push(&shards, shards.of_worker(i + 1), command);
+                }
+                wait_for(&delivered, target);
+            })
+        });
+    }
+    group.finish();
+}
+
+fn push(shards: &Shards<CountingSink>, shard: usize, mut command: Command<CountingSink>) {
+    loop {
+        match shards.try_send(shard, command) {
+            Ok(()) => return,
+            Err(back) => {
+                command = back;
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+fn wait_for(counter: &AtomicU64, target: u64) {
+    while counter.load(Ordering::Relaxed) < target {
+        std::hint::spin_loop();
+    }
+}
+
+fn envelope(c: &mut Criterion) {
+    let mut group = c.benchmark_group("envelope");
+    const RECORDS: usize = 64;
+    group.throughput(Throughput::Elements(RECORDS as u64));
+    let conn = Some(wire::Conn { at: 1, instance: 2 });
+    let records: Vec<wire::Record> = (0..RECORDS)
+        .map(|i| wire::Record {
+            kind: Some(wire::record::Kind::ClientSignal(wire::ClientSignal {
+                client: 1000 + i as i64,
+                conn,
+                worker: i as i64,
+                event: RtcEvent::LocalIceCandidate as i32,
+                payload: Bytes::from(vec![b'a'; 200]),
+            })),
+        })
+        .collect();
+    let frame = wire::Frame { from: 1, epoch: 3, seq: 7, records, ack_epoch: 5, ack_next: 9, nak: false };
+    let encoded = Bytes::from(frame.encode_to_vec());
+    group.bench_function(BenchmarkId::new("encode", "64x200B"), |b| {
+        b.iter(|| black_box(frame.encode_to_vec()))
+    });
+    group.bench_function(BenchmarkId::new("decode", "64x200B"), |b| {
+        b.iter(|| black_box(wire::Frame::decode(encoded.clone()).unwrap()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, codec, state_machine, router, shards, envelope);
+criterion_main!(benches);

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Benchmarks: criterion for the hot path, then the end-to-end scenarios, each beside its ceiling
+# in the same run, printed as one table of ratios (the machines are shared and noisy: compare
+# ratios, not absolute numbers).
+#   scripts/bench.sh                  everything
+#   scripts/bench.sh --save NAME      ... and keep the criterion results as baseline NAME
+#   scripts/bench.sh --compare NAME   ... and compare criterion results with baseline NAME
+#   BENCH_DURATION=5s BENCH_PAIRS=1000 scripts/bench.sh --e2e-only
+# Everything runs on 127.0.0.1 and is stopped by PID on exit.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+duration="${BENCH_DURATION:-10s}"
+pairs="${BENCH_PAIRS:-1000}"
+criterion_args=()
+run_criterion=1
+run_e2e=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --save) criterion_args=(--save-baseline "$2"); shift 2 ;;
+        --compare) criterion_args=(--baseline "$2"); shift 2 ;;
+        --e2e-only) run_criterion=0; shift ;;
+        --criterion-only) run_e2e=0; shift ;;
+        *) echo "usage: $0 [--save NAME | --compare NAME] [--e2e-only | --criterion-only]" >&2; exit 2 ;;
+    esac
+done
+
+if [ "$run_criterion" = 1 ]; then
+    echo "== criterion (benches/core.rs)"
+    cargo bench --bench core -- "${criterion_args[@]}" 2>&1 | grep -E "^[a-z_]+/|time:|thrpt:|change:|Performance|No change|regressed|improved" || true
+fi
+[ "$run_e2e" = 1 ] || exit 0
+
+cargo build --release --quiet --bin distributor --bin distributor-load
+bin="$root/target/release"
+run="$root/.run/bench"
+mkdir -p "$run"
+results="$run/results.jsonl"
+: > "$results"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [ -n "${nats_up:-}" ]; then bash scripts/nats-cluster.sh down >/dev/null; fi
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+started_pid=""
+start() { # log-name command...
+    local name="$1"; shift
+    "$@" >"$run/$name.log" 2>&1 &
+    started_pid=$!
+    pids+=("$started_pid")
+}
+
+# load NAME PID ARGS...: one run of distributor-load, its JSON report kept under NAME
+load() {
+    local name="$1" pid="$2"; shift 2
+    echo "-- $name" >&2
+    "$bin/distributor-load" "$@" --duration "$duration" --server-pid "$pid" --json \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin); r["name"]=sys.argv[1]; print(json.dumps(r))' "$name" \
+        >> "$results"
+}
+
+echo "== end to end: single instance ($pairs pairs, 200 B, $duration each)"
+port=$(free_port); start distributor "$bin/distributor" --listen "127.0.0.1:$port"; relay_pid=$started_pid; wait_port "$port"
+eport=$(free_port); start echo "$bin/distributor-load" echo-server --listen "127.0.0.1:$eport"; echo_pid=$started_pid; wait_port "$eport"
+for window in 32 1; do
+    load "echo-w$window" "$echo_pid" relay --echo --pairs "$pairs" --window "$window" --clients-at "http://127.0.0.1:$eport"
+    load "relay-w$window" "$relay_pid" relay --pairs "$pairs" --window "$window" --clients-at "http://127.0.0.1:$port"
+done
+load "handshake" "$relay_pid" handshake --pairs 100 --clients-at "http://127.0.0.1:$port" --first-worker 5000000
+
+echo "== end to end: two instances on the local 3-node NATS cluster"
+bash scripts/nats-cluster.sh up >/dev/null; nats_up=1
+pa=$(free_port); pb=$(free_port)
+start a "$bin/distributor" --listen "127.0.0.1:$pa" --nats-url nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224 --nats-prefix bench; a_pid=$started_pid
+start b "$bin/distributor" --listen "127.0.0.1:$pb" --nats-url nats://127.0.0.1:4223,nats://127.0.0.1:4224,nats://127.0.0.1:4222 --nats-prefix bench; b_pid=$started_pid
+wait_port "$pa"; wait_port "$pb"
+nats_pid=$(cat .run/nats/n1.pid)
+for window in 32 1; do
+    load "nats-w$window" "$nats_pid" nats-ceiling --nats-url nats://127.0.0.1:4222 --nats-url-b nats://127.0.0.1:4223 --pairs "$pairs" --window "$window"
+    load "cross-w$window" "$a_pid" relay --pairs "$pairs" --window "$window" --clients-at "http://127.0.0.1:$pa" --workers-at "http://127.0.0.1:$pb" --first-worker $((7000000 + window * 10000))
+done
+load "cross-handshake" "$a_pid" handshake --pairs 100 --clients-at "http://127.0.0.1:$pa" --workers-at "http://127.0.0.1:$pb" --first-worker 9000000
+
+python3 - "$results" <<'PY'
+import json, sys
+runs = {r["name"]: r for r in map(json.loads, open(sys.argv[1]))}
+def lat(r, key="latency"):
+    l = r.get(key) or {}
+    return f'{l.get("p50_us", 0):.0f}/{l.get("p99_us", 0):.0f}/{l.get("max_us", 0):.0f}'
+def cpu(r):
+    v = r.get("server_cpu_us_per_message")
+    return f"{v:.2f}" if v is not None else "-"
+print()
+print(f'{"scenario":<26}{"msgs/s":>10}{"ceiling/s":>11}{"ratio":>7}  {"p50/p99/max µs":>18}  {"server µs/msg":>14} {"ceiling µs/msg":>15}  errors')
+for name, ceiling, label in [("relay-w32", "echo-w32", "single, window 32"), ("relay-w1", "echo-w1", "single, window 1"),
+                             ("cross-w32", "nats-w32", "cross-instance, window 32"), ("cross-w1", "nats-w1", "cross-instance, window 1")]:
+    r, c = runs.get(name), runs.get(ceiling)
+    if not r or not c:
+        continue
+    ratio = r["messages_per_sec"] / max(c["messages_per_sec"], 1e-9)
+    print(f'{label:<26}{r["messages_per_sec"]:>10.0f}{c["messages_per_sec"]:>11.0f}{ratio:>7.2f}  {lat(r):>18}  {cpu(r):>14} {cpu(c):>15}  {r["errors"] or "none"}')
+for name, label in [("handshake", "handshake, single"), ("cross-handshake", "handshake, cross-instance")]:
+    r = runs.get(name)
+    if r:
+        print(f'{label:<26}{r["handshakes_per_sec"]:>10.0f}{"":>11}{"":>7}  {lat(r, "offer_to_answer"):>18}  {cpu(r):>14} {"":>15}  {r["errors"] or "none"}')
+PY

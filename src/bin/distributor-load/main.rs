@@ -1,0 +1,108 @@
+//! `distributor-load`: drives a running deployment the way real peers do, and measures it.
+//!
+//! ```sh
+//! distributor-load relay --pairs 1000 --window 32 --clients-at http://127.0.0.1:50051
+//! distributor-load handshake --pairs 100 --clients-at http://A --workers-at http://B
+//! distributor-load echo-server --listen 127.0.0.1:50060      # the tonic ceiling
+//! distributor-load relay --echo --clients-at http://127.0.0.1:50060
+//! distributor-load nats-ceiling --nats-url nats://127.0.0.1:4222 --nats-url-b nats://127.0.0.1:4223
+//! ```
+//! Every run is bounded by `--duration` and `--max-messages`.
+
+mod echo;
+mod nats;
+mod peers;
+mod report;
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "distributor-load", version, about = "Load generator for the distributor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Steady state: each pair keeps --window candidates in flight, worker-bound and back.
+    Relay(Load),
+    /// Full negotiations: offer, answer, accept, K candidates each way, close; again.
+    Handshake(Load),
+    /// A bare tonic bidi echo server on the same proto: the ceiling for `relay --echo`.
+    EchoServer {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:50060")]
+        listen: std::net::SocketAddr,
+    },
+    /// Raw NATS publish to subscribe through a cluster, in the same pattern as `relay`.
+    NatsCeiling(nats::NatsLoad),
+}
+
+/// What a run drives and how long.
+#[derive(Args, Clone, Debug)]
+pub struct Load {
+    /// Client/worker pairs (workers register first).
+    #[arg(long, default_value_t = 100)]
+    pub pairs: usize,
+    /// The distributor clients connect to (or the echo server with --echo).
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub clients_at: String,
+    /// The distributor workers connect to [default: --clients-at].
+    #[arg(long)]
+    pub workers_at: Option<String>,
+    /// Auth secret: mint a token for every peer.
+    #[arg(long, env = "DISTRIBUTOR_AUTH_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Messages in flight per pair (relay).
+    #[arg(long, default_value_t = 1)]
+    pub window: usize,
+    /// Payload bytes per message (at least 16: a timestamp and a sequence number).
+    #[arg(long, default_value_t = 200)]
+    pub size: usize,
+    /// ICE candidates each way per handshake.
+    #[arg(long, default_value_t = 4)]
+    pub candidates: usize,
+    /// How long to measure.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Stop after this many messages (relay) or handshakes.
+    #[arg(long, default_value_t = u64::MAX)]
+    pub max_messages: u64,
+    /// TCP connections per side, shared round-robin by the peers.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Drive an echo server (`distributor-load echo-server`) at --clients-at instead.
+    #[arg(long)]
+    pub echo: bool,
+    /// The server's PID, to report its CPU time and peak memory.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// First worker id; workers are numbered from it.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub first_worker: i64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Scenario::EchoServer { listen } => echo::serve(listen).await,
+            Scenario::Relay(load) => report::print(&peers::relay(load.clone()).await?, load.json),
+            Scenario::Handshake(load) => report::print(&peers::handshake(load.clone()).await?, load.json),
+            Scenario::NatsCeiling(load) => {
+                let json = load.load.json;
+                report::print(&nats::ceiling(load).await?, json)
+            }
+        }
+    })
+}

@@ -1,0 +1,389 @@
+//! The peers: client/worker pairs that negotiate, then relay or handshake, timing every hop.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::{BufMut, Bytes, BytesMut};
+use distributor::core::Role;
+use distributor::pb::client_service_client::ClientServiceClient;
+use distributor::pb::worker_service_client::WorkerServiceClient;
+use distributor::pb::{ClientRtcMessage, RtcEvent, WorkerRtcMessage};
+use hdrhistogram::Histogram;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Streaming};
+
+use crate::Load;
+use crate::report::{Progress, Report, Stats};
+
+/// How long a run waits for in-flight messages after it stops sending.
+const DRAIN: Duration = Duration::from_secs(2);
+/// How long any step of a negotiation may take before the run fails.
+const STEP: Duration = Duration::from_secs(10);
+
+static BASE: OnceLock<Instant> = OnceLock::new();
+
+fn now_ns() -> u64 {
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// A payload carrying its send time and a sequence number, padded to `size`.
+fn stamped(size: usize, seq: u64) -> Bytes {
+    let mut buf = BytesMut::with_capacity(size.max(16));
+    buf.put_u64(now_ns());
+    buf.put_u64(seq);
+    buf.resize(size.max(16), b'x');
+    buf.freeze()
+}
+
+fn age_ns(payload: &[u8]) -> Option<u64> {
+    let sent = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
+    Some(now_ns().saturating_sub(sent))
+}
+
+/// Shared between the pairs of one run.
+struct Run {
+    load: Load,
+    deadline: Instant,
+    /// Messages (or handshakes) the run may still start.
+    budget: AtomicU64,
+    delivered: AtomicU64,
+}
+
+impl Run {
+    fn going(&self) -> bool {
+        Instant::now() < self.deadline
+    }
+
+    fn take_one(&self) -> bool {
+        self.going()
+            && self.budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1)).is_ok()
+    }
+}
+
+async fn channels(url: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let endpoint = Endpoint::from_shared(url.to_owned())?.tcp_nodelay(true);
+        out.push(endpoint.connect().await.with_context(|| format!("connecting to {url}"))?);
+    }
+    Ok(out)
+}
+
+fn token(load: &Load, role: Role, id: i64) -> Option<String> {
+    let secret = load.secret.as_ref()?;
+    let token = distributor::auth::mint(secret.as_bytes(), role, id, Duration::from_secs(3600)).ok()?;
+    Some(format!("Bearer {token}"))
+}
+
+fn request<M>(rx: mpsc::Receiver<M>, auth: Option<String>) -> Request<ReceiverStream<M>> {
+    let mut request = Request::new(ReceiverStream::new(rx));
+    if let Some(auth) = auth.and_then(|a| a.parse().ok()) {
+        request.metadata_mut().insert("authorization", auth);
+    }
+    request
+}
+
+async fn next<M>(stream: &mut Streaming<M>, what: &str) -> anyhow::Result<M> {
+    match tokio::time::timeout(STEP, stream.message()).await {
+        Ok(Ok(Some(msg))) => Ok(msg),
+        Ok(Ok(None)) => bail!("{what}: the stream ended"),
+        Ok(Err(status)) => bail!("{what}: {status}"),
+        Err(_) => bail!("{what}: nothing within {STEP:?}"),
+    }
+}
+
+struct WorkerSide {
+    id: i64,
+    tx: mpsc::Sender<WorkerRtcMessage>,
+    rx: Streaming<WorkerRtcMessage>,
+}
+
+async fn open_worker(load: &Load, channel: Channel, id: i64) -> anyhow::Result<WorkerSide> {
+    let (tx, rx) = mpsc::channel(load.window.max(16) * 2);
+    tx.send(WorkerRtcMessage { worker_machine_id: id, event: RtcEvent::Blank as i32, ..Default::default() })
+        .await?;
+    let auth = token(load, Role::Worker, id);
+    let mut rx =
+        WorkerServiceClient::new(channel).negotiate_peer_connection(request(rx, auth)).await?.into_inner();
+    let ack = next(&mut rx, "worker registration").await?;
+    if ack.event() != RtcEvent::Blank {
+        bail!("worker {id}: expected the registration BLANK, got {ack:?}");
+    }
+    Ok(WorkerSide { id, tx, rx })
+}
+
+struct ClientSide {
+    id: i64,
+    tx: mpsc::Sender<ClientRtcMessage>,
+    rx: Streaming<ClientRtcMessage>,
+}
+
+async fn open_client(load: &Load, channel: Channel, id: i64) -> anyhow::Result<ClientSide> {
+    let (tx, rx) = mpsc::channel(load.window.max(16) * 2);
+    let auth = token(load, Role::Client, id);
+    let mut request = request(rx, auth);
+    request.metadata_mut().insert("x-client-id", id.to_string().parse()?);
+    let mut rx = ClientServiceClient::new(channel).negotiate_peer_connection(request).await?.into_inner();
+    if load.echo {
+        return Ok(ClientSide { id, tx, rx });
+    }
+    let welcome = next(&mut rx, "client welcome").await?;
+    Ok(ClientSide { id: welcome.client_id, tx, rx })
+}
+
+fn to_worker(worker: i64, event: RtcEvent, payload: Bytes) -> ClientRtcMessage {
+    ClientRtcMessage {
+        worker_machine_id: worker,
+        event: event as i32,
+        message: payload,
+        ..Default::default()
+    }
+}
+
+fn to_client(client: i64, event: RtcEvent, payload: Bytes) -> WorkerRtcMessage {
+    WorkerRtcMessage { client_id: client, event: event as i32, message: payload, ..Default::default() }
+}
+
+/// Offer, answer, accept; returns the offer-to-answer time seen by the client.
+async fn negotiate(c: &mut ClientSide, w: &mut WorkerSide) -> anyhow::Result<Duration> {
+    let offered = Instant::now();
+    c.tx.send(to_worker(w.id, RtcEvent::Offer, Bytes::from_static(b"v=0 offer"))).await?;
+    let offer = next(&mut w.rx, "offer").await?;
+    if offer.event() != RtcEvent::Offer {
+        bail!("worker {}: expected OFFER, got {offer:?}", w.id);
+    }
+    w.tx.send(to_client(c.id, RtcEvent::Answer, Bytes::from_static(b"v=0 answer"))).await?;
+    let answer = next(&mut c.rx, "answer").await?;
+    if answer.event() != RtcEvent::Answer {
+        bail!("client {}: expected ANSWER, got {answer:?}", c.id);
+    }
+    let took = offered.elapsed();
+    c.tx.send(to_worker(w.id, RtcEvent::AcceptAnswer, Bytes::new())).await?;
+    let accept = next(&mut w.rx, "accept").await?;
+    if accept.event() != RtcEvent::AcceptAnswer {
+        bail!("worker {}: expected ACCEPT_ANSWER, got {accept:?}", w.id);
+    }
+    Ok(took)
+}
+
+/// Opens every pair: workers first, then clients.
+async fn pairs(load: &Load) -> anyhow::Result<(Vec<Option<WorkerSide>>, Vec<ClientSide>)> {
+    let per_side = load.connections.min(load.pairs).max(1);
+    let client_channels = channels(&load.clients_at, per_side).await?;
+    let mut workers = Vec::with_capacity(load.pairs);
+    if !load.echo {
+        let worker_channels =
+            channels(load.workers_at.as_ref().unwrap_or(&load.clients_at), per_side).await?;
+        for i in 0..load.pairs {
+            let id = load.first_worker + i as i64;
+            workers.push(Some(open_worker(load, worker_channels[i % per_side].clone(), id).await?));
+        }
+    } else {
+        workers.resize_with(load.pairs, || None);
+    }
+    let mut clients = Vec::with_capacity(load.pairs);
+    for i in 0..load.pairs {
+        let id = load.first_worker + 1_000_000_000 + i as i64;
+        clients.push(open_client(load, client_channels[i % per_side].clone(), id).await?);
+    }
+    Ok((workers, clients))
+}
+
+/// Steady-state relay (or echo): every pair keeps `window` messages circulating.
+pub async fn relay(load: Load) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        load.window >= 1 && load.size >= 16,
+        "--window must be at least 1 and --size at least 16"
+    );
+    let (workers, mut clients) = pairs(&load).await?;
+    let mut handshake_ns = Histogram::<u64>::new(3)?;
+    let mut workers: Vec<Option<WorkerSide>> = workers;
+    if !load.echo {
+        for (c, w) in clients.iter_mut().zip(workers.iter_mut()) {
+            let w = w.as_mut().expect("a worker per pair");
+            handshake_ns.record(negotiate(c, w).await?.as_nanos() as u64)?;
+        }
+    }
+    let run = Arc::new(Run {
+        deadline: Instant::now() + load.duration,
+        budget: AtomicU64::new(load.max_messages),
+        delivered: AtomicU64::new(0),
+        load: load.clone(),
+    });
+    let progress = Progress::start(&load, run.deadline, {
+        let run = run.clone();
+        move || run.delivered.load(Ordering::Relaxed)
+    });
+    let started = Instant::now();
+    let cpu_before = crate::report::server_cpu(load.server_pid);
+    let mut tasks = Vec::new();
+    for (c, w) in clients.into_iter().zip(workers) {
+        let run = run.clone();
+        tasks.push(tokio::spawn(async move { relay_pair(&run, c, w).await }));
+    }
+    let mut stats = Stats::default();
+    for task in tasks {
+        stats.merge(task.await??);
+    }
+    let elapsed = started.elapsed().min(load.duration + DRAIN);
+    progress.finish();
+    stats.handshake_ns = Some(handshake_ns);
+    Ok(Report::new(if load.echo { "echo" } else { "relay" }, &load, stats, elapsed, cpu_before))
+}
+
+async fn relay_pair(run: &Run, mut c: ClientSide, w: Option<WorkerSide>) -> anyhow::Result<Stats> {
+    let size = run.load.size;
+    let worker_id = w.as_ref().map_or(0, |w| w.id);
+    let client_id = c.id;
+    let mut seq = 0u64;
+    for _ in 0..run.load.window {
+        if !run.take_one() {
+            break;
+        }
+        seq += 1;
+        c.tx.send(to_worker(worker_id, RtcEvent::LocalIceCandidate, stamped(size, seq))).await?;
+    }
+    // The worker sends every candidate straight back: one relayed message each way.
+    let worker_loop = async {
+        let mut stats = Stats::default();
+        let Some(mut w) = w else { return Ok::<_, anyhow::Error>(stats) };
+        loop {
+            let msg = match tokio::time::timeout_at((run.deadline + DRAIN).into(), w.rx.message()).await {
+                Ok(Ok(Some(msg))) => msg,
+                _ => break,
+            };
+            match msg.event() {
+                RtcEvent::IceCandidate => {
+                    stats.hop(age_ns(&msg.message));
+                    run.delivered.fetch_add(1, Ordering::Relaxed);
+                    if !run.going() {
+                        continue;
+                    }
+                    let mut payload = BytesMut::from(&msg.message[..]);
+                    payload[..8].copy_from_slice(&now_ns().to_be_bytes());
+                    if w.tx
+                        .send(to_client(client_id, RtcEvent::LocalIceCandidate, payload.freeze()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                RtcEvent::Error => stats.error(msg.error_code()),
+                RtcEvent::PeerGone => break,
+                _ => {}
+            }
+        }
+        Ok(stats)
+    };
+    let client_loop = async {
+        let mut stats = Stats::default();
+        loop {
+            let msg = match tokio::time::timeout_at((run.deadline + DRAIN).into(), c.rx.message()).await {
+                Ok(Ok(Some(msg))) => msg,
+                _ => break,
+            };
+            match msg.event() {
+                RtcEvent::IceCandidate | RtcEvent::LocalIceCandidate => {
+                    stats.hop(age_ns(&msg.message));
+                    run.delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                RtcEvent::Error => stats.error(msg.error_code()),
+                RtcEvent::PeerGone => break,
+                _ => continue,
+            }
+            // One came back (or was refused): send the next, to keep the window full.
+            if !run.take_one() {
+                continue;
+            }
+            seq += 1;
+            if c.tx.send(to_worker(worker_id, RtcEvent::LocalIceCandidate, stamped(size, seq))).await.is_err()
+            {
+                break;
+            }
+        }
+        Ok::<_, anyhow::Error>(stats)
+    };
+    let (w_stats, c_stats) = tokio::join!(worker_loop, client_loop);
+    let mut stats = w_stats?;
+    stats.merge(c_stats?);
+    Ok(stats)
+}
+
+/// Full negotiations, one after another on each pair, each on a new client stream.
+pub async fn handshake(load: Load) -> anyhow::Result<Report> {
+    anyhow::ensure!(!load.echo, "handshake has no echo ceiling");
+    let per_side = load.connections.min(load.pairs).max(1);
+    let client_channels = channels(&load.clients_at, per_side).await?;
+    let worker_channels = channels(load.workers_at.as_ref().unwrap_or(&load.clients_at), per_side).await?;
+    let mut workers = Vec::new();
+    for i in 0..load.pairs {
+        let id = load.first_worker + i as i64;
+        workers.push(open_worker(&load, worker_channels[i % per_side].clone(), id).await?);
+    }
+    let run = Arc::new(Run {
+        deadline: Instant::now() + load.duration,
+        budget: AtomicU64::new(load.max_messages),
+        delivered: AtomicU64::new(0),
+        load: load.clone(),
+    });
+    let progress = Progress::start(&load, run.deadline, {
+        let run = run.clone();
+        move || run.delivered.load(Ordering::Relaxed)
+    });
+    let started = Instant::now();
+    let cpu_before = crate::report::server_cpu(load.server_pid);
+    let mut tasks = Vec::new();
+    for (i, w) in workers.into_iter().enumerate() {
+        let (run, channel) = (run.clone(), client_channels[i % per_side].clone());
+        tasks.push(tokio::spawn(async move { handshake_pair(&run, channel, w, i).await }));
+    }
+    let mut stats = Stats::default();
+    for task in tasks {
+        stats.merge(task.await??);
+    }
+    let elapsed = started.elapsed();
+    progress.finish();
+    Ok(Report::new("handshake", &load, stats, elapsed, cpu_before))
+}
+
+async fn handshake_pair(
+    run: &Run,
+    channel: Channel,
+    mut w: WorkerSide,
+    index: usize,
+) -> anyhow::Result<Stats> {
+    let mut stats = Stats { handshake_ns: Some(Histogram::new(3)?), ..Stats::default() };
+    let mut round = 0i64;
+    while run.take_one() {
+        round += 1;
+        let id = run.load.first_worker + 2_000_000_000 + (index as i64) * 1_000_000 + round;
+        let mut c = open_client(&run.load, channel.clone(), id).await?;
+        let took = negotiate(&mut c, &mut w).await?;
+        if let Some(h) = stats.handshake_ns.as_mut() {
+            h.record(took.as_nanos() as u64)?;
+        }
+        for k in 0..run.load.candidates {
+            c.tx.send(to_worker(w.id, RtcEvent::LocalIceCandidate, stamped(run.load.size, k as u64))).await?;
+            w.tx.send(to_client(c.id, RtcEvent::LocalIceCandidate, stamped(run.load.size, k as u64))).await?;
+        }
+        for _ in 0..run.load.candidates {
+            let to_w = next(&mut w.rx, "client candidate").await?;
+            stats.hop(age_ns(&to_w.message));
+            let to_c = next(&mut c.rx, "worker candidate").await?;
+            stats.hop(age_ns(&to_c.message));
+        }
+        drop(c.tx);
+        let gone = next(&mut w.rx, "PEER_GONE").await?;
+        if gone.event() != RtcEvent::PeerGone {
+            bail!("worker {}: expected PEER_GONE, got {gone:?}", w.id);
+        }
+        stats.handshakes += 1;
+        run.delivered.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(stats)
+}

@@ -41,7 +41,7 @@ pub struct ServeArgs {
     /// Address to serve gRPC on [default: 0.0.0.0:$PORT if PORT is set, else 0.0.0.0:50051].
     #[arg(long, env = "DISTRIBUTOR_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Routing shard threads [default: the number of cores].
+    /// Routing shard threads; 0 routes inline on the gRPC tasks instead [default: 0].
     #[arg(long, env = "DISTRIBUTOR_SHARDS")]
     pub shards: Option<usize>,
     /// Largest `message` payload relayed; larger ones get ERROR{PAYLOAD_TOO_LARGE}.
@@ -250,9 +250,7 @@ impl Config {
         if self.max_message_bytes == 0 || self.max_message_bytes > MAX_FRAME_BYTES {
             return Err(ConfigError::MaxMessageBytes(self.max_message_bytes));
         }
-        for (name, value) in
-            [("shards", self.shards), ("peer-queue", self.peer_queue), ("shard-queue", self.shard_queue)]
-        {
+        for (name, value) in [("peer-queue", self.peer_queue), ("shard-queue", self.shard_queue)] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
             }
@@ -264,8 +262,10 @@ impl Config {
     }
 }
 
+/// Inline routing: measured faster than shard threads on the 2-core machines we run on, where
+/// a thread wake-up per message costs more than the routing (BENCHMARKS.md).
 fn default_shards() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    0
 }
 
 #[cfg(test)]
@@ -309,7 +309,6 @@ mod tests {
     fn bad_limits_are_refused() {
         let base = Config::default();
         assert!(Config { max_message_bytes: MAX_FRAME_BYTES + 1, ..base.clone() }.check().is_err());
-        assert!(Config { shards: 0, ..base.clone() }.check().is_err());
         assert!(Config { peer_queue: 0, ..base.clone() }.check().is_err());
         assert!(Config { auth_secret: Some(String::new()), ..base.clone() }.check().is_err());
         assert!(base.check().is_ok());

@@ -19,9 +19,12 @@ async fn instance(nats: &NatsCluster, first: usize, prefix: &str) -> TestServer 
     instance_with(nats, first, prefix, Config::default()).await
 }
 
+/// Instances on node 0 route inline (`--shards 0`), the others on two shard threads, so that
+/// every cross-instance test covers both.
 async fn instance_with(nats: &NatsCluster, first: usize, prefix: &str, config: Config) -> TestServer {
     let nats = NatsConfig { url: nats.url_from(first), prefix: prefix.into(), ..Default::default() };
-    TestServer::with(Config { shards: 2, nats: Some(nats), ..config }).await
+    let shards = if first == 0 { 0 } else { 2 };
+    TestServer::with(Config { shards, nats: Some(nats), ..config }).await
 }
 
 #[tokio::test]

@@ -34,6 +34,22 @@ async fn full_negotiation_then_candidates_and_ping() {
 }
 
 #[tokio::test]
+async fn inline_routing_relays_the_same() {
+    let server = TestServer::with(distributor::config::Config { shards: 0, ..Default::default() }).await;
+    let mut w = worker(&server, 43).await;
+    let (mut c, cid) = client(&server).await;
+    negotiate(&mut c, cid, &mut w, 43).await;
+    for i in 0..100u32 {
+        c.send(to_worker(43, RtcEvent::LocalIceCandidate, &i.to_be_bytes())).await;
+    }
+    for i in 0..100u32 {
+        assert_eq!(&w.recv().await.message[..], &i.to_be_bytes()[..], "in order");
+    }
+    drop(c);
+    assert_eq!(w.recv().await.event(), RtcEvent::PeerGone);
+}
+
+#[tokio::test]
 async fn client_trickles_candidates_before_the_answer_and_order_holds() {
     let server = TestServer::start().await;
     let mut w = worker(&server, 7).await;

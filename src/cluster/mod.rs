@@ -164,10 +164,26 @@ impl Elsewhere<Peer> for ToOtherInstances {
     }
 
     fn client_gone(&mut self, client: PeerId, conn: ConnId) {
-        if conn.instance == self.instance {
-            // Never dropped: a full queue waits for room. The bridge never waits for a shard
-            // (it parks what a full shard queue refuses), so this cannot deadlock.
-            let _ = self.bridge.blocking_send(ToBridge::ClientGone { client, conn });
+        if conn.instance != self.instance {
+            return;
+        }
+        // Never dropped: a full queue waits for room. The bridge never waits for a shard (it
+        // parks what a full shard queue refuses), so this cannot deadlock. Inline shards run on
+        // the runtime, where blocking is not allowed: a task waits instead, after what this
+        // shard already queued.
+        let gone = ToBridge::ClientGone { client, conn };
+        match self.bridge.try_send(gone) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(gone)) => match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let bridge = self.bridge.clone();
+                    runtime.spawn(async move { bridge.send(gone).await });
+                }
+                Err(_) => {
+                    let _ = self.bridge.blocking_send(gone);
+                }
+            },
         }
     }
 }

@@ -209,14 +209,15 @@ impl<M> Stream for OutboundStream<M> {
                     if !this.conn.closing.is_cancelled() {
                         match this.rx.poll_recv(cx) {
                             Poll::Ready(Some(msg)) => return Poll::Ready(Some(Ok((this.encode)(msg)))),
-                            Poll::Ready(None) => this.phase = Phase::Done,
+                            // Not while the conn lives: it holds a sender itself.
+                            Poll::Ready(None) => {
+                                this.phase = Phase::Done;
+                                continue;
+                            }
                             Poll::Pending if this.cancelled.as_mut().poll(cx).is_pending() => {
                                 return Poll::Pending;
                             }
                             Poll::Pending => {}
-                        }
-                        if matches!(this.phase, Phase::Done) {
-                            continue;
                         }
                     }
                     let how = this.conn.close.get().cloned().unwrap_or_else(|| {

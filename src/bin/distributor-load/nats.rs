@@ -55,7 +55,7 @@ pub async fn ceiling(args: NatsLoad) -> anyhow::Result<Report> {
                 && budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1)).is_ok()
         }
     };
-    let cpu_before = crate::report::server_cpu(load.server_pid);
+    let cpu = crate::report::CpuWindow::start(load.server_pid, deadline);
     let started = Instant::now();
     for pair in 0..load.pairs {
         for seq in 0..load.window as u64 {
@@ -96,6 +96,10 @@ pub async fn ceiling(args: NatsLoad) -> anyhow::Result<Report> {
         }
     }
     stats.merge(b_side.await?);
-    let elapsed = started.elapsed().min(load.duration + Duration::from_secs(2));
-    Ok(Report::new("nats-ceiling", &load, stats, elapsed, cpu_before))
+    let end = match stats.last {
+        Some(last) if budget.load(Ordering::Relaxed) == 0 => last.min(deadline),
+        _ => deadline,
+    };
+    let cpu = cpu.seconds(load.server_pid).await;
+    Ok(Report::new("nats-ceiling", &load, stats, end.saturating_duration_since(started), cpu))
 }

@@ -10,14 +10,13 @@ use distributor::core::Role;
 use distributor::pb::client_service_client::ClientServiceClient;
 use distributor::pb::worker_service_client::WorkerServiceClient;
 use distributor::pb::{ClientRtcMessage, RtcEvent, WorkerRtcMessage};
-use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Streaming};
 
 use crate::Load;
-use crate::report::{Progress, Report, Stats};
+use crate::report::{CpuWindow, Progress, Report, Stats};
 
 /// How long a run waits for in-flight messages after it stops sending.
 const DRAIN: Duration = Duration::from_secs(2);
@@ -54,8 +53,18 @@ struct Run {
 }
 
 impl Run {
+    /// Whether the measured window is still open: messages arriving later are not counted.
     fn going(&self) -> bool {
         Instant::now() < self.deadline
+    }
+
+    /// The measured time: the whole window, or until the last message if the budget ran out.
+    fn elapsed(&self, started: Instant, stats: &Stats) -> Duration {
+        let end = match stats.last {
+            Some(last) if self.budget.load(Ordering::Relaxed) == 0 => last.min(self.deadline),
+            _ => self.deadline,
+        };
+        end.saturating_duration_since(started)
     }
 
     fn take_one(&self) -> bool {
@@ -200,12 +209,12 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
         "--window must be at least 1 and --size at least 16"
     );
     let (workers, mut clients) = pairs(&load).await?;
-    let mut handshake_ns = Histogram::<u64>::new(3)?;
+    let mut handshake_ns = crate::report::histogram();
     let mut workers: Vec<Option<WorkerSide>> = workers;
     if !load.echo {
         for (c, w) in clients.iter_mut().zip(workers.iter_mut()) {
             let w = w.as_mut().expect("a worker per pair");
-            handshake_ns.record(negotiate(c, w).await?.as_nanos() as u64)?;
+            handshake_ns.saturating_record(negotiate(c, w).await?.as_nanos() as u64);
         }
     }
     let run = Arc::new(Run {
@@ -219,7 +228,7 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
         move || run.delivered.load(Ordering::Relaxed)
     });
     let started = Instant::now();
-    let cpu_before = crate::report::server_cpu(load.server_pid);
+    let cpu = CpuWindow::start(load.server_pid, run.deadline);
     let mut tasks = Vec::new();
     for (c, w) in clients.into_iter().zip(workers) {
         let run = run.clone();
@@ -229,10 +238,11 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
     for task in tasks {
         stats.merge(task.await??);
     }
-    let elapsed = started.elapsed().min(load.duration + DRAIN);
+    let elapsed = run.elapsed(started, &stats);
+    let cpu = cpu.seconds(load.server_pid).await;
     progress.finish();
     stats.handshake_ns = Some(handshake_ns);
-    Ok(Report::new(if load.echo { "echo" } else { "relay" }, &load, stats, elapsed, cpu_before))
+    Ok(Report::new(if load.echo { "echo" } else { "relay" }, &load, stats, elapsed, cpu))
 }
 
 async fn relay_pair(run: &Run, mut c: ClientSide, w: Option<WorkerSide>) -> anyhow::Result<Stats> {
@@ -258,11 +268,11 @@ async fn relay_pair(run: &Run, mut c: ClientSide, w: Option<WorkerSide>) -> anyh
             };
             match msg.event() {
                 RtcEvent::IceCandidate => {
-                    stats.hop(age_ns(&msg.message));
-                    run.delivered.fetch_add(1, Ordering::Relaxed);
                     if !run.going() {
                         continue;
                     }
+                    stats.hop(age_ns(&msg.message));
+                    run.delivered.fetch_add(1, Ordering::Relaxed);
                     let mut payload = BytesMut::from(&msg.message[..]);
                     payload[..8].copy_from_slice(&now_ns().to_be_bytes());
                     if w.tx
@@ -288,10 +298,11 @@ async fn relay_pair(run: &Run, mut c: ClientSide, w: Option<WorkerSide>) -> anyh
                 _ => break,
             };
             match msg.event() {
-                RtcEvent::IceCandidate | RtcEvent::LocalIceCandidate => {
+                RtcEvent::IceCandidate | RtcEvent::LocalIceCandidate if run.going() => {
                     stats.hop(age_ns(&msg.message));
                     run.delivered.fetch_add(1, Ordering::Relaxed);
                 }
+                RtcEvent::IceCandidate | RtcEvent::LocalIceCandidate => continue,
                 RtcEvent::Error => stats.error(msg.error_code()),
                 RtcEvent::PeerGone => break,
                 _ => continue,
@@ -336,7 +347,7 @@ pub async fn handshake(load: Load) -> anyhow::Result<Report> {
         move || run.delivered.load(Ordering::Relaxed)
     });
     let started = Instant::now();
-    let cpu_before = crate::report::server_cpu(load.server_pid);
+    let cpu = CpuWindow::start(load.server_pid, run.deadline);
     let mut tasks = Vec::new();
     for (i, w) in workers.into_iter().enumerate() {
         let (run, channel) = (run.clone(), client_channels[i % per_side].clone());
@@ -346,9 +357,10 @@ pub async fn handshake(load: Load) -> anyhow::Result<Report> {
     for task in tasks {
         stats.merge(task.await??);
     }
-    let elapsed = started.elapsed();
+    let elapsed = run.elapsed(started, &stats);
+    let cpu = cpu.seconds(load.server_pid).await;
     progress.finish();
-    Ok(Report::new("handshake", &load, stats, elapsed, cpu_before))
+    Ok(Report::new("handshake", &load, stats, elapsed, cpu))
 }
 
 async fn handshake_pair(
@@ -357,7 +369,7 @@ async fn handshake_pair(
     mut w: WorkerSide,
     index: usize,
 ) -> anyhow::Result<Stats> {
-    let mut stats = Stats { handshake_ns: Some(Histogram::new(3)?), ..Stats::default() };
+    let mut stats = Stats { handshake_ns: Some(crate::report::histogram()), ..Stats::default() };
     let mut round = 0i64;
     while run.take_one() {
         round += 1;
@@ -365,7 +377,7 @@ async fn handshake_pair(
         let mut c = open_client(&run.load, channel.clone(), id).await?;
         let took = negotiate(&mut c, &mut w).await?;
         if let Some(h) = stats.handshake_ns.as_mut() {
-            h.record(took.as_nanos() as u64)?;
+            h.saturating_record(took.as_nanos() as u64);
         }
         for k in 0..run.load.candidates {
             c.tx.send(to_worker(w.id, RtcEvent::LocalIceCandidate, stamped(run.load.size, k as u64))).await?;

@@ -12,6 +12,8 @@ use crate::Load;
 
 /// Counts of one pair, merged into the run's.
 pub struct Stats {
+    /// When the last counted message arrived.
+    pub last: Option<Instant>,
     pub hops: u64,
     pub hop_ns: Histogram<u64>,
     pub errors: BTreeMap<&'static str, u64>,
@@ -19,11 +21,17 @@ pub struct Stats {
     pub handshake_ns: Option<Histogram<u64>>,
 }
 
+/// Nanoseconds from 1 ns to 60 s, at 3 significant figures.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
+}
+
 impl Default for Stats {
     fn default() -> Self {
         Stats {
+            last: None,
             hops: 0,
-            hop_ns: Histogram::new(3).expect("3 significant figures is valid"),
+            hop_ns: histogram(),
             errors: BTreeMap::new(),
             handshakes: 0,
             handshake_ns: None,
@@ -35,6 +43,7 @@ impl Stats {
     /// One relayed message arrived, `age` after it was sent.
     pub fn hop(&mut self, age_ns: Option<u64>) {
         self.hops += 1;
+        self.last = Some(Instant::now());
         if let Some(age) = age_ns {
             self.hop_ns.saturating_record(age.max(1));
         }
@@ -45,6 +54,7 @@ impl Stats {
     }
 
     pub fn merge(&mut self, other: Stats) {
+        self.last = self.last.max(other.last);
         self.hops += other.hops;
         let _ = self.hop_ns.add(&other.hop_ns);
         for (code, n) in other.errors {
@@ -137,6 +147,32 @@ impl Report {
             server_cpu_us_per_message: cpu.filter(|_| counted > 0).map(|c| c * 1e6 / counted as f64),
             server_peak_rss_mib: load.server_pid.and_then(peak_rss_mib),
         }
+    }
+}
+
+/// Measures the server's CPU time from now until `deadline` (or until the run ends sooner).
+pub struct CpuWindow(Option<(f64, tokio::task::JoinHandle<Option<f64>>)>);
+
+impl CpuWindow {
+    pub fn start(pid: Option<u32>, deadline: Instant) -> Self {
+        let Some(before) = server_cpu(pid) else { return CpuWindow(None) };
+        let task = tokio::spawn(async move {
+            tokio::time::sleep_until(deadline.into()).await;
+            server_cpu(pid)
+        });
+        CpuWindow(Some((before, task)))
+    }
+
+    /// CPU seconds used in the window.
+    pub async fn seconds(self, pid: Option<u32>) -> Option<f64> {
+        let (before, task) = self.0?;
+        let after = if task.is_finished() {
+            task.await.ok().flatten()
+        } else {
+            task.abort();
+            server_cpu(pid)
+        };
+        Some(after? - before)
     }
 }
 

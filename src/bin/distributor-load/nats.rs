@@ -100,6 +100,6 @@ pub async fn ceiling(args: NatsLoad) -> anyhow::Result<Report> {
         Some(last) if budget.load(Ordering::Relaxed) == 0 => last.min(deadline),
         _ => deadline,
     };
-    let cpu = cpu.seconds(load.server_pid).await;
+    let cpu = cpu.seconds().await;
     Ok(Report::new("nats-ceiling", &load, stats, end.saturating_duration_since(started), cpu))
 }

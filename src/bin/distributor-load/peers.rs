@@ -239,7 +239,7 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
         stats.merge(task.await??);
     }
     let elapsed = run.elapsed(started, &stats);
-    let cpu = cpu.seconds(load.server_pid).await;
+    let cpu = cpu.seconds().await;
     progress.finish();
     stats.handshake_ns = Some(handshake_ns);
     Ok(Report::new(if load.echo { "echo" } else { "relay" }, &load, stats, elapsed, cpu))
@@ -358,7 +358,7 @@ pub async fn handshake(load: Load) -> anyhow::Result<Report> {
         stats.merge(task.await??);
     }
     let elapsed = run.elapsed(started, &stats);
-    let cpu = cpu.seconds(load.server_pid).await;
+    let cpu = cpu.seconds().await;
     progress.finish();
     Ok(Report::new("handshake", &load, stats, elapsed, cpu))
 }

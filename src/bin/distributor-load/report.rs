@@ -114,21 +114,23 @@ pub struct Report {
     pub server_cpu_seconds: Option<f64>,
     pub server_cpu_us_per_message: Option<f64>,
     pub server_peak_rss_mib: Option<f64>,
+    /// The whole machine's busy CPU in the window: server, load generator and anything else.
+    pub machine_cpu_seconds: Option<f64>,
+    pub machine_cpu_us_per_message: Option<f64>,
 }
 
 impl Report {
+    /// `cpu` is the (server, machine) CPU seconds over the measured `elapsed`.
     pub fn new(
         scenario: &'static str,
         load: &Load,
         stats: Stats,
         elapsed: Duration,
-        cpu_before: Option<f64>,
+        (cpu, machine): (Option<f64>, Option<f64>),
     ) -> Self {
         let seconds = elapsed.as_secs_f64().max(1e-9);
-        let cpu = match (cpu_before, server_cpu(load.server_pid)) {
-            (Some(before), Some(after)) => Some(after - before),
-            _ => None,
-        };
+        // Some virtual machines account no CPU time per process: say so rather than report 0.
+        let cpu = cpu.filter(|c| *c > 0.0);
         let counted = if stats.handshakes > 0 { stats.handshakes } else { stats.hops };
         Report {
             scenario,
@@ -145,35 +147,51 @@ impl Report {
             errors: stats.errors,
             server_cpu_seconds: cpu,
             server_cpu_us_per_message: cpu.filter(|_| counted > 0).map(|c| c * 1e6 / counted as f64),
+            machine_cpu_seconds: machine,
+            machine_cpu_us_per_message: machine.filter(|_| counted > 0).map(|c| c * 1e6 / counted as f64),
             server_peak_rss_mib: load.server_pid.and_then(peak_rss_mib),
         }
     }
 }
 
-/// Measures the server's CPU time from now until `deadline` (or until the run ends sooner).
-pub struct CpuWindow(Option<(f64, tokio::task::JoinHandle<Option<f64>>)>);
+/// Measures CPU time from now until `deadline` (or until the run ends sooner): the server's
+/// (by PID) and the whole machine's (`/proc/stat`, which includes this load generator).
+pub struct CpuWindow {
+    pid: Option<u32>,
+    before: (Option<f64>, Option<f64>),
+    at_deadline: tokio::task::JoinHandle<(Option<f64>, Option<f64>)>,
+}
 
 impl CpuWindow {
     pub fn start(pid: Option<u32>, deadline: Instant) -> Self {
-        let Some(before) = server_cpu(pid) else { return CpuWindow(None) };
-        let task = tokio::spawn(async move {
+        let before = (server_cpu(pid), machine_cpu());
+        let at_deadline = tokio::spawn(async move {
             tokio::time::sleep_until(deadline.into()).await;
-            server_cpu(pid)
+            (server_cpu(pid), machine_cpu())
         });
-        CpuWindow(Some((before, task)))
+        CpuWindow { pid, before, at_deadline }
     }
 
-    /// CPU seconds used in the window.
-    pub async fn seconds(self, pid: Option<u32>) -> Option<f64> {
-        let (before, task) = self.0?;
-        let after = if task.is_finished() {
-            task.await.ok().flatten()
+    /// CPU seconds used in the window: (server, machine).
+    pub async fn seconds(self) -> (Option<f64>, Option<f64>) {
+        let after = if self.at_deadline.is_finished() {
+            self.at_deadline.await.unwrap_or((None, None))
         } else {
-            task.abort();
-            server_cpu(pid)
+            self.at_deadline.abort();
+            (server_cpu(self.pid), machine_cpu())
         };
-        Some(after? - before)
+        let delta = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+        (delta(after.0, self.before.0), delta(after.1, self.before.1))
     }
+}
+
+/// Busy CPU seconds of the whole machine so far (all but idle and iowait), from `/proc/stat`.
+pub fn machine_cpu() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<f64> = line.split_whitespace().filter_map(|t| t.parse().ok()).collect();
+    let busy: f64 = ticks.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    Some(busy / 100.0)
 }
 
 /// The server's user + system CPU seconds so far, from `/proc/<pid>/stat`.
@@ -226,6 +244,10 @@ pub fn print(report: &Report, json: bool) -> anyhow::Result<()> {
             "server CPU          {cpu:.2} s ({:.2} µs per message)",
             report.server_cpu_us_per_message.unwrap_or(0.0)
         );
+    }
+    if let Some(cpu) = report.machine_cpu_seconds {
+        let per = report.machine_cpu_us_per_message.unwrap_or(0.0);
+        println!("machine CPU         {cpu:.2} s ({per:.2} µs per message, load generator included)");
     }
     if let Some(rss) = report.server_peak_rss_mib {
         println!("server peak RSS     {rss:.1} MiB");

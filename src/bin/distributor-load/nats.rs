@@ -34,6 +34,23 @@ pub async fn ceiling(args: NatsLoad) -> anyhow::Result<Report> {
     let mut a_in = a.subscribe(format!("{prefix}.a.>")).await?;
     a.flush().await?;
     b.flush().await?;
+    // Core NATS drops what nobody is subscribed to yet: wait until each side's subscription has
+    // reached the other side's server, by probing until a probe arrives.
+    for (from, to, to_subject) in
+        [(&a, &mut b_in, format!("{prefix}.b.probe")), (&b, &mut a_in, format!("{prefix}.a.probe"))]
+    {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            from.publish(to_subject.clone(), Bytes::from_static(b"probe")).await?;
+            from.flush().await?;
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), to.next()).await {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the two NATS connections cannot reach each other");
+        }
+        // Drop any further probes still in flight.
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(20), to.next()).await {}
+    }
     let base = Instant::now();
     let stamp = move |seq: u64, size: usize| {
         let mut buf = BytesMut::with_capacity(size.max(16));
@@ -91,7 +108,6 @@ pub async fn ceiling(args: NatsLoad) -> anyhow::Result<Report> {
         if take() {
             seq += 1;
             let pair = msg.subject.rsplit('.').next().unwrap_or("0").to_owned();
-            let _: Bytes = msg.payload;
             a.publish(format!("{prefix}.b.{pair}"), stamp(seq, load.size)).await?;
         }
     }

@@ -96,6 +96,10 @@ impl Conn {
         self.closing.cancel();
     }
 
+    pub fn is_closing(&self) -> bool {
+        self.closing.is_cancelled()
+    }
+
     /// Resolves when the stream is ending.
     pub fn closing(&self) -> WaitForCancellationFutureOwned {
         self.closing.clone().cancelled_owned()
@@ -106,6 +110,11 @@ impl Conn {
     /// not read from either. `None` once the stream is gone.
     pub async fn reserve(&self) -> Option<Permit> {
         self.tx.clone().reserve_owned().await.ok()
+    }
+
+    /// [`Self::reserve`] when there is room now.
+    pub fn try_reserve(&self) -> Option<Permit> {
+        self.tx.clone().try_reserve_owned().ok()
     }
 }
 

@@ -10,6 +10,8 @@ pub mod conn;
 mod worker;
 
 use std::pin::Pin;
+
+use futures::FutureExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -106,10 +108,17 @@ impl<M> Reader<M> {
 
     /// The next message, or `None` once the stream ends (how it ends is recorded on the sink).
     async fn message(&mut self) -> Option<M> {
-        let next = tokio::select! {
-            biased;
-            _ = self.closing.as_mut() => return None,
-            next = self.inbound.message() => next,
+        if self.sink.is_closing() {
+            return None;
+        }
+        // Fast path: a message already buffered needs no wait (and `message()` is cancel-safe).
+        let next = match self.inbound.message().now_or_never() {
+            Some(next) => next,
+            None => tokio::select! {
+                biased;
+                _ = self.closing.as_mut() => return None,
+                next = self.inbound.message() => next,
+            },
         };
         match next {
             Ok(Some(msg)) => Some(msg),
@@ -127,6 +136,9 @@ impl<M> Reader<M> {
     /// The next message with room reserved in the peer's own queue for its answer.
     async fn message_with_reply(&mut self) -> Option<(M, Permit)> {
         let msg = self.message().await?;
+        if let Some(permit) = self.sink.try_reserve() {
+            return Some((msg, permit));
+        }
         let permit = tokio::select! {
             biased;
             _ = self.closing.as_mut() => return None,

@@ -6,9 +6,9 @@ use tonic::metadata::MetadataMap;
 use tonic::{Status, Streaming};
 
 use super::conn::{Close, Peer, PeerReply, Sink};
-use super::{Edge, Reader, connected, reply};
+use super::{Edge, Reader, connected};
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
-use crate::pb::{ClientRtcMessage, RtcEvent};
+use crate::pb::ClientRtcMessage;
 
 /// The client id of an open (no auth) distributor: `x-client-id` if given, else a fresh random
 /// one. Random ids are 63-bit, so two instances practically never hand out the same one.
@@ -53,18 +53,11 @@ pub async fn serve(edge: Arc<Edge>, sink: Sink, client: PeerId, inbound: Streami
     while registered.is_ok() {
         let Some((msg, permit)) = reader.message_with_reply().await else { break };
         let worker = msg.worker_machine_id;
-        let event = match edge.check(msg.event, &msg.message) {
-            Ok(RtcEvent::Ping) => {
-                reply(permit, Outbound::relay(RtcEvent::Ping, worker, client, msg.message));
-                continue;
-            }
-            Ok(event) => event,
-            Err((code, reason)) => {
-                reply(permit, Outbound::error(code, worker, client, reason));
-                continue;
-            }
+        let Some((event, payload, permit)) = edge.triage(permit, msg.event, msg.message, worker, client)
+        else {
+            continue;
         };
-        let signal = Signal { event, payload: msg.message, reply: PeerReply::Local(permit) };
+        let signal = Signal { event, payload, reply: PeerReply::Local(permit) };
         let command = Command::FromClient { client, sink: Peer::Local(sink.clone()), worker, signal };
         if shards.send(shards.of_worker(worker), command).await.is_err() {
             break;

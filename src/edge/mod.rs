@@ -70,6 +70,29 @@ impl Edge {
         }
         Ok(event)
     }
+
+    /// Answers what needs no routing (`PING`, and refusals that need no session state) on the
+    /// sender's stream; gives back what is for the other side of a session.
+    fn triage(
+        &self,
+        permit: Permit,
+        event: i32,
+        payload: Bytes,
+        worker: PeerId,
+        client: PeerId,
+    ) -> Option<(RtcEvent, Bytes, Permit)> {
+        match self.check(event, &payload) {
+            Ok(RtcEvent::Ping) => {
+                reply(permit, Outbound::relay(RtcEvent::Ping, worker, client, payload));
+                None
+            }
+            Ok(event) => Some((event, payload, permit)),
+            Err((code, reason)) => {
+                reply(permit, Outbound::error(code, worker, client, reason));
+                None
+            }
+        }
+    }
 }
 
 /// Answers a peer's own message on its stream, through the room reserved for it.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Status, Streaming};
 
 use super::conn::{Close, Peer, PeerReply, Sink};
-use super::{Edge, Reader, connected, reply};
+use super::{Edge, Reader, connected};
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{RtcEvent, WorkerRtcMessage};
 
@@ -70,18 +70,11 @@ pub async fn serve(
             break;
         }
         let client = msg.client_id;
-        let event = match edge.check(msg.event, &msg.message) {
-            Ok(RtcEvent::Ping) => {
-                reply(permit, Outbound::relay(RtcEvent::Ping, worker, client, msg.message));
-                continue;
-            }
-            Ok(event) => event,
-            Err((code, reason)) => {
-                reply(permit, Outbound::error(code, worker, client, reason));
-                continue;
-            }
+        let Some((event, payload, permit)) = edge.triage(permit, msg.event, msg.message, worker, client)
+        else {
+            continue;
         };
-        let signal = Signal { event, payload: msg.message, reply: PeerReply::Local(permit) };
+        let signal = Signal { event, payload, reply: PeerReply::Local(permit) };
         let command = Command::FromWorker { worker, conn: sink.id(), client, signal };
         if shards.send(shard, command).await.is_err() {
             break;

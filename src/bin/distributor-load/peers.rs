@@ -73,6 +73,38 @@ impl Run {
     }
 }
 
+/// The measured part of a run: from after the set-up to the deadline.
+struct Window {
+    run: Arc<Run>,
+    progress: Progress,
+    started: Instant,
+    cpu: CpuWindow,
+}
+
+impl Window {
+    fn open(load: &Load) -> Self {
+        let run = Arc::new(Run {
+            deadline: Instant::now() + load.duration,
+            budget: AtomicU64::new(load.max_messages),
+            delivered: AtomicU64::new(0),
+            load: load.clone(),
+        });
+        let progress = Progress::start(load, run.deadline, {
+            let run = run.clone();
+            move || run.delivered.load(Ordering::Relaxed)
+        });
+        let cpu = CpuWindow::start(load.server_pid, run.deadline);
+        Window { run, progress, started: Instant::now(), cpu }
+    }
+
+    async fn close(self, scenario: &'static str, stats: Stats) -> Report {
+        let elapsed = self.run.elapsed(self.started, &stats);
+        let cpu = self.cpu.seconds().await;
+        self.progress.finish();
+        Report::new(scenario, &self.run.load, stats, elapsed, cpu)
+    }
+}
+
 async fn channels(url: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
     let mut out = Vec::with_capacity(count);
     for _ in 0..count.max(1) {
@@ -217,18 +249,8 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
             handshake_ns.saturating_record(negotiate(c, w).await?.as_nanos() as u64);
         }
     }
-    let run = Arc::new(Run {
-        deadline: Instant::now() + load.duration,
-        budget: AtomicU64::new(load.max_messages),
-        delivered: AtomicU64::new(0),
-        load: load.clone(),
-    });
-    let progress = Progress::start(&load, run.deadline, {
-        let run = run.clone();
-        move || run.delivered.load(Ordering::Relaxed)
-    });
-    let started = Instant::now();
-    let cpu = CpuWindow::start(load.server_pid, run.deadline);
+    let window = Window::open(&load);
+    let run = window.run.clone();
     let mut tasks = Vec::new();
     for (c, w) in clients.into_iter().zip(workers) {
         let run = run.clone();
@@ -238,11 +260,8 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
     for task in tasks {
         stats.merge(task.await??);
     }
-    let elapsed = run.elapsed(started, &stats);
-    let cpu = cpu.seconds().await;
-    progress.finish();
     stats.handshake_ns = Some(handshake_ns);
-    Ok(Report::new(if load.echo { "echo" } else { "relay" }, &load, stats, elapsed, cpu))
+    Ok(window.close(if load.echo { "echo" } else { "relay" }, stats).await)
 }
 
 async fn relay_pair(run: &Run, mut c: ClientSide, w: Option<WorkerSide>) -> anyhow::Result<Stats> {
@@ -336,18 +355,8 @@ pub async fn handshake(load: Load) -> anyhow::Result<Report> {
         let id = load.first_worker + i as i64;
         workers.push(open_worker(&load, worker_channels[i % per_side].clone(), id).await?);
     }
-    let run = Arc::new(Run {
-        deadline: Instant::now() + load.duration,
-        budget: AtomicU64::new(load.max_messages),
-        delivered: AtomicU64::new(0),
-        load: load.clone(),
-    });
-    let progress = Progress::start(&load, run.deadline, {
-        let run = run.clone();
-        move || run.delivered.load(Ordering::Relaxed)
-    });
-    let started = Instant::now();
-    let cpu = CpuWindow::start(load.server_pid, run.deadline);
+    let window = Window::open(&load);
+    let run = window.run.clone();
     let mut tasks = Vec::new();
     for (i, w) in workers.into_iter().enumerate() {
         let (run, channel) = (run.clone(), client_channels[i % per_side].clone());
@@ -357,10 +366,7 @@ pub async fn handshake(load: Load) -> anyhow::Result<Report> {
     for task in tasks {
         stats.merge(task.await??);
     }
-    let elapsed = run.elapsed(started, &stats);
-    let cpu = cpu.seconds().await;
-    progress.finish();
-    Ok(Report::new("handshake", &load, stats, elapsed, cpu))
+    Ok(window.close("handshake", stats).await)
 }
 
 async fn handshake_pair(

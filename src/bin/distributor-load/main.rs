@@ -42,6 +42,9 @@ enum Scenario {
     },
     /// Raw NATS publish to subscribe through a cluster, in the same pattern as `relay`.
     NatsCeiling(nats::NatsLoad),
+    /// Connects --pairs idle pairs (2 × pairs peers), then reports the server's memory per peer
+    /// and its CPU time while they idle for --duration.
+    Idle(Load),
 }
 
 /// What a run drives and how long.
@@ -71,6 +74,10 @@ pub struct Load {
     /// How long to measure.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+    /// Relayed messages per second to hold, over all pairs (relay, window 1); 0: as fast as
+    /// the round trips go.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
     /// Stop after this many messages (relay) or handshakes.
     #[arg(long, default_value_t = u64::MAX)]
     pub max_messages: u64,
@@ -99,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::EchoServer { listen } => echo::serve(listen).await,
             Scenario::Relay(load) => report::print(&peers::relay(load.clone()).await?, load.json),
             Scenario::Handshake(load) => report::print(&peers::handshake(load.clone()).await?, load.json),
+            Scenario::Idle(load) => peers::idle(load).await,
             Scenario::NatsCeiling(load) => {
                 let json = load.load.json;
                 report::print(&nats::ceiling(load).await?, json)

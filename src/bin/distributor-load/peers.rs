@@ -252,9 +252,9 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
     let window = Window::open(&load);
     let run = window.run.clone();
     let mut tasks = Vec::new();
-    for (c, w) in clients.into_iter().zip(workers) {
+    for (index, (c, w)) in clients.into_iter().zip(workers).enumerate() {
         let run = run.clone();
-        tasks.push(tokio::spawn(async move { relay_pair(&run, c, w).await }));
+        tasks.push(tokio::spawn(async move { relay_pair(&run, index, c, w).await }));
     }
     let mut stats = Stats::default();
     for task in tasks {
@@ -264,11 +264,25 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
     Ok(window.close(if load.echo { "echo" } else { "relay" }, stats).await)
 }
 
-async fn relay_pair(run: &Run, mut c: ClientSide, w: Option<WorkerSide>) -> anyhow::Result<Stats> {
+async fn relay_pair(
+    run: &Run,
+    index: usize,
+    mut c: ClientSide,
+    w: Option<WorkerSide>,
+) -> anyhow::Result<Stats> {
     let size = run.load.size;
     let worker_id = w.as_ref().map_or(0, |w| w.id);
     let client_id = c.id;
     let mut seq = 0u64;
+    // With --rate, each pair starts a round trip (two relayed messages) every `interval`.
+    let interval = (run.load.rate > 0)
+        .then(|| Duration::from_secs_f64(2.0 * run.load.pairs as f64 / run.load.rate as f64));
+    // Pairs start spread over one interval, so that paced load arrives evenly, not in bursts.
+    let mut next_send = tokio::time::Instant::now()
+        + interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 / run.load.pairs as f64));
+    if interval.is_some() {
+        tokio::time::sleep_until(next_send).await;
+    }
     for _ in 0..run.load.window {
         if !run.take_one() {
             break;
@@ -327,6 +341,10 @@ async fn relay_pair(run: &Run, mut c: ClientSide, w: Option<WorkerSide>) -> anyh
                 _ => continue,
             }
             // One came back (or was refused): send the next, to keep the window full.
+            if let Some(interval) = interval {
+                next_send += interval;
+                tokio::time::sleep_until(next_send).await;
+            }
             if !run.take_one() {
                 continue;
             }
@@ -404,4 +422,44 @@ async fn handshake_pair(
         run.delivered.fetch_add(1, Ordering::Relaxed);
     }
     Ok(stats)
+}
+
+/// Idle peers: what each costs the server in memory, and what idling costs in CPU.
+pub async fn idle(load: Load) -> anyhow::Result<()> {
+    let pid = load.server_pid.context("idle needs --server-pid")?;
+    let rss = || crate::report::rss_kib(pid).context("cannot read the server's memory");
+    let before = rss()?;
+    let (workers, clients) = pairs(&load).await?;
+    let peers = workers.iter().flatten().count() + clients.len();
+    // Let the server settle (allocator caches, HTTP/2 windows) before measuring.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let connected = rss()?;
+    let cpu = CpuWindow::start(Some(pid), Instant::now() + load.duration);
+    tokio::time::sleep(load.duration).await;
+    let (cpu, machine) = cpu.seconds().await;
+    let per_peer = (connected.saturating_sub(before)) as f64 / peers.max(1) as f64;
+    let report = serde_json::json!({
+        "scenario": "idle",
+        "peers": peers,
+        "server_rss_before_mib": before as f64 / 1024.0,
+        "server_rss_connected_mib": connected as f64 / 1024.0,
+        "server_rss_per_peer_kib": per_peer,
+        "idle_seconds": load.duration.as_secs_f64(),
+        "server_cpu_seconds": cpu,
+        "machine_cpu_seconds": machine,
+    });
+    if load.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("idle peers          {peers}");
+        println!(
+            "server RSS          {:.1} MiB before, {:.1} MiB connected",
+            before as f64 / 1024.0,
+            connected as f64 / 1024.0
+        );
+        println!("per peer            {per_peer:.1} KiB");
+        println!("idle CPU            {:?} s server, {:?} s machine over {:?}", cpu, machine, load.duration);
+    }
+    drop((workers, clients));
+    Ok(())
 }

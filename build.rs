@@ -11,7 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([signaling], ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("distributor_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
-    tonic_prost_build::configure().bytes(".distributor.v1").compile_fds(fds)?;
+    // Small per-stream buffers: see src/codec.rs.
+    tonic_prost_build::configure()
+        .bytes(".distributor.v1")
+        .codec_path("crate::codec::SmallBuffers")
+        .compile_fds(fds)?;
 
     // The link protocol between instances is internal: messages only, not served.
     let fds = protox::compile([link], ["proto"])?;

@@ -9,10 +9,11 @@
 //! - [`core`]: the sans-IO routing state each shard owns, and the session state machine.
 //! - [`cluster`]: NATS between instances: the bridge task, reliable links, worker lookup.
 //! - [`auth`]: bearer JWTs. [`config`]: flags. [`metrics`]: Prometheus names and exporter.
-//!   [`shutdown`]: SIGINT/SIGTERM.
+//!   [`shutdown`]: SIGINT/SIGTERM. [`codec`]: the gRPC codec (small per-stream buffers).
 
 pub mod auth;
 pub mod cluster;
+pub mod codec;
 pub mod config;
 pub mod core;
 pub mod edge;

@@ -1,7 +1,6 @@
 //! One shard's routing state: the workers registered on it, their sessions, and the client ids
 //! it keeps the newest stream of.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::time::Instant;
 
@@ -12,6 +11,10 @@ use super::session::{self, State};
 use super::{CloseReason, ConnId, DeliverError, InstanceId, Outbound, PeerId, PeerSink, Reply, Role};
 use crate::metrics as names;
 use crate::pb::{ErrorCode, RtcEvent};
+
+/// Peer ids are chosen by peers (or their token issuer): a keyed hash keeps lookups fast
+/// without letting chosen ids collide on purpose.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// One input to a [`Router`]. Each is handled completely, in order, by the shard that owns it:
 /// worker registrations and every session message by the worker's shard, client registrations by
@@ -112,9 +115,9 @@ impl<P: PeerSink> Router<P> {
     /// A router; without `elsewhere`, a worker not registered here is connected nowhere.
     pub fn new(elsewhere: Option<Box<dyn Elsewhere<P>>>) -> Self {
         Router {
-            workers: HashMap::new(),
-            clients: HashMap::new(),
-            client_sessions: HashMap::new(),
+            workers: HashMap::default(),
+            clients: HashMap::default(),
+            client_sessions: HashMap::default(),
             elsewhere,
             metrics: RouterMetrics::new(),
         }
@@ -173,7 +176,7 @@ impl<P: PeerSink> Router<P> {
             old.sink.close(CloseReason::Superseded);
             self.end_worker_sessions(worker, old);
         }
-        self.workers.insert(worker, WorkerEntry { sink: sink.clone(), sessions: HashMap::new() });
+        self.workers.insert(worker, WorkerEntry { sink: sink.clone(), sessions: HashMap::default() });
         notify(&self.metrics, &sink, Outbound::relay(RtcEvent::Blank, worker, 0, Bytes::new()));
     }
 

@@ -2,7 +2,7 @@
 //! the response stream tonic writes from it.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -62,6 +62,9 @@ pub struct Conn {
     closing: CancellationToken,
     /// Why it ends; the first reason given wins. Unset on shutdown or when the peer went away.
     close: OnceLock<Close>,
+    /// Set by [`Conn::end`]: the per-message checks read this flag rather than the token,
+    /// whose `is_cancelled` takes a lock. (Shutdown cancels the token only: streams then drain.)
+    ended: AtomicBool,
 }
 
 impl Conn {
@@ -75,7 +78,13 @@ impl Conn {
     ) -> (Sink, OutboundStream<M>) {
         let (tx, rx) = mpsc::channel(queue);
         let closing = shutdown.child_token();
-        let conn = Arc::new(Conn { id, tx, closing: closing.clone(), close: OnceLock::new() });
+        let conn = Arc::new(Conn {
+            id,
+            tx,
+            closing: closing.clone(),
+            close: OnceLock::new(),
+            ended: AtomicBool::new(false),
+        });
         let stream = OutboundStream {
             rx,
             conn: conn.clone(),
@@ -93,11 +102,13 @@ impl Conn {
     /// Ends the stream; the first call decides how.
     pub fn end(&self, how: Close) {
         let _ = self.close.set(how);
+        self.ended.store(true, Ordering::Release);
         self.closing.cancel();
     }
 
-    pub fn is_closing(&self) -> bool {
-        self.closing.is_cancelled()
+    /// Whether [`Conn::end`] was called (not whether shutdown began).
+    pub fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
 
     /// Resolves when the stream is ending.
@@ -169,7 +180,7 @@ impl PeerSink for Peer {
 impl Conn {
     /// Queues `msg` without blocking.
     pub fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError> {
-        if self.closing.is_cancelled() {
+        if self.is_ended() {
             return Err(DeliverError::Closed);
         }
         self.tx.try_send(msg).map_err(|e| match e {
@@ -215,7 +226,7 @@ impl<M> Stream for OutboundStream<M> {
         loop {
             match &mut this.phase {
                 Phase::Open => {
-                    if !this.conn.closing.is_cancelled() {
+                    if !this.conn.is_ended() {
                         match this.rx.poll_recv(cx) {
                             Poll::Ready(Some(msg)) => return Poll::Ready(Some(Ok((this.encode)(msg)))),
                             // Not while the conn lives: it holds a sender itself.
@@ -256,6 +267,7 @@ impl<M> Stream for OutboundStream<M> {
 
 impl<M> Drop for OutboundStream<M> {
     fn drop(&mut self) {
+        self.conn.ended.store(true, Ordering::Release);
         self.conn.closing.cancel();
     }
 }

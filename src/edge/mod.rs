@@ -131,7 +131,7 @@ impl<M> Reader<M> {
 
     /// The next message, or `None` once the stream ends (how it ends is recorded on the sink).
     async fn message(&mut self) -> Option<M> {
-        if self.sink.is_closing() {
+        if self.sink.is_ended() {
             return None;
         }
         // Fast path: a message already buffered needs no wait (and `message()` is cancel-safe).

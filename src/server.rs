@@ -4,7 +4,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -54,7 +53,6 @@ pub async fn run(
         }
     };
 
-    let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let edge = Arc::new(Edge {
         shards: shards.clone(),
@@ -64,7 +62,8 @@ pub async fn run(
         peer_queue: config.peer_queue,
         instance,
         conn_clock: ConnClock::default(),
-        shutdown: stop.clone(),
+        streams: Default::default(),
+        stopping: Default::default(),
         tasks: tasks.clone(),
     });
 
@@ -81,14 +80,14 @@ pub async fn run(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let stopping = {
-        let stop = stop.clone();
+        let edge = edge.clone();
         let health = health.clone();
         async move {
             shutdown.await;
             tracing::info!("shutting down: ending streams");
             health.set_not_serving::<ClientServiceServer<ClientEdge>>().await;
             health.set_not_serving::<WorkerServiceServer<WorkerEdge>>().await;
-            stop.cancel();
+            edge.shut_down();
             let _ = fired_tx.send(());
         }
     };
@@ -122,7 +121,7 @@ pub async fn run(
         _ = deadline => tracing::warn!(?drain_timeout, "drain timeout: closing the remaining connections"),
     }
     tasks.close();
-    stop.cancel();
+    edge.shut_down();
     if tokio::time::timeout(drain_timeout, tasks.wait()).await.is_err() {
         tracing::warn!("stream tasks still running after the drain timeout");
     }

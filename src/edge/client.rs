@@ -44,7 +44,7 @@ pub async fn serve(edge: Arc<Edge>, sink: Sink, client: PeerId, inbound: Streami
     let gauge = connected(Role::Client);
     gauge.increment(1.0);
     tracing::debug!(client, conn = %sink.id(), "client connected");
-    let mut reader = Reader::new(inbound, sink.clone());
+    let mut reader = Reader::new(&edge, inbound, sink.clone());
     if let Some(cluster) = &edge.cluster {
         cluster.claim(Role::Client, client, sink.id()).await;
     }

@@ -1,15 +1,16 @@
 //! One peer's stream as the edge holds it: a bounded outbound queue the shards deliver into, and
 //! the response stream tonic writes from it.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use futures::task::AtomicWaker;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 
 use crate::cluster::RemoteClient;
@@ -58,40 +59,29 @@ pub enum Close {
 pub struct Conn {
     id: ConnId,
     tx: mpsc::Sender<Outbound>,
-    /// Cancelled when the stream ends, for any reason; a child of the server's shutdown token.
-    closing: CancellationToken,
-    /// Why it ends; the first reason given wins. Unset on shutdown or when the peer went away.
+    /// Why it ends; the first reason given wins. Unset when the peer went away.
     close: OnceLock<Close>,
-    /// Set by [`Conn::end`]: the per-message checks read this flag rather than the token,
-    /// whose `is_cancelled` takes a lock. (Shutdown cancels the token only: streams then drain.)
+    /// Set when the stream ends, for any reason; read on every message, so a plain flag.
     ended: AtomicBool,
+    /// The stream's reading task and its response writer, woken when it ends.
+    reader: AtomicWaker,
+    writer: AtomicWaker,
 }
 
 impl Conn {
     /// A new stream and the response stream that writes its queue, `encode` turning each
     /// [`Outbound`] into the peer's message type.
-    pub fn open<M>(
-        id: ConnId,
-        queue: usize,
-        shutdown: &CancellationToken,
-        encode: fn(Outbound) -> M,
-    ) -> (Sink, OutboundStream<M>) {
+    pub fn open<M>(id: ConnId, queue: usize, encode: fn(Outbound) -> M) -> (Sink, OutboundStream<M>) {
         let (tx, rx) = mpsc::channel(queue);
-        let closing = shutdown.child_token();
         let conn = Arc::new(Conn {
             id,
             tx,
-            closing: closing.clone(),
             close: OnceLock::new(),
             ended: AtomicBool::new(false),
+            reader: AtomicWaker::new(),
+            writer: AtomicWaker::new(),
         });
-        let stream = OutboundStream {
-            rx,
-            conn: conn.clone(),
-            cancelled: Box::pin(closing.cancelled_owned()),
-            phase: Phase::Open,
-            encode,
-        };
+        let stream = OutboundStream { rx, conn: conn.clone(), phase: Phase::Open, encode };
         (conn, stream)
     }
 
@@ -102,18 +92,31 @@ impl Conn {
     /// Ends the stream; the first call decides how.
     pub fn end(&self, how: Close) {
         let _ = self.close.set(how);
-        self.ended.store(true, Ordering::Release);
-        self.closing.cancel();
+        self.mark_ended();
     }
 
-    /// Whether [`Conn::end`] was called (not whether shutdown began).
+    fn mark_ended(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.reader.wake();
+        self.writer.wake();
+    }
+
+    /// Whether the stream is ending.
     pub fn is_ended(&self) -> bool {
         self.ended.load(Ordering::Acquire)
     }
 
-    /// Resolves when the stream is ending.
-    pub fn closing(&self) -> WaitForCancellationFutureOwned {
-        self.closing.clone().cancelled_owned()
+    /// Resolves when the stream is ending (for its one reading task).
+    pub fn ended(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| self.poll_ended(&self.reader, cx))
+    }
+
+    fn poll_ended(&self, slot: &AtomicWaker, cx: &mut Context<'_>) -> Poll<()> {
+        if self.is_ended() {
+            return Poll::Ready(());
+        }
+        slot.register(cx.waker());
+        if self.is_ended() { Poll::Ready(()) } else { Poll::Pending }
     }
 
     /// Reserves room in this stream's own queue for the answer to a message it sent, waiting
@@ -213,7 +216,6 @@ enum Phase {
 pub struct OutboundStream<M> {
     rx: mpsc::Receiver<Outbound>,
     conn: Sink,
-    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     phase: Phase,
     encode: fn(Outbound) -> M,
 }
@@ -234,7 +236,7 @@ impl<M> Stream for OutboundStream<M> {
                                 this.phase = Phase::Done;
                                 continue;
                             }
-                            Poll::Pending if this.cancelled.as_mut().poll(cx).is_pending() => {
+                            Poll::Pending if this.conn.poll_ended(&this.conn.writer, cx).is_pending() => {
                                 return Poll::Pending;
                             }
                             Poll::Pending => {}
@@ -267,7 +269,7 @@ impl<M> Stream for OutboundStream<M> {
 
 impl<M> Drop for OutboundStream<M> {
     fn drop(&mut self) {
-        self.conn.ended.store(true, Ordering::Release);
-        self.conn.closing.cancel();
+        // The peer went away: its reading task stops too.
+        self.conn.mark_ended();
     }
 }

@@ -9,20 +9,19 @@ mod client;
 pub mod conn;
 mod worker;
 
-use std::pin::Pin;
-
 use futures::FutureExt;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{AuthError, Authenticator};
 use crate::cluster::Cluster;
-use crate::core::{InstanceId, Outbound, PeerId, Role};
+use crate::core::{ConnId, InstanceId, Outbound, PeerId, Role};
 use crate::metrics as names;
 use crate::pb::{self, ClientRtcMessage, ErrorCode, RtcEvent, WorkerRtcMessage};
 use crate::shards::Shards;
@@ -38,15 +37,36 @@ pub struct Edge {
     pub peer_queue: usize,
     pub instance: InstanceId,
     pub conn_clock: ConnClock,
-    /// Cancelled on shutdown; every stream's token is a child of it.
-    pub shutdown: CancellationToken,
+    /// Open streams, to end them all on shutdown; touched at open and close only.
+    pub streams: Mutex<HashMap<ConnId, Weak<Conn>>>,
+    /// Set on shutdown: streams opened from then on end at once.
+    pub stopping: AtomicBool,
     pub tasks: TaskTracker,
 }
 
 impl Edge {
     fn open<M>(&self, encode: fn(Outbound) -> M) -> (Sink, OutboundStream<M>) {
         let id = self.conn_clock.next(self.instance);
-        Conn::open(id, self.peer_queue, &self.shutdown, encode)
+        let (sink, stream) = Conn::open(id, self.peer_queue, encode);
+        self.streams.lock().expect("not poisoned").insert(id, Arc::downgrade(&sink));
+        if self.stopping.load(Ordering::Acquire) {
+            sink.end(shutting_down());
+        }
+        (sink, stream)
+    }
+
+    /// Forgets a stream whose task ended.
+    fn forget(&self, id: ConnId) {
+        self.streams.lock().expect("not poisoned").remove(&id);
+    }
+
+    /// Ends every stream: what is queued is written, then `UNAVAILABLE`.
+    pub fn shut_down(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let streams = std::mem::take(&mut *self.streams.lock().expect("not poisoned"));
+        for conn in streams.values().filter_map(Weak::upgrade) {
+            conn.end(shutting_down());
+        }
     }
 
     /// The id a token grants, when auth is on.
@@ -116,17 +136,26 @@ fn read_failed(status: Status) -> Close {
     }
 }
 
-/// Reads one peer's stream until it ends, for whatever reason.
+fn shutting_down() -> Close {
+    Close::Drain(Some(Status::unavailable("the distributor is shutting down")))
+}
+
+/// Reads one peer's stream until it ends, for whatever reason; forgets it then.
 struct Reader<M> {
     inbound: Streaming<M>,
     sink: Sink,
-    closing: Pin<Box<WaitForCancellationFutureOwned>>,
+    edge: Arc<Edge>,
+}
+
+impl<M> Drop for Reader<M> {
+    fn drop(&mut self) {
+        self.edge.forget(self.sink.id());
+    }
 }
 
 impl<M> Reader<M> {
-    fn new(inbound: Streaming<M>, sink: Sink) -> Self {
-        let closing = Box::pin(sink.closing());
-        Reader { inbound, sink, closing }
+    fn new(edge: &Arc<Edge>, inbound: Streaming<M>, sink: Sink) -> Self {
+        Reader { inbound, sink, edge: edge.clone() }
     }
 
     /// The next message, or `None` once the stream ends (how it ends is recorded on the sink).
@@ -139,7 +168,7 @@ impl<M> Reader<M> {
             Some(next) => next,
             None => tokio::select! {
                 biased;
-                _ = self.closing.as_mut() => return None,
+                _ = self.sink.ended() => return None,
                 next = self.inbound.message() => next,
             },
         };
@@ -164,7 +193,7 @@ impl<M> Reader<M> {
         }
         let permit = tokio::select! {
             biased;
-            _ = self.closing.as_mut() => return None,
+            _ = self.sink.ended() => return None,
             permit = self.sink.reserve() => permit?,
         };
         Some((msg, permit))

@@ -42,7 +42,7 @@ pub async fn serve(
     inbound: Streaming<WorkerRtcMessage>,
 ) {
     let shards = &edge.shards;
-    let mut reader = Reader::new(inbound, sink.clone());
+    let mut reader = Reader::new(&edge, inbound, sink.clone());
     let Some(first) = reader.message().await else { return };
     let worker = match registration(&first, granted) {
         Ok(worker) => worker,

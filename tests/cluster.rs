@@ -362,3 +362,20 @@ async fn a_killed_instance_ends_its_sessions_elsewhere_within_bounded_time() {
     c.send(to_worker(91, RtcEvent::Offer, b"offer")).await;
     assert_client_error(&c.recv().await, ErrorCode::PeerNotConnected, 91);
 }
+
+#[tokio::test]
+async fn nats_token_auth() {
+    let nats = NatsCluster::start_with_token(Some("nats-s3cret")).await;
+    let with_token = |first: usize| NatsConfig {
+        url: nats.url_from(first),
+        prefix: "t10".into(),
+        token: Some("nats-s3cret".into()),
+        ..Default::default()
+    };
+    let a = TestServer::with(Config { nats: Some(with_token(0)), ..Config::default() }).await;
+    let b = TestServer::with(Config { nats: Some(with_token(1)), ..Config::default() }).await;
+    assert_eq!(cluster_health(&a).await, ServingStatus::Serving);
+    let mut w = worker(&b, 101).await;
+    let (mut c, cid) = client(&a).await;
+    negotiate(&mut c, cid, &mut w, 101).await;
+}

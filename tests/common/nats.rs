@@ -35,11 +35,17 @@ pub struct NatsCluster {
     binary: PathBuf,
     dir: PathBuf,
     nodes: Vec<Node>,
+    token: Option<String>,
 }
 
 impl NatsCluster {
     /// Starts three routed nodes and waits until a message crosses from the last to the first.
     pub async fn start() -> Self {
+        Self::start_with_token(None).await
+    }
+
+    /// Like [`Self::start`]; with `token`, clients must present it.
+    pub async fn start_with_token(token: Option<&str>) -> Self {
         let binary = server_binary();
         let dir =
             std::env::temp_dir().join(format!("distributor-nats-{}-{}", std::process::id(), free_port()));
@@ -55,10 +61,11 @@ impl NatsCluster {
                 .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
                 .collect();
             let config = dir.join(format!("n{i}.conf"));
+            let auth = token.map(|t| format!("authorization {{ token: \"{t}\" }}\n")).unwrap_or_default();
             std::fs::write(
                 &config,
                 format!(
-                    "server_name: n{i}\nhost: 127.0.0.1\nport: {client_port}\nmax_payload: 1MB\n\
+                    "server_name: n{i}\nhost: 127.0.0.1\nport: {client_port}\nmax_payload: 1MB\n{auth}\
                      cluster {{\n  name: test\n  host: 127.0.0.1\n  port: {cluster_port}\n  routes: [{}]\n}}\n",
                     routes.join(", ")
                 ),
@@ -66,7 +73,7 @@ impl NatsCluster {
             .unwrap();
             nodes.push(Node { client_port, config, child: None });
         }
-        let mut cluster = NatsCluster { binary, dir, nodes };
+        let mut cluster = NatsCluster { binary, dir, nodes, token: token.map(str::to_owned) };
         for i in 0..3 {
             cluster.spawn(i);
         }
@@ -122,13 +129,21 @@ impl NatsCluster {
     /// Waits until a message published on the last node reaches a subscriber on the first.
     pub async fn wait_routed(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
-        let connect = |port: u16| async move {
-            loop {
-                if let Ok(client) = async_nats::connect(format!("nats://127.0.0.1:{port}")).await {
-                    return client;
+        let token = self.token.clone();
+        let connect = |port: u16| {
+            let token = token.clone();
+            async move {
+                loop {
+                    let mut options = async_nats::ConnectOptions::new();
+                    if let Some(token) = &token {
+                        options = options.token(token.clone());
+                    }
+                    if let Ok(client) = options.connect(format!("nats://127.0.0.1:{port}")).await {
+                        return client;
+                    }
+                    assert!(Instant::now() < deadline, "nats-server on {port} does not accept clients");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                assert!(Instant::now() < deadline, "nats-server on {port} does not accept clients");
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
         let first = connect(self.nodes[0].client_port).await;

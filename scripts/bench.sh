@@ -5,13 +5,16 @@
 #   scripts/bench.sh                  everything
 #   scripts/bench.sh --save NAME      ... and keep the criterion results as baseline NAME
 #   scripts/bench.sh --compare NAME   ... and compare criterion results with baseline NAME
-#   BENCH_DURATION=5s BENCH_PAIRS=1000 scripts/bench.sh --e2e-only
+#   BENCH_DURATION=5s BENCH_PAIRS=1000 BENCH_ROUNDS=3 scripts/bench.sh --e2e-only
+# Each end-to-end scenario runs BENCH_ROUNDS times, interleaved with its ceiling; the table shows
+# the median ratio of the rounds and their range.
 # Everything runs on 127.0.0.1 and is stopped by PID on exit.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 duration="${BENCH_DURATION:-10s}"
 pairs="${BENCH_PAIRS:-1000}"
+rounds="${BENCH_ROUNDS:-3}"
 criterion_args=()
 run_criterion=1
 run_e2e=1
@@ -67,9 +70,11 @@ load() {
 echo "== end to end: single instance ($pairs pairs, 200 B, $duration each)"
 port=$(free_port); start distributor "$bin/distributor" --listen "127.0.0.1:$port"; relay_pid=$started_pid; wait_port "$port"
 eport=$(free_port); start echo "$bin/distributor-load" echo-server --listen "127.0.0.1:$eport"; echo_pid=$started_pid; wait_port "$eport"
-for window in 32 1; do
-    load "echo-w$window" "$echo_pid" relay --echo --pairs "$pairs" --window "$window" --clients-at "http://127.0.0.1:$eport"
-    load "relay-w$window" "$relay_pid" relay --pairs "$pairs" --window "$window" --clients-at "http://127.0.0.1:$port"
+for round in $(seq 1 "$rounds"); do
+    for window in 32 1; do
+        load "echo-w$window#$round" "$echo_pid" relay --echo --pairs "$pairs" --window "$window" --clients-at "http://127.0.0.1:$eport"
+        load "relay-w$window#$round" "$relay_pid" relay --pairs "$pairs" --window "$window" --clients-at "http://127.0.0.1:$port" --first-worker $((1000000 * round + 100000 * window))
+    done
 done
 load "handshake" "$relay_pid" handshake --pairs 100 --clients-at "http://127.0.0.1:$port" --first-worker 5000000
 
@@ -80,37 +85,52 @@ start a "$bin/distributor" --listen "127.0.0.1:$pa" --nats-url nats://127.0.0.1:
 start b "$bin/distributor" --listen "127.0.0.1:$pb" --nats-url nats://127.0.0.1:4223,nats://127.0.0.1:4224,nats://127.0.0.1:4222 --nats-prefix bench; b_pid=$started_pid
 wait_port "$pa"; wait_port "$pb"
 nats_pid=$(cat .run/nats/n1.pid)
-for window in 32 1; do
-    load "nats-w$window" "$nats_pid" nats-ceiling --nats-url nats://127.0.0.1:4222 --nats-url-b nats://127.0.0.1:4223 --pairs "$pairs" --window "$window"
-    load "cross-w$window" "$a_pid" relay --pairs "$pairs" --window "$window" --clients-at "http://127.0.0.1:$pa" --workers-at "http://127.0.0.1:$pb" --first-worker $((7000000 + window * 10000))
+for round in $(seq 1 "$rounds"); do
+    for window in 32 1; do
+        load "nats-w$window#$round" "$nats_pid" nats-ceiling --nats-url nats://127.0.0.1:4222 --nats-url-b nats://127.0.0.1:4223 --pairs "$pairs" --window "$window"
+        load "cross-w$window#$round" "$a_pid" relay --pairs "$pairs" --window "$window" --clients-at "http://127.0.0.1:$pa" --workers-at "http://127.0.0.1:$pb" --first-worker $((20000000 + 1000000 * round + 100000 * window))
+    done
 done
 load "cross-handshake" "$a_pid" handshake --pairs 100 --clients-at "http://127.0.0.1:$pa" --workers-at "http://127.0.0.1:$pb" --first-worker 9000000
 
 python3 - "$results" <<'PY'
-import json, sys
-runs = {r["name"]: r for r in map(json.loads, open(sys.argv[1]))}
+import json, statistics, sys
+runs = {}
+for r in map(json.loads, open(sys.argv[1])):
+    name, _, _ = r["name"].partition("#")
+    runs.setdefault(name, []).append(r)
+def median_run(rs, key):
+    return sorted(rs, key=lambda r: r[key])[len(rs) // 2]
 def lat(r, key="latency"):
     l = r.get(key) or {}
     return f'{l.get("p50_us", 0):.0f}/{l.get("p99_us", 0):.0f}/{l.get("max_us", 0):.0f}'
-def cpu(r):
-    # Per-process CPU where the kernel accounts it; else the whole machine's (load generator included).
-    v = r.get("server_cpu_us_per_message")
-    if v is not None:
-        return f"{v:.2f}"
-    v = r.get("machine_cpu_us_per_message")
-    return f"{v:.2f}*" if v is not None else "-"
+def cpu(rs):
+    # The server's own CPU where the kernel accounts per-process CPU; else the whole machine's.
+    vals = [r.get("server_cpu_us_per_message") for r in rs]
+    star = ""
+    if None in vals:
+        vals, star = [r.get("machine_cpu_us_per_message") for r in rs], "*"
+    vals = [v for v in vals if v is not None]
+    return f"{statistics.median(vals):.2f}{star}" if vals else "-"
 print()
-print(f'{"scenario":<26}{"msgs/s":>10}{"ceiling/s":>11}{"ratio":>7}  {"p50/p99/max µs":>18}  {"CPU µs/msg":>14} {"ceiling µs/msg":>15}  errors')
+print(f'{"scenario":<26}{"msgs/s":>10}{"ceiling/s":>11}{"ratio":>7} {"(range)":>12}  {"p50/p99/max µs":>18}  {"CPU µs/msg":>11} {"ceiling":>8}  errors')
 for name, ceiling, label in [("relay-w32", "echo-w32", "single, window 32"), ("relay-w1", "echo-w1", "single, window 1"),
                              ("cross-w32", "nats-w32", "cross-instance, window 32"), ("cross-w1", "nats-w1", "cross-instance, window 1")]:
-    r, c = runs.get(name), runs.get(ceiling)
-    if not r or not c:
+    rs, cs = runs.get(name, []), runs.get(ceiling, [])
+    if not rs or not cs:
         continue
-    ratio = r["messages_per_sec"] / max(c["messages_per_sec"], 1e-9)
-    print(f'{label:<26}{r["messages_per_sec"]:>10.0f}{c["messages_per_sec"]:>11.0f}{ratio:>7.2f}  {lat(r):>18}  {cpu(r):>14} {cpu(c):>15}  {r["errors"] or "none"}')
+    ratios = [r["messages_per_sec"] / max(c["messages_per_sec"], 1e-9) for r, c in zip(rs, cs)]
+    r, c = median_run(rs, "messages_per_sec"), median_run(cs, "messages_per_sec")
+    errors = {}
+    for x in rs:
+        for k, v in x["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+    print(f'{label:<26}{r["messages_per_sec"]:>10.0f}{c["messages_per_sec"]:>11.0f}{statistics.median(ratios):>7.2f} {spread:>12}  {lat(r):>18}  {cpu(rs):>11} {cpu(cs):>8}  {errors or "none"}')
 for name, label in [("handshake", "handshake, single"), ("cross-handshake", "handshake, cross-instance")]:
-    r = runs.get(name)
-    if r:
-        print(f'{label:<26}{r["handshakes_per_sec"]:>10.0f}{"":>11}{"":>7}  {lat(r, "offer_to_answer"):>18}  {cpu(r):>14} {"":>15}  {r["errors"] or "none"}')
-print("CPU µs/msg: the server's own where the kernel accounts per-process CPU; * = the whole machine's, load generator included")
+    rs = runs.get(name, [])
+    if rs:
+        r = rs[0]
+        print(f'{label:<26}{r["handshakes_per_sec"]:>10.0f}{"":>11}{"":>7} {"":>12}  {lat(r, "offer_to_answer"):>18}  {cpu(rs):>11} {"":>8}  {r["errors"] or "none"}')
+print(f"medians of {len(runs.get('relay-w32', []))} interleaved rounds; CPU µs/msg: the server's own, * = the whole machine's (load generator included)")
 PY

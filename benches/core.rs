@@ -101,12 +101,12 @@ fn router_with_sessions(pairs: i64, delivered: &Arc<AtomicU64>) -> (Router<Count
     let mut clients = Vec::new();
     for i in 0..pairs {
         let worker = sink(2 * i as u64 + 1, delivered);
-        router.handle(Command::RegisterWorker { worker: i + 1, sink: worker }, now);
+        router.handle(Command::RegisterWorker { worker: i + 1, sink: worker }, || now);
         let client = sink(2 * i as u64 + 2, delivered);
         let signal = Signal { event: RtcEvent::Offer, payload: Bytes::new(), reply: NoReply };
         router.handle(
             Command::FromClient { client: 1000 + i, sink: client.clone(), worker: i + 1, signal },
-            now,
+            || now,
         );
         clients.push(client);
     }
@@ -132,7 +132,7 @@ fn router(c: &mut Criterion) {
                 worker: i as i64 + 1,
                 signal,
             };
-            router.handle(command, now);
+            router.handle(command, || now);
         })
     });
     group.finish();

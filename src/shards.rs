@@ -142,7 +142,7 @@ impl<P: PeerSink + Send + 'static> Shards<P> {
 fn inline<P: PeerSink>(router: &Mutex<Router<P>>, command: Command<P>) -> Result<(), ShardsStopped> {
     // A poisoned lock means a router panicked mid-command; its state may be torn.
     let mut router = router.lock().map_err(|_| ShardsStopped)?;
-    router.handle(command, Instant::now());
+    router.handle(command, Instant::now);
     Ok(())
 }
 
@@ -160,10 +160,12 @@ impl<P: PeerSink> Drop for Shards<P> {
 
 fn run_shard<P: PeerSink>(mut router: Router<P>, commands: Receiver<Command<P>>) {
     while let Ok(first) = commands.recv() {
-        let now = Instant::now();
-        router.handle(first, now);
+        // One clock read per batch, and only if a command of it needs the time.
+        let mut batch_now = None;
+        let mut now = || *batch_now.get_or_insert_with(Instant::now);
+        router.handle(first, &mut now);
         for command in commands.try_iter().take(BATCH - 1) {
-            router.handle(command, now);
+            router.handle(command, &mut now);
         }
     }
 }

@@ -90,7 +90,8 @@ struct Session<P> {
     /// The client stream that opened the session; a newer stream of the same client replaces it.
     client: P,
     state: State,
-    offered_at: Instant,
+    /// When the session's current OFFER was relayed.
+    offered_at: Option<Instant>,
 }
 
 /// A shard's routing table and the session state machines it owns. See the module docs of
@@ -128,7 +129,10 @@ impl<P: PeerSink> Router<P> {
         self.workers.values().map(|w| w.sessions.len()).sum()
     }
 
-    pub fn handle(&mut self, command: Command<P>, now: Instant) {
+    /// Handles one command. `now` is read only by the commands that time something (an
+    /// `OFFER` starts the offer-to-answer clock, an `ANSWER` stops it), so a caller that routes
+    /// message by message pays for no clock read on the others.
+    pub fn handle(&mut self, command: Command<P>, now: impl FnOnce() -> Instant) {
         match command {
             Command::RegisterWorker { worker, sink } => self.register_worker(worker, sink),
             Command::RegisterClient { client, sink } => self.register_client(client, sink),
@@ -204,7 +208,7 @@ impl<P: PeerSink> Router<P> {
         sink: P,
         worker: PeerId,
         signal: Signal<P::Reply>,
-        now: Instant,
+        now: impl FnOnce() -> Instant,
     ) {
         let m = &self.metrics;
         let Signal { event, payload, reply } = signal;
@@ -259,11 +263,13 @@ impl<P: PeerSink> Router<P> {
                     s.state = next;
                 }
                 if event == RtcEvent::Offer {
-                    s.offered_at = now;
+                    s.offered_at = Some(now());
                 }
             }
             None => {
-                entry.sessions.insert(client, Session { client: sink.clone(), state: next, offered_at: now });
+                // Only an OFFER opens a session.
+                let offered_at = (event == RtcEvent::Offer).then(now);
+                entry.sessions.insert(client, Session { client: sink.clone(), state: next, offered_at });
                 m.sessions(next).increment(1.0);
                 let workers = self.client_sessions.entry(client).or_default();
                 if !workers.contains(&worker) {
@@ -279,7 +285,7 @@ impl<P: PeerSink> Router<P> {
         conn: ConnId,
         client: PeerId,
         signal: Signal<P::Reply>,
-        now: Instant,
+        now: impl FnOnce() -> Instant,
     ) {
         let m = &self.metrics;
         let Signal { event, payload, reply } = signal;
@@ -313,8 +319,10 @@ impl<P: PeerSink> Router<P> {
             Ok(()) => m.relayed(forwarded).increment(1),
             Err(e) => return refuse(e.code(), undelivered(Role::Client, client, e)),
         }
-        if event == RtcEvent::Answer {
-            m.offer_to_answer.record(now.saturating_duration_since(session.offered_at).as_secs_f64());
+        if event == RtcEvent::Answer
+            && let Some(offered_at) = session.offered_at
+        {
+            m.offer_to_answer.record(now().saturating_duration_since(offered_at).as_secs_f64());
         }
         if session.state != next {
             m.sessions(session.state).decrement(1.0);

@@ -89,7 +89,8 @@ impl Harness {
 
     fn run(&mut self, command: Command<TestSink>) {
         self.now += Duration::from_millis(1);
-        self.router.handle(command, self.now);
+        let now = self.now;
+        self.router.handle(command, || now);
     }
 
     fn worker(&mut self, id: PeerId, conn: u64) -> TestSink {

@@ -222,6 +222,7 @@ impl Bridge {
         if !self.connected() {
             return refuse(
                 signal.reply,
+                ErrorCode::ClusterUnavailable,
                 worker,
                 client,
                 "NATS is unreachable: other instances cannot be reached",
@@ -253,14 +254,12 @@ impl Bridge {
             match found {
                 Ok(instance) => self.forward(instance, client, conn, worker, signal),
                 Err(Lookup::NotFound) => {
-                    use crate::core::Reply;
-                    metrics::counter!(names::ERRORS, "code" => ErrorCode::PeerNotConnected.as_str_name())
-                        .increment(1);
                     let reason = format!("worker {worker} is not connected");
-                    signal.reply.send(Outbound::error(ErrorCode::PeerNotConnected, worker, client, reason));
+                    refuse(signal.reply, ErrorCode::PeerNotConnected, worker, client, reason)
                 }
                 Err(Lookup::Unavailable) => {
-                    refuse(signal.reply, worker, client, "the worker's instance did not answer")
+                    let reason = "the worker's instance did not answer";
+                    refuse(signal.reply, ErrorCode::ClusterUnavailable, worker, client, reason)
                 }
             }
         }
@@ -275,7 +274,13 @@ impl Bridge {
         signal: Signal<PeerReply>,
     ) {
         if self.out.get(&instance).is_some_and(OutLink::is_full) {
-            return refuse(signal.reply, worker, client, "the link to the worker's instance is saturated");
+            return refuse(
+                signal.reply,
+                ErrorCode::ClusterUnavailable,
+                worker,
+                client,
+                "the link to the worker's instance is saturated",
+            );
         }
         if let Some(local) = self.clients.get_mut(&conn) {
             local.workers.insert(worker, instance);
@@ -525,9 +530,13 @@ impl Bridge {
     fn fail(&mut self, origin: Origin) {
         match origin {
             Origin::None => {}
-            Origin::Client { reply, worker, client } => {
-                refuse(reply, worker, client, "the worker's instance cannot be reached")
-            }
+            Origin::Client { reply, worker, client } => refuse(
+                reply,
+                ErrorCode::ClusterUnavailable,
+                worker,
+                client,
+                "the worker's instance cannot be reached",
+            ),
             Origin::Worker { worker, client } => {
                 metrics::counter!(names::ERRORS, "code" => ErrorCode::ClusterUnavailable.as_str_name())
                     .increment(1);

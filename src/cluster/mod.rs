@@ -28,6 +28,7 @@ use tokio::task::AbortHandle;
 
 use crate::core::{ConnId, DeliverError, Elsewhere, InstanceId, Outbound, PeerId, Role, Signal};
 use crate::edge::conn::{Peer, PeerReply, Sink};
+use crate::pb::ErrorCode;
 use crate::shards::Shards;
 
 pub use bridge::Bridge;
@@ -158,7 +159,8 @@ impl Elsewhere<Peer> for ToOtherInstances {
         if let Err(e) = self.bridge.try_send(command) {
             let (mpsc::error::TrySendError::Full(command) | mpsc::error::TrySendError::Closed(command)) = e;
             if let ToBridge::ClientSignal { signal, .. } = command {
-                refuse(signal.reply, worker, client, "the cross-instance queue is full");
+                let reason = "the cross-instance queue is full";
+                refuse(signal.reply, ErrorCode::ClusterUnavailable, worker, client, reason);
             }
         }
     }
@@ -188,12 +190,9 @@ impl Elsewhere<Peer> for ToOtherInstances {
     }
 }
 
-/// Refuses a client's message with `CLUSTER_UNAVAILABLE`.
-fn refuse(reply: PeerReply, worker: PeerId, client: PeerId, reason: &str) {
-    use crate::core::Reply;
-    metrics::counter!(crate::metrics::ERRORS, "code" => crate::pb::ErrorCode::ClusterUnavailable.as_str_name())
-        .increment(1);
-    reply.send(Outbound::error(crate::pb::ErrorCode::ClusterUnavailable, worker, client, reason.to_owned()));
+/// Refuses a client's message with `code`.
+fn refuse(reply: PeerReply, code: ErrorCode, worker: PeerId, client: PeerId, reason: impl Into<Bytes>) {
+    crate::edge::reply(reply, Outbound::error(code, worker, client, reason));
 }
 
 /// This instance's membership of the cluster: the NATS client and the bridge task.
@@ -291,10 +290,6 @@ impl Cluster {
 
     pub fn bridge(&self) -> &mpsc::Sender<ToBridge> {
         &self.bridge
-    }
-
-    pub fn subjects(&self) -> &Subjects {
-        &self.subjects
     }
 
     pub fn nats(&self) -> &async_nats::Client {

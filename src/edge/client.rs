@@ -64,7 +64,7 @@ pub async fn serve(edge: Arc<Edge>, sink: Sink, client: PeerId, inbound: Streami
         }
     }
     if shards.send_all(|| Command::ClientGone { client, conn: sink.id() }).await.is_err() {
-        sink.end(Close::Now(Status::unavailable("the distributor is shutting down")));
+        sink.end(Close::Now(super::conn::shutting_down()));
     }
     gauge.decrement(1.0);
     tracing::debug!(client, conn = %sink.id(), "client stream ended");

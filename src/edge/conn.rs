@@ -47,6 +47,11 @@ pub enum PeerReply {
     Remote(Arc<RemoteClient>),
 }
 
+/// The status every stream ends with when the distributor shuts down.
+pub fn shutting_down() -> Status {
+    Status::unavailable("the distributor is shutting down")
+}
+
 /// How a stream ends.
 #[derive(Clone, Debug)]
 pub enum Close {
@@ -130,6 +135,29 @@ impl Conn {
     pub fn try_reserve(&self) -> Option<Permit> {
         self.tx.clone().try_reserve_owned().ok()
     }
+
+    /// Queues `msg` without blocking.
+    pub fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError> {
+        if self.is_ended() {
+            return Err(DeliverError::Closed);
+        }
+        self.tx.try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => DeliverError::Full,
+            mpsc::error::TrySendError::Closed(_) => DeliverError::Closed,
+        })
+    }
+
+    /// Ends the stream for a reason of the routing core's.
+    pub fn close(&self, reason: CloseReason) {
+        let status = match reason {
+            CloseReason::Superseded => Status::aborted("this peer id was claimed by a newer stream"),
+            CloseReason::NotReading => {
+                tracing::warn!(conn = %self.id, "ending a stream that does not read its messages");
+                Status::resource_exhausted("the outbound queue is full: this stream does not read")
+            }
+        };
+        self.end(Close::Now(status));
+    }
 }
 
 /// Room reserved in a stream's queue.
@@ -180,31 +208,6 @@ impl PeerSink for Peer {
     }
 }
 
-impl Conn {
-    /// Queues `msg` without blocking.
-    pub fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError> {
-        if self.is_ended() {
-            return Err(DeliverError::Closed);
-        }
-        self.tx.try_send(msg).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => DeliverError::Full,
-            mpsc::error::TrySendError::Closed(_) => DeliverError::Closed,
-        })
-    }
-
-    /// Ends the stream for a reason of the routing core's.
-    pub fn close(&self, reason: CloseReason) {
-        let status = match reason {
-            CloseReason::Superseded => Status::aborted("this peer id was claimed by a newer stream"),
-            CloseReason::NotReading => {
-                tracing::warn!(conn = %self.id, "ending a stream that does not read its messages");
-                Status::resource_exhausted("the outbound queue is full: this stream does not read")
-            }
-        };
-        self.end(Close::Now(status));
-    }
-}
-
 enum Phase {
     Open,
     Draining(Option<Status>),
@@ -242,9 +245,8 @@ impl<M> Stream for OutboundStream<M> {
                             Poll::Pending => {}
                         }
                     }
-                    let how = this.conn.close.get().cloned().unwrap_or_else(|| {
-                        Close::Drain(Some(Status::unavailable("the distributor is shutting down")))
-                    });
+                    let how =
+                        this.conn.close.get().cloned().unwrap_or_else(|| Close::Drain(Some(shutting_down())));
                     match how {
                         Close::Now(status) => {
                             this.phase = Phase::Done;

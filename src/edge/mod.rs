@@ -50,7 +50,7 @@ impl Edge {
         let (sink, stream) = Conn::open(id, self.peer_queue, encode);
         self.streams.lock().expect("not poisoned").insert(id, Arc::downgrade(&sink));
         if self.stopping.load(Ordering::Acquire) {
-            sink.end(shutting_down());
+            sink.end(Close::Drain(Some(conn::shutting_down())));
         }
         (sink, stream)
     }
@@ -65,7 +65,7 @@ impl Edge {
         self.stopping.store(true, Ordering::Release);
         let streams = std::mem::take(&mut *self.streams.lock().expect("not poisoned"));
         for conn in streams.values().filter_map(Weak::upgrade) {
-            conn.end(shutting_down());
+            conn.end(Close::Drain(Some(conn::shutting_down())));
         }
     }
 
@@ -103,24 +103,25 @@ impl Edge {
     ) -> Option<(RtcEvent, Bytes, Permit)> {
         match self.check(event, &payload) {
             Ok(RtcEvent::Ping) => {
-                reply(permit, Outbound::relay(RtcEvent::Ping, worker, client, payload));
+                reply(PeerReply::Local(permit), Outbound::relay(RtcEvent::Ping, worker, client, payload));
                 None
             }
             Ok(event) => Some((event, payload, permit)),
             Err((code, reason)) => {
-                reply(permit, Outbound::error(code, worker, client, reason));
+                reply(PeerReply::Local(permit), Outbound::error(code, worker, client, reason));
                 None
             }
         }
     }
 }
 
-/// Answers a peer's own message on its stream, through the room reserved for it.
-fn reply(permit: Permit, msg: Outbound) {
+/// Answers a peer's own message through the room reserved for it (on its stream here, or back
+/// to its instance), counting refusals.
+pub(crate) fn reply(to: PeerReply, msg: Outbound) {
     if msg.event == RtcEvent::Error {
         metrics::counter!(names::ERRORS, "code" => msg.error.as_str_name()).increment(1);
     }
-    crate::core::Reply::send(PeerReply::Local(permit), msg);
+    crate::core::Reply::send(to, msg);
 }
 
 /// How a stream ends when reading it failed: a frame over the limit is `RESOURCE_EXHAUSTED`
@@ -134,10 +135,6 @@ fn read_failed(status: Status) -> Close {
         tonic::Code::OutOfRange => Close::Now(Status::resource_exhausted(status.message().to_owned())),
         _ => Close::Now(status),
     }
-}
-
-fn shutting_down() -> Close {
-    Close::Drain(Some(Status::unavailable("the distributor is shutting down")))
 }
 
 /// Reads one peer's stream until it ends, for whatever reason; forgets it then.

@@ -56,7 +56,7 @@ pub async fn serve(
     };
     let register = Command::RegisterWorker { worker, sink: Peer::Local(sink.clone()) };
     if shards.send(shard, register).await.is_err() {
-        return sink.end(Close::Now(Status::unavailable("the distributor is shutting down")));
+        return sink.end(Close::Now(super::conn::shutting_down()));
     }
     let gauge = connected(Role::Worker);
     gauge.increment(1.0);
@@ -81,7 +81,7 @@ pub async fn serve(
         }
     }
     if shards.send(shard, Command::WorkerGone { worker, conn: sink.id() }).await.is_err() {
-        sink.end(Close::Now(Status::unavailable("the distributor is shutting down")));
+        sink.end(Close::Now(super::conn::shutting_down()));
     }
     gauge.decrement(1.0);
     tracing::debug!(worker, conn = %sink.id(), "worker stream ended");

@@ -357,13 +357,9 @@ impl Bridge {
                     origins.push(origin);
                 }
                 self.metrics.records_out.increment(chunk.len() as u64);
+                let (ack_epoch, ack_next, nak) = self.take_ack(instance).unwrap_or_default();
                 let link =
                     self.out.entry(instance).or_insert_with(|| OutLink::new(rand::random::<u64>() | 1, now));
-                let (ack_epoch, ack_next, nak) = match self.inbound.get(&instance) {
-                    Some(inl) => (inl.epoch, inl.next, self.nak_due.remove(&instance)),
-                    None => (0, 0, false),
-                };
-                self.ack_due.remove(&instance);
                 let frame = wire::Frame {
                     from: self.me,
                     epoch: link.epoch,
@@ -381,19 +377,20 @@ impl Bridge {
                 }
             }
         }
-        let owed: HashSet<InstanceId> = self.ack_due.drain().chain(self.nak_due.iter().copied()).collect();
+        let owed: HashSet<InstanceId> = self.ack_due.union(&self.nak_due).copied().collect();
         for instance in owed {
-            let Some(inl) = self.inbound.get(&instance) else { continue };
-            let frame = wire::Frame {
-                from: self.me,
-                ack_epoch: inl.epoch,
-                ack_next: inl.next,
-                nak: self.nak_due.remove(&instance),
-                ..Default::default()
-            };
+            let Some((ack_epoch, ack_next, nak)) = self.take_ack(instance) else { continue };
+            let frame = wire::Frame { from: self.me, ack_epoch, ack_next, nak, ..Default::default() };
             self.metrics.frames_ack.increment(1);
             let _ = self.nats.publish(self.subjects.inbox(instance), frame.encode_to_vec().into()).await;
         }
+    }
+
+    /// The acknowledgement owed to `instance`, as it goes out: (epoch, next expected, gap seen).
+    fn take_ack(&mut self, instance: InstanceId) -> Option<(u64, u64, bool)> {
+        self.ack_due.remove(&instance);
+        let nak = self.nak_due.remove(&instance);
+        self.inbound.get(&instance).map(|inl| (inl.epoch, inl.next, nak))
     }
 
     /// One frame from the inbox.

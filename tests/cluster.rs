@@ -52,6 +52,17 @@ async fn full_negotiation_across_instances() {
 }
 
 #[tokio::test]
+async fn a_real_data_channel_opens_across_instances() {
+    let nats = NatsCluster::start().await;
+    let (a, b) = (instance(&nats, 0, "t13").await, instance(&nats, 1, "t13").await);
+    let mut w = worker(&b, 4242).await;
+    let (mut c, cid) = client(&a).await;
+    let (at_worker, at_client) = common::webrtc::connect_and_talk(&mut c, cid, &mut w, 4242).await;
+    assert_eq!(at_worker, b"hello from the client");
+    assert_eq!(at_client, b"hello from the worker");
+}
+
+#[tokio::test]
 async fn one_client_with_workers_on_three_instances() {
     let nats = NatsCluster::start().await;
     let servers =

@@ -138,48 +138,92 @@ fn router(c: &mut Criterion) {
     group.finish();
 }
 
-/// Moves `batch` candidates from local clients to local workers through the shard threads.
+const PAIRS: i64 = 1024;
+/// Messages per iteration of the shard benches.
+const BATCH: u64 = 16_384;
+
+/// Registers `PAIRS` workers with a session each (offer relayed); returns the clients' sinks.
+/// Every sink counts into `delivered[counter(pair)]`, so that threads count apart.
+fn sessions(
+    shards: &Shards<CountingSink>,
+    delivered: &[Arc<AtomicU64>],
+    counter: impl Fn(i64) -> usize,
+) -> Vec<CountingSink> {
+    let clients: Vec<CountingSink> =
+        (0..PAIRS).map(|i| sink(2 * i as u64 + 2, &delivered[counter(i)])).collect();
+    for i in 0..PAIRS {
+        let w = sink(2 * i as u64 + 1, &delivered[counter(i)]);
+        push(shards, shards.of_worker(i + 1), Command::RegisterWorker { worker: i + 1, sink: w });
+        let signal = Signal { event: RtcEvent::Offer, payload: Bytes::new(), reply: NoReply };
+        let offer = Command::FromClient {
+            client: 1000 + i,
+            sink: clients[i as usize].clone(),
+            worker: i + 1,
+            signal,
+        };
+        push(shards, shards.of_worker(i + 1), offer);
+    }
+    wait_for(delivered, 2 * PAIRS as u64);
+    clients
+}
+
+fn relay_candidate(clients: &[CountingSink], i: i64, payload: &Bytes) -> Command<CountingSink> {
+    let signal = Signal { event: RtcEvent::LocalIceCandidate, payload: payload.clone(), reply: NoReply };
+    Command::FromClient { client: 1000 + i, sink: clients[i as usize].clone(), worker: i + 1, signal }
+}
+
+/// Moves candidates between local peers through the shards, for 1, 2 and 4 of them:
+/// - `inline/N` (`--shards 0`, the default): N threads route at once through the inline
+///   shards (the runtime's worker threads do this), each owning a share of the shards and so
+///   of the sessions; this is the mode whose throughput should grow with threads up to the
+///   core count.
+/// - `threads/N` (`--shards N`): one producer feeds N shard threads, as one busy gRPC task
+///   would; it measures the hand-off, and cannot scale past the producer.
 fn shards(c: &mut Criterion) {
     let mut group = c.benchmark_group("shards");
-    const PAIRS: i64 = 1024;
-    const BATCH: u64 = 16_384;
     group.throughput(Throughput::Elements(BATCH));
     group.measurement_time(Duration::from_secs(4));
+    let payload = Bytes::from(vec![b'a'; 200]);
+    for threads in [1usize, 2, 4] {
+        let shards = Shards::<CountingSink>::start(0, 0, || None).unwrap();
+        // Thread t owns the shards s with s % threads == t, and so their workers' sessions.
+        let owner = |i: i64| shards.of_worker(i + 1) % threads;
+        let delivered: Vec<_> = (0..threads).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let clients = sessions(&shards, &delivered, owner);
+        let owned: Vec<Vec<i64>> =
+            (0..threads).map(|t| (0..PAIRS).filter(|&i| owner(i) == t).collect()).collect();
+        group.bench_with_input(BenchmarkId::new("inline", threads), &threads, |b, &threads| {
+            b.iter_custom(|iters| {
+                let started = Instant::now();
+                std::thread::scope(|scope| {
+                    for mine in &owned {
+                        let (shards, clients) = (&shards, &clients);
+                        scope.spawn(move || {
+                            // Its own payload: a shared one would bounce its refcount between cores.
+                            let payload = Bytes::from(vec![b'a'; 200]);
+                            for n in 0..iters * (BATCH / threads as u64) {
+                                let i = mine[n as usize % mine.len()];
+                                push(shards, shards.of_worker(i + 1), relay_candidate(clients, i, &payload));
+                            }
+                        });
+                    }
+                });
+                started.elapsed()
+            })
+        });
+        assert!(total(&delivered) > 2 * PAIRS as u64, "the inline shards delivered the candidates");
+    }
     for count in [1usize, 2, 4] {
-        let delivered = Arc::new(AtomicU64::new(0));
         let shards = Shards::<CountingSink>::start(count, 65_536, || None).unwrap();
-        let clients: Vec<CountingSink> = (0..PAIRS).map(|i| sink(2 * i as u64 + 2, &delivered)).collect();
-        for i in 0..PAIRS {
-            let w = sink(2 * i as u64 + 1, &delivered);
-            push(&shards, shards.of_worker(i + 1), Command::RegisterWorker { worker: i + 1, sink: w });
-            let signal = Signal { event: RtcEvent::Offer, payload: Bytes::new(), reply: NoReply };
-            let offer = Command::FromClient {
-                client: 1000 + i,
-                sink: clients[i as usize].clone(),
-                worker: i + 1,
-                signal,
-            };
-            push(&shards, shards.of_worker(i + 1), offer);
-        }
-        wait_for(&delivered, 2 * PAIRS as u64);
-        let payload = Bytes::from(vec![b'a'; 200]);
-        group.bench_with_input(BenchmarkId::new("relay", count), &count, |b, _| {
+        // Each shard thread counts into its own counter: what it delivers is its workers'.
+        let delivered: Vec<_> = (0..count).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let clients = sessions(&shards, &delivered, |i| shards.of_worker(i + 1));
+        group.bench_with_input(BenchmarkId::new("threads", count), &count, |b, _| {
             b.iter(|| {
-                let target = delivered.load(Ordering::Relaxed) + BATCH;
+                let target = total(&delivered) + BATCH;
                 for n in 0..BATCH {
                     let i = (n % PAIRS as u64) as i64;
-                    let signal = Signal {
-                        event: RtcEvent::LocalIceCandidate,
-                        payload: payload.clone(),
-                        reply: NoReply,
-                    };
-                    let command = Command::FromClient {
-                        client: 1000 + i,
-                        sink: clients[i as usize].clone(),
-                        worker: i + 1,
-                        signal,
-                    };
-                    push(&shards, shards.of_worker(i + 1), command);
+                    push(&shards, shards.of_worker(i + 1), relay_candidate(&clients, i, &payload));
                 }
                 wait_for(&delivered, target);
             })
@@ -200,8 +244,12 @@ fn push(shards: &Shards<CountingSink>, shard: usize, mut command: Command<Counti
     }
 }
 
-fn wait_for(counter: &AtomicU64, target: u64) {
-    while counter.load(Ordering::Relaxed) < target {
+fn total(counters: &[Arc<AtomicU64>]) -> u64 {
+    counters.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+}
+
+fn wait_for(counters: &[Arc<AtomicU64>], target: u64) {
+    while total(counters) < target {
         std::hint::spin_loop();
     }
 }

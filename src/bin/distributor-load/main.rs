@@ -47,6 +47,14 @@ enum Scenario {
     Idle(Load),
 }
 
+/// The streams an echo run opens; see `--echo-shape`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EchoShape {
+    Relay,
+    Pairs,
+}
+
 /// What a run drives and how long.
 #[derive(Args, Clone, Debug)]
 pub struct Load {
@@ -74,6 +82,10 @@ pub struct Load {
     /// How long to measure.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+    /// How long the load runs before measuring starts (not counted): new streams, the
+    /// allocator and HTTP/2 windows settle first.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
     /// Relayed messages per second to hold, over all pairs (relay, window 1); 0: as fast as
     /// the round trips go.
     #[arg(long, default_value_t = 0)]
@@ -87,6 +99,11 @@ pub struct Load {
     /// Drive an echo server (`distributor-load echo-server`) at --clients-at instead.
     #[arg(long)]
     pub echo: bool,
+    /// With --echo: which streams the echo server sees. `pairs`: one stream per pair, each with
+    /// the whole window. `relay`: what the distributor sees in `relay`: 2 x --pairs streams over
+    /// 2 x --connections, each pair's --window split between its two streams.
+    #[arg(long, value_enum, default_value_t = EchoShape::Pairs)]
+    pub echo_shape: EchoShape,
     /// The server's PID, to report its CPU time and peak memory.
     #[arg(long)]
     pub server_pid: Option<u32>,

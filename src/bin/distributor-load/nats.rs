@@ -63,7 +63,10 @@ pub async fn ceiling(args: NatsLoad) -> anyhow::Result<Report> {
         let sent = u64::from_be_bytes(p.get(..8)?.try_into().ok()?);
         Some((base.elapsed().as_nanos() as u64).saturating_sub(sent))
     };
-    let deadline = Instant::now() + load.duration;
+    let measure_from = Instant::now() + load.warmup;
+    let deadline = measure_from + load.duration;
+    // Counted: what arrives after the warm-up and before the deadline.
+    let measuring = move || (measure_from..deadline).contains(&Instant::now());
     let budget = Arc::new(AtomicU64::new(load.max_messages));
     let take = {
         let budget = budget.clone();
@@ -72,8 +75,7 @@ pub async fn ceiling(args: NatsLoad) -> anyhow::Result<Report> {
                 && budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1)).is_ok()
         }
     };
-    let cpu = crate::report::CpuWindow::start(load.server_pid, deadline);
-    let started = Instant::now();
+    let cpu = crate::report::CpuWindow::start(load.server_pid, measure_from, deadline);
     for pair in 0..load.pairs {
         for seq in 0..load.window as u64 {
             if take() {
@@ -88,7 +90,9 @@ pub async fn ceiling(args: NatsLoad) -> anyhow::Result<Report> {
             while let Ok(Some(msg)) =
                 tokio::time::timeout_at((deadline + Duration::from_secs(2)).into(), b_in.next()).await
             {
-                stats.hop(age(&msg.payload));
+                if measuring() {
+                    stats.hop(age(&msg.payload));
+                }
                 let pair = msg.subject.rsplit('.').next().unwrap_or("0").to_owned();
                 if Instant::now() < deadline {
                     let mut payload = BytesMut::from(&msg.payload[..]);
@@ -104,7 +108,9 @@ pub async fn ceiling(args: NatsLoad) -> anyhow::Result<Report> {
     while let Ok(Some(msg)) =
         tokio::time::timeout_at((deadline + Duration::from_secs(2)).into(), a_in.next()).await
     {
-        stats.hop(age(&msg.payload));
+        if measuring() {
+            stats.hop(age(&msg.payload));
+        }
         if take() {
             seq += 1;
             let pair = msg.subject.rsplit('.').next().unwrap_or("0").to_owned();
@@ -117,5 +123,5 @@ pub async fn ceiling(args: NatsLoad) -> anyhow::Result<Report> {
         _ => deadline,
     };
     let cpu = cpu.seconds().await;
-    Ok(Report::new("nats-ceiling", &load, stats, end.saturating_duration_since(started), cpu))
+    Ok(Report::new("nats-ceiling", &load, stats, end.saturating_duration_since(measure_from), cpu))
 }

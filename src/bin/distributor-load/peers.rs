@@ -15,8 +15,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Streaming};
 
-use crate::Load;
 use crate::report::{CpuWindow, Progress, Report, Stats};
+use crate::{EchoShape, Load};
 
 /// How long a run waits for in-flight messages after it stops sending.
 const DRAIN: Duration = Duration::from_secs(2);
@@ -46,6 +46,8 @@ fn age_ns(payload: &[u8]) -> Option<u64> {
 /// Shared between the pairs of one run.
 struct Run {
     load: Load,
+    /// The end of the warm-up: what arrives from then on is counted.
+    measure_from: Instant,
     deadline: Instant,
     /// Messages (or handshakes) the run may still start.
     budget: AtomicU64,
@@ -56,6 +58,20 @@ impl Run {
     /// Whether the measured window is still open: messages arriving later are not counted.
     fn going(&self) -> bool {
         Instant::now() < self.deadline
+    }
+
+    /// Whether what arrives now is counted: after the warm-up, before the deadline.
+    fn measuring(&self) -> bool {
+        let now = Instant::now();
+        now >= self.measure_from && now < self.deadline
+    }
+
+    /// Counts a delivered message (or handshake) if the window is measuring.
+    fn count(&self, count: impl FnOnce()) {
+        if self.measuring() {
+            count();
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The measured time: the whole window, or until the last message if the budget ran out.
@@ -73,7 +89,7 @@ impl Run {
     }
 }
 
-/// The measured part of a run: from after the set-up to the deadline.
+/// The measured part of a run: from after the set-up and the warm-up to the deadline.
 struct Window {
     run: Arc<Run>,
     progress: Progress,
@@ -83,8 +99,10 @@ struct Window {
 
 impl Window {
     fn open(load: &Load) -> Self {
+        let measure_from = Instant::now() + load.warmup;
         let run = Arc::new(Run {
-            deadline: Instant::now() + load.duration,
+            measure_from,
+            deadline: measure_from + load.duration,
             budget: AtomicU64::new(load.max_messages),
             delivered: AtomicU64::new(0),
             load: load.clone(),
@@ -93,8 +111,8 @@ impl Window {
             let run = run.clone();
             move || run.delivered.load(Ordering::Relaxed)
         });
-        let cpu = CpuWindow::start(load.server_pid, run.deadline);
-        Window { run, progress, started: Instant::now(), cpu }
+        let cpu = CpuWindow::start(load.server_pid, measure_from, run.deadline);
+        Window { run, progress, started: measure_from, cpu }
     }
 
     async fn close(self, scenario: &'static str, stats: Stats) -> Report {
@@ -211,27 +229,41 @@ async fn negotiate(c: &mut ClientSide, w: &mut WorkerSide) -> anyhow::Result<Dur
     Ok(took)
 }
 
-/// Opens every pair: workers first, then clients.
+/// Opens every pair: workers first, then clients. An echo run opens only client streams: one
+/// per pair, or two in the relay's shape (see `--echo-shape`).
 async fn pairs(load: &Load) -> anyhow::Result<(Vec<Option<WorkerSide>>, Vec<ClientSide>)> {
     let per_side = load.connections.min(load.pairs).max(1);
-    let client_channels = channels(&load.clients_at, per_side).await?;
     let mut workers = Vec::with_capacity(load.pairs);
-    if !load.echo {
+    let (streams, client_connections) = if !load.echo {
         let worker_channels =
             channels(load.workers_at.as_ref().unwrap_or(&load.clients_at), per_side).await?;
         for i in 0..load.pairs {
             let id = load.first_worker + i as i64;
             workers.push(Some(open_worker(load, worker_channels[i % per_side].clone(), id).await?));
         }
+        (load.pairs, per_side)
+    } else if load.echo_shape == EchoShape::Relay {
+        (2 * load.pairs, 2 * per_side)
     } else {
-        workers.resize_with(load.pairs, || None);
-    }
-    let mut clients = Vec::with_capacity(load.pairs);
-    for i in 0..load.pairs {
+        (load.pairs, per_side)
+    };
+    workers.resize_with(streams, || None);
+    let client_channels = channels(&load.clients_at, client_connections).await?;
+    let mut clients = Vec::with_capacity(streams);
+    for i in 0..streams {
         let id = load.first_worker + 1_000_000_000 + i as i64;
-        clients.push(open_client(load, client_channels[i % per_side].clone(), id).await?);
+        clients.push(open_client(load, client_channels[i % client_connections].clone(), id).await?);
     }
     Ok((workers, clients))
+}
+
+/// Messages each stream (relay: each pair) keeps in flight: in the echo's relay shape, a pair's
+/// window is split between its two streams (at window 1, one of them idles).
+fn windows(load: &Load, streams: usize) -> Vec<usize> {
+    if !load.echo || load.echo_shape == EchoShape::Pairs {
+        return vec![load.window; streams];
+    }
+    (0..streams).map(|i| if i % 2 == 0 { load.window.div_ceil(2) } else { load.window / 2 }).collect()
 }
 
 /// Steady-state relay (or echo): every pair keeps `window` messages circulating.
@@ -251,10 +283,17 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
     }
     let window = Window::open(&load);
     let run = window.run.clone();
+    let windows = windows(&load, clients.len());
+    // With --rate, each sending stream (relay: pair) starts a round trip every `interval`.
+    let senders = windows.iter().filter(|w| **w > 0).count();
+    let per_round_trip = if load.echo { 1.0 } else { 2.0 };
+    let interval =
+        (load.rate > 0).then(|| Duration::from_secs_f64(per_round_trip * senders as f64 / load.rate as f64));
     let mut tasks = Vec::new();
-    for (index, (c, w)) in clients.into_iter().zip(workers).enumerate() {
+    for (index, ((c, w), window)) in clients.into_iter().zip(workers).zip(windows).enumerate() {
         let run = run.clone();
-        tasks.push(tokio::spawn(async move { relay_pair(&run, index, c, w).await }));
+        let pace = interval.map(|i| (i, i.mul_f64(index as f64 / senders as f64)));
+        tasks.push(tokio::spawn(async move { relay_pair(&run, c, w, window, pace).await }));
     }
     let mut stats = Stats::default();
     for task in tasks {
@@ -264,26 +303,31 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
     Ok(window.close(if load.echo { "echo" } else { "relay" }, stats).await)
 }
 
+/// One pair (or echo stream) keeping `window` messages in flight; with `pace` (interval,
+/// offset), one round trip per interval, starting after the offset so that paced load arrives
+/// evenly, not in bursts.
 async fn relay_pair(
     run: &Run,
-    index: usize,
     mut c: ClientSide,
     w: Option<WorkerSide>,
+    window: usize,
+    pace: Option<(Duration, Duration)>,
 ) -> anyhow::Result<Stats> {
+    if window == 0 {
+        // An idle stream of the echo's relay shape: open for the run, sending nothing.
+        tokio::time::sleep_until(run.deadline.into()).await;
+        return Ok(Stats::default());
+    }
     let size = run.load.size;
     let worker_id = w.as_ref().map_or(0, |w| w.id);
     let client_id = c.id;
     let mut seq = 0u64;
-    // With --rate, each pair starts a round trip (two relayed messages) every `interval`.
-    let interval = (run.load.rate > 0)
-        .then(|| Duration::from_secs_f64(2.0 * run.load.pairs as f64 / run.load.rate as f64));
-    // Pairs start spread over one interval, so that paced load arrives evenly, not in bursts.
-    let mut next_send = tokio::time::Instant::now()
-        + interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 / run.load.pairs as f64));
+    let interval = pace.map(|(interval, _)| interval);
+    let mut next_send = tokio::time::Instant::now() + pace.map_or(Duration::ZERO, |(_, offset)| offset);
     if interval.is_some() {
         tokio::time::sleep_until(next_send).await;
     }
-    for _ in 0..run.load.window {
+    for _ in 0..window {
         if !run.take_one() {
             break;
         }
@@ -304,8 +348,7 @@ async fn relay_pair(
                     if !run.going() {
                         continue;
                     }
-                    stats.hop(age_ns(&msg.message));
-                    run.delivered.fetch_add(1, Ordering::Relaxed);
+                    run.count(|| stats.hop(age_ns(&msg.message)));
                     let mut payload = BytesMut::from(&msg.message[..]);
                     payload[..8].copy_from_slice(&now_ns().to_be_bytes());
                     if w.tx
@@ -332,8 +375,7 @@ async fn relay_pair(
             };
             match msg.event() {
                 RtcEvent::IceCandidate | RtcEvent::LocalIceCandidate if run.going() => {
-                    stats.hop(age_ns(&msg.message));
-                    run.delivered.fetch_add(1, Ordering::Relaxed);
+                    run.count(|| stats.hop(age_ns(&msg.message)));
                 }
                 RtcEvent::IceCandidate | RtcEvent::LocalIceCandidate => continue,
                 RtcEvent::Error => stats.error(msg.error_code()),
@@ -400,26 +442,29 @@ async fn handshake_pair(
         let id = run.load.first_worker + 2_000_000_000 + (index as i64) * 1_000_000 + round;
         let mut c = open_client(&run.load, channel.clone(), id).await?;
         let took = negotiate(&mut c, &mut w).await?;
-        if let Some(h) = stats.handshake_ns.as_mut() {
-            h.saturating_record(took.as_nanos() as u64);
-        }
+        let mut hops = Vec::with_capacity(2 * run.load.candidates);
         for k in 0..run.load.candidates {
             c.tx.send(to_worker(w.id, RtcEvent::LocalIceCandidate, stamped(run.load.size, k as u64))).await?;
             w.tx.send(to_client(c.id, RtcEvent::LocalIceCandidate, stamped(run.load.size, k as u64))).await?;
         }
         for _ in 0..run.load.candidates {
             let to_w = next(&mut w.rx, "client candidate").await?;
-            stats.hop(age_ns(&to_w.message));
+            hops.push(age_ns(&to_w.message));
             let to_c = next(&mut c.rx, "worker candidate").await?;
-            stats.hop(age_ns(&to_c.message));
+            hops.push(age_ns(&to_c.message));
         }
         drop(c.tx);
         let gone = next(&mut w.rx, "PEER_GONE").await?;
         if gone.event() != RtcEvent::PeerGone {
             bail!("worker {}: expected PEER_GONE, got {gone:?}", w.id);
         }
-        stats.handshakes += 1;
-        run.delivered.fetch_add(1, Ordering::Relaxed);
+        run.count(|| {
+            stats.handshakes += 1;
+            if let Some(h) = stats.handshake_ns.as_mut() {
+                h.saturating_record(took.as_nanos() as u64);
+            }
+            hops.into_iter().for_each(|age| stats.hop(age));
+        });
     }
     Ok(stats)
 }
@@ -434,7 +479,8 @@ pub async fn idle(load: Load) -> anyhow::Result<()> {
     // Let the server settle (allocator caches, HTTP/2 windows) before measuring.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let connected = rss()?;
-    let cpu = CpuWindow::start(Some(pid), Instant::now() + load.duration);
+    let now = Instant::now();
+    let cpu = CpuWindow::start(Some(pid), now, now + load.duration);
     tokio::time::sleep(load.duration).await;
     let (cpu, machine) = cpu.seconds().await;
     let per_peer = (connected.saturating_sub(before)) as f64 / peers.max(1) as f64;

@@ -2,13 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use distributor::pb::ErrorCode;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::Load;
+use crate::{EchoShape, Load};
 
 /// Counts of one pair, merged into the run's.
 pub struct Stats {
@@ -101,6 +102,9 @@ pub struct Report {
     pub scenario: &'static str,
     pub pairs: usize,
     pub window: usize,
+    /// Echo runs: the streams the echo server saw (see `--echo-shape`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub echo_shape: Option<EchoShape>,
     pub size: usize,
     pub seconds: f64,
     /// Relayed (or echoed) messages delivered.
@@ -136,6 +140,7 @@ impl Report {
             scenario,
             pairs: load.pairs,
             window: load.window,
+            echo_shape: load.echo.then_some(load.echo_shape),
             size: load.size,
             seconds,
             messages: stats.hops,
@@ -158,21 +163,26 @@ impl Report {
 /// (by PID) and the whole machine's (`/proc/stat`, which includes this load generator).
 pub struct CpuWindow {
     pid: Option<u32>,
-    before: (Option<f64>, Option<f64>),
+    /// (server, machine) CPU seconds at the window's start, once it started.
+    before: Arc<OnceLock<(Option<f64>, Option<f64>)>>,
     at_deadline: tokio::task::JoinHandle<(Option<f64>, Option<f64>)>,
 }
 
 impl CpuWindow {
-    pub fn start(pid: Option<u32>, deadline: Instant) -> Self {
-        let before = (server_cpu(pid), machine_cpu());
+    /// Measures from `from` (now or later) to `deadline`, or to when it is read, if earlier.
+    pub fn start(pid: Option<u32>, from: Instant, deadline: Instant) -> Self {
+        let before = Arc::new(OnceLock::new());
+        let at_start = before.clone();
         let at_deadline = tokio::spawn(async move {
+            tokio::time::sleep_until(from.into()).await;
+            let _ = at_start.set((server_cpu(pid), machine_cpu()));
             tokio::time::sleep_until(deadline.into()).await;
             (server_cpu(pid), machine_cpu())
         });
         CpuWindow { pid, before, at_deadline }
     }
 
-    /// CPU seconds used in the window: (server, machine).
+    /// CPU seconds used in the window: (server, machine); none if it never started.
     pub async fn seconds(self) -> (Option<f64>, Option<f64>) {
         let after = if self.at_deadline.is_finished() {
             self.at_deadline.await.unwrap_or((None, None))
@@ -180,8 +190,9 @@ impl CpuWindow {
             self.at_deadline.abort();
             (server_cpu(self.pid), machine_cpu())
         };
+        let Some(&before) = self.before.get() else { return (None, None) };
         let delta = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
-        (delta(after.0, self.before.0), delta(after.1, self.before.1))
+        (delta(after.0, before.0), delta(after.1, before.1))
     }
 }
 
@@ -224,6 +235,9 @@ pub fn print(report: &Report, json: bool) -> anyhow::Result<()> {
     }
     println!("scenario            {}", report.scenario);
     println!("pairs / window      {} / {}   ({} B messages)", report.pairs, report.window, report.size);
+    if let Some(shape) = report.echo_shape {
+        println!("echo shape          {shape:?}");
+    }
     println!("measured            {:.2} s", report.seconds);
     if report.handshakes > 0 {
         println!("handshakes          {} ({:.0}/s)", report.handshakes, report.handshakes_per_sec);

@@ -73,10 +73,16 @@ eport=$(free_port); start echo "$bin/distributor-load" echo-server --listen "127
 for round in $(seq 1 "$rounds"); do
     for window in 32 1; do
         load "echo-w$window#$round" "$echo_pid" relay --echo --pairs "$pairs" --window "$window" --clients-at "http://127.0.0.1:$eport"
+        load "echoshape-w$window#$round" "$echo_pid" relay --echo --echo-shape relay --pairs "$pairs" --window "$window" --clients-at "http://127.0.0.1:$eport"
         load "relay-w$window#$round" "$relay_pid" relay --pairs "$pairs" --window "$window" --clients-at "http://127.0.0.1:$port" --first-worker $((1000000 * round + 100000 * window))
     done
 done
 load "handshake" "$relay_pid" handshake --pairs 100 --clients-at "http://127.0.0.1:$port" --first-worker 5000000
+# Latency at half of the maximum rate (the median of the window-1 runs), relay and echo alike.
+half() { python3 -c 'import json,statistics,sys; print(int(statistics.median(r["messages_per_sec"] for r in map(json.loads, open(sys.argv[1])) if r["name"].startswith(sys.argv[2] + "#")) / 2))' "$results" "$1"; }
+rate=$(half relay-w1)
+load "lat-echo" "$echo_pid" relay --echo --pairs "$pairs" --window 1 --rate "$rate" --clients-at "http://127.0.0.1:$eport"
+load "lat-relay" "$relay_pid" relay --pairs "$pairs" --window 1 --rate "$rate" --clients-at "http://127.0.0.1:$port" --first-worker 6000000
 
 echo "== end to end: two instances on the local 3-node NATS cluster"
 bash scripts/nats-cluster.sh up >/dev/null; nats_up=1
@@ -92,6 +98,8 @@ for round in $(seq 1 "$rounds"); do
     done
 done
 load "cross-handshake" "$a_pid" handshake --pairs 100 --clients-at "http://127.0.0.1:$pa" --workers-at "http://127.0.0.1:$pb" --first-worker 9000000
+rate=$(half cross-w1)
+load "lat-cross" "$a_pid" relay --pairs "$pairs" --window 1 --rate "$rate" --clients-at "http://127.0.0.1:$pa" --workers-at "http://127.0.0.1:$pb" --first-worker 10000000
 
 python3 - "$results" <<'PY'
 import json, statistics, sys
@@ -115,6 +123,7 @@ def cpu(rs):
 print()
 print(f'{"scenario":<26}{"msgs/s":>10}{"ceiling/s":>11}{"ratio":>7} {"(range)":>12}  {"p50/p99/max µs":>18}  {"CPU µs/msg":>11} {"ceiling":>8}  errors')
 for name, ceiling, label in [("relay-w32", "echo-w32", "single, window 32"), ("relay-w1", "echo-w1", "single, window 1"),
+                             ("relay-w32", "echoshape-w32", "  echo in relay's shape"), ("relay-w1", "echoshape-w1", "  echo in relay's shape"),
                              ("cross-w32", "nats-w32", "cross-instance, window 32"), ("cross-w1", "nats-w1", "cross-instance, window 1")]:
     rs, cs = runs.get(name, []), runs.get(ceiling, [])
     if not rs or not cs:
@@ -133,4 +142,10 @@ for name, label in [("handshake", "handshake, single"), ("cross-handshake", "han
         r = rs[0]
         print(f'{label:<26}{r["handshakes_per_sec"]:>10.0f}{"":>11}{"":>7} {"":>12}  {lat(r, "offer_to_answer"):>18}  {cpu(rs):>11} {"":>8}  {r["errors"] or "none"}')
 print(f"medians of {len(runs.get('relay-w32', []))} interleaved rounds; CPU µs/msg: the server's own, * = the whole machine's (load generator included)")
+print()
+print(f'{"latency at half the max rate":<30}{"msgs/s":>10}  {"p50":>8}{"p90":>8}{"p99":>8}{"p99.9":>8}{"max":>9}  (µs; window 1, {runs.get("lat-relay", [{}])[0].get("pairs", "?")} pairs)')
+for name, label in [("lat-echo", "echo (tonic)"), ("lat-relay", "single instance"), ("lat-cross", "cross-instance")]:
+    for r in runs.get(name, []):
+        l = r.get("latency") or {}
+        print(f'{label:<30}{r["messages_per_sec"]:>10.0f}  {l.get("p50_us", 0):>8.0f}{l.get("p90_us", 0):>8.0f}{l.get("p99_us", 0):>8.0f}{l.get("p999_us", 0):>8.0f}{l.get("max_us", 0):>9.0f}')
 PY

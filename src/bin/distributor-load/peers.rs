@@ -290,9 +290,12 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
     let interval =
         (load.rate > 0).then(|| Duration::from_secs_f64(per_round_trip * senders as f64 / load.rate as f64));
     let mut tasks = Vec::new();
-    for (index, ((c, w), window)) in clients.into_iter().zip(workers).zip(windows).enumerate() {
+    let mut sender = 0;
+    for ((c, w), window) in clients.into_iter().zip(workers).zip(windows) {
         let run = run.clone();
-        let pace = interval.map(|i| (i, i.mul_f64(index as f64 / senders as f64)));
+        // Senders start spread over one interval.
+        let pace = interval.map(|i| (i, i.mul_f64(sender as f64 / senders as f64)));
+        sender += usize::from(window > 0);
         tasks.push(tokio::spawn(async move { relay_pair(&run, c, w, window, pace).await }));
     }
     let mut stats = Stats::default();

@@ -20,12 +20,13 @@ use distributor::pb::RtcEvent;
 /// How long ICE, DTLS, SCTP and the first messages may take on loopback.
 pub const CONNECT: Duration = Duration::from_secs(10);
 
-/// One WebRTC peer: its `Rtc` and its socket.
+/// One WebRTC peer: its `Rtc`, its socket, and what it has seen so far.
 pub struct RtcPeer {
     rtc: Rtc,
     socket: UdpSocket,
     local: SocketAddr,
     buf: Vec<u8>,
+    seen: Seen,
 }
 
 /// What a peer saw while the test drove it.
@@ -40,7 +41,7 @@ impl RtcPeer {
     pub async fn new() -> Self {
         let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind a UDP socket on loopback");
         let local = socket.local_addr().unwrap();
-        RtcPeer { rtc: Rtc::new(Instant::now()), socket, local, buf: vec![0; 2000] }
+        RtcPeer { rtc: Rtc::new(Instant::now()), socket, local, buf: vec![0; 2000], seen: Seen::default() }
     }
 
     /// This peer's host candidate, added to its ICE agent, as the line to trickle.
@@ -48,7 +49,7 @@ impl RtcPeer {
         let candidate = Candidate::host(self.local, "udp").expect("a host candidate on loopback");
         let line = candidate.to_sdp_string();
         self.rtc.add_local_candidate(candidate).expect("candidate accepted");
-        self.drain(&mut Seen::default()).await;
+        self.drain().await;
         line
     }
 
@@ -56,7 +57,7 @@ impl RtcPeer {
         let line = std::str::from_utf8(line).expect("a candidate is text");
         let candidate = Candidate::from_sdp_string(line).expect("the candidate arrived intact");
         self.rtc.add_remote_candidate(candidate);
-        self.drain(&mut Seen::default()).await;
+        self.drain().await;
     }
 
     /// Client: an offer for one data channel (`label`).
@@ -64,7 +65,7 @@ impl RtcPeer {
         let mut change = self.rtc.sdp_api();
         change.add_channel(label.to_owned());
         let (offer, pending) = change.apply().expect("an offer with a data channel");
-        self.drain(&mut Seen::default()).await;
+        self.drain().await;
         (offer.to_sdp_string(), pending)
     }
 
@@ -72,7 +73,7 @@ impl RtcPeer {
     pub async fn answer(&mut self, offer: &[u8]) -> String {
         let offer = SdpOffer::from_sdp_string(std::str::from_utf8(offer).unwrap()).expect("the offer parses");
         let answer = self.rtc.sdp_api().accept_offer(offer).expect("the offer is acceptable");
-        self.drain(&mut Seen::default()).await;
+        self.drain().await;
         answer.to_sdp_string()
     }
 
@@ -81,18 +82,19 @@ impl RtcPeer {
         let answer =
             SdpAnswer::from_sdp_string(std::str::from_utf8(answer).unwrap()).expect("the answer parses");
         self.rtc.sdp_api().accept_answer(pending, answer).expect("the answer matches the offer");
-        self.drain(&mut Seen::default()).await;
+        self.drain().await;
     }
 
     /// Writes `data` on an open channel.
     pub async fn write(&mut self, channel: ChannelId, data: &[u8]) {
         let mut ch = self.rtc.channel(channel).expect("the channel is open");
         assert!(ch.write(true, data).expect("the channel takes data"), "the channel has room");
-        self.drain(&mut Seen::default()).await;
+        self.drain().await;
     }
 
     /// Polls output until str0m wants time to pass: sends what it transmits, records events.
-    async fn drain(&mut self, seen: &mut Seen) -> Instant {
+    async fn drain(&mut self) -> Instant {
+        let seen = &mut self.seen;
         loop {
             match self.rtc.poll_output().expect("str0m polls") {
                 Output::Timeout(at) => return at,
@@ -117,11 +119,7 @@ impl RtcPeer {
 }
 
 /// Runs both peers' networks until `done` holds or [`CONNECT`] passes.
-async fn run(
-    (c, c_seen): (&mut RtcPeer, &mut Seen),
-    (w, w_seen): (&mut RtcPeer, &mut Seen),
-    done: impl Fn(&Seen, &Seen) -> bool,
-) {
+async fn run(c: &mut RtcPeer, w: &mut RtcPeer, done: impl Fn(&Seen, &Seen) -> bool) {
     enum Next {
         Client(std::io::Result<(usize, SocketAddr)>),
         Worker(std::io::Result<(usize, SocketAddr)>),
@@ -129,13 +127,15 @@ async fn run(
     }
     let deadline = Instant::now() + CONNECT;
     loop {
-        let wake = c.drain(c_seen).await.min(w.drain(w_seen).await);
-        if done(c_seen, w_seen) {
+        let wake = c.drain().await.min(w.drain().await);
+        if done(&c.seen, &w.seen) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "not there within {CONNECT:?}: client {c_seen:?}, worker {w_seen:?}"
+            "not there within {CONNECT:?}: client {:?}, worker {:?}",
+            c.seen,
+            w.seen
         );
         let next = tokio::select! {
             r = c.socket.recv_from(&mut c.buf) => Next::Client(r),
@@ -199,16 +199,15 @@ pub async fn connect_and_talk(
     c.add_remote_candidate(&got.message).await;
 
     // From here the peers talk directly; the distributor is out of the path.
-    let (mut c_seen, mut w_seen) = (Seen::default(), Seen::default());
     let open = |s: &Seen| s.connected && s.opened.is_some();
-    run((&mut c, &mut c_seen), (&mut w, &mut w_seen), |c, w| open(c) && open(w)).await;
-    let (c_channel, label) = c_seen.opened.clone().expect("the client's channel opened");
-    let (w_channel, w_label) = w_seen.opened.clone().expect("the worker's channel opened");
+    run(&mut c, &mut w, |c, w| open(c) && open(w)).await;
+    let (c_channel, label) = c.seen.opened.clone().expect("the client's channel opened");
+    let (w_channel, w_label) = w.seen.opened.clone().expect("the worker's channel opened");
     assert_eq!((label.as_str(), w_label.as_str()), ("signal", "signal"));
 
     c.write(c_channel, b"hello from the client").await;
-    run((&mut c, &mut c_seen), (&mut w, &mut w_seen), |_, w| !w.data.is_empty()).await;
+    run(&mut c, &mut w, |_, w| !w.data.is_empty()).await;
     w.write(w_channel, b"hello from the worker").await;
-    run((&mut c, &mut c_seen), (&mut w, &mut w_seen), |c, _| !c.data.is_empty()).await;
-    (w_seen.data.remove(0), c_seen.data.remove(0))
+    run(&mut c, &mut w, |c, _| !c.data.is_empty()).await;
+    (w.seen.data.remove(0), c.seen.data.remove(0))
 }

@@ -155,11 +155,15 @@ async fn next<M>(stream: &mut Streaming<M>, what: &str) -> anyhow::Result<M> {
     }
 }
 
-struct WorkerSide {
+/// One peer's stream as the load generator holds it: its id, what it sends, what it gets.
+struct Side<M> {
     id: i64,
-    tx: mpsc::Sender<WorkerRtcMessage>,
-    rx: Streaming<WorkerRtcMessage>,
+    tx: mpsc::Sender<M>,
+    rx: Streaming<M>,
 }
+
+type WorkerSide = Side<WorkerRtcMessage>;
+type ClientSide = Side<ClientRtcMessage>;
 
 async fn open_worker(load: &Load, channel: Channel, id: i64) -> anyhow::Result<WorkerSide> {
     let (tx, rx) = mpsc::channel(load.window.max(16) * 2);
@@ -173,12 +177,6 @@ async fn open_worker(load: &Load, channel: Channel, id: i64) -> anyhow::Result<W
         bail!("worker {id}: expected the registration BLANK, got {ack:?}");
     }
     Ok(WorkerSide { id, tx, rx })
-}
-
-struct ClientSide {
-    id: i64,
-    tx: mpsc::Sender<ClientRtcMessage>,
-    rx: Streaming<ClientRtcMessage>,
 }
 
 async fn open_client(load: &Load, channel: Channel, id: i64) -> anyhow::Result<ClientSide> {

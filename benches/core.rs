@@ -103,11 +103,7 @@ fn router_with_sessions(pairs: i64, delivered: &Arc<AtomicU64>) -> (Router<Count
         let worker = sink(2 * i as u64 + 1, delivered);
         router.handle(Command::RegisterWorker { worker: i + 1, sink: worker }, || now);
         let client = sink(2 * i as u64 + 2, delivered);
-        let signal = Signal { event: RtcEvent::Offer, payload: Bytes::new(), reply: NoReply };
-        router.handle(
-            Command::FromClient { client: 1000 + i, sink: client.clone(), worker: i + 1, signal },
-            || now,
-        );
+        router.handle(from_client(&client, i, RtcEvent::Offer, &Bytes::new()), || now);
         clients.push(client);
     }
     (router, clients)
@@ -124,15 +120,7 @@ fn router(c: &mut Criterion) {
     group.bench_function("relay_candidate_1000_sessions", |b| {
         b.iter(|| {
             i = (i + 1) % clients.len();
-            let signal =
-                Signal { event: RtcEvent::LocalIceCandidate, payload: payload.clone(), reply: NoReply };
-            let command = Command::FromClient {
-                client: 1000 + i as i64,
-                sink: clients[i].clone(),
-                worker: i as i64 + 1,
-                signal,
-            };
-            router.handle(command, || now);
+            router.handle(from_client(&clients[i], i as i64, RtcEvent::LocalIceCandidate, &payload), || now);
         })
     });
     group.finish();
@@ -154,22 +142,21 @@ fn sessions(
     for i in 0..PAIRS {
         let w = sink(2 * i as u64 + 1, &delivered[counter(i)]);
         push(shards, shards.of_worker(i + 1), Command::RegisterWorker { worker: i + 1, sink: w });
-        let signal = Signal { event: RtcEvent::Offer, payload: Bytes::new(), reply: NoReply };
-        let offer = Command::FromClient {
-            client: 1000 + i,
-            sink: clients[i as usize].clone(),
-            worker: i + 1,
-            signal,
-        };
+        let offer = from_client(&clients[i as usize], i, RtcEvent::Offer, &Bytes::new());
         push(shards, shards.of_worker(i + 1), offer);
     }
     wait_for(delivered, 2 * PAIRS as u64);
     clients
 }
 
+/// Client `1000 + i`'s `event` to worker `i + 1`, the pairing every bench uses.
+fn from_client(client: &CountingSink, i: i64, event: RtcEvent, payload: &Bytes) -> Command<CountingSink> {
+    let signal = Signal { event, payload: payload.clone(), reply: NoReply };
+    Command::FromClient { client: 1000 + i, sink: client.clone(), worker: i + 1, signal }
+}
+
 fn relay_candidate(clients: &[CountingSink], i: i64, payload: &Bytes) -> Command<CountingSink> {
-    let signal = Signal { event: RtcEvent::LocalIceCandidate, payload: payload.clone(), reply: NoReply };
-    Command::FromClient { client: 1000 + i, sink: clients[i as usize].clone(), worker: i + 1, signal }
+    from_client(&clients[i as usize], i, RtcEvent::LocalIceCandidate, payload)
 }
 
 /// Moves candidates between local peers through the shards, for 1, 2 and 4 of them:

@@ -18,4 +18,10 @@ export NATS_SERVER
 "$NATS_SERVER" --version
 
 step "cargo test"
-cargo test --all-targets --locked
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --all-targets --locked 2>&1 | tee "$log" || status=$?
+# One closing line over every test binary (the last binary cargo runs may hold no test).
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "\ntests: %d passed, %d failed\n", passed, failed }' "$log"
+exit "$status"

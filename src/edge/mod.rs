@@ -185,13 +185,9 @@ impl<M> Reader<M> {
     /// The next message with room reserved in the peer's own queue for its answer.
     async fn message_with_reply(&mut self) -> Option<(M, Permit)> {
         let msg = self.message().await?;
-        if let Some(permit) = self.sink.try_reserve() {
-            return Some((msg, permit));
-        }
-        let permit = tokio::select! {
-            biased;
-            _ = self.sink.ended() => return None,
-            permit = self.sink.reserve() => permit?,
+        let permit = match self.sink.try_reserve() {
+            Some(permit) => permit,
+            None => self.sink.reserve().await?,
         };
         Some((msg, permit))
     }

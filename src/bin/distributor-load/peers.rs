@@ -1,5 +1,6 @@
 //! The peers: client/worker pairs that negotiate, then relay or handshake, timing every hop.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -294,7 +295,7 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
         // Senders start spread over one interval.
         let pace = interval.map(|i| (i, i.mul_f64(sender as f64 / senders as f64)));
         sender += usize::from(window > 0);
-        tasks.push(tokio::spawn(async move { relay_pair(&run, c, w, window, pace).await }));
+        tasks.push(tokio::spawn(relay_pair(run, c, w, window, pace)));
     }
     let mut stats = Stats::default();
     for task in tasks {
@@ -306,9 +307,10 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
 
 /// One pair (or echo stream) keeping `window` messages in flight; with `pace` (interval,
 /// offset), one round trip per interval, starting after the offset so that paced load arrives
-/// evenly, not in bursts.
+/// evenly, not in bursts. The worker side runs as a task of its own, so that a message for one
+/// side does not poll the other.
 async fn relay_pair(
-    run: &Run,
+    run: Arc<Run>,
     mut c: ClientSide,
     w: Option<WorkerSide>,
     window: usize,
@@ -335,74 +337,75 @@ async fn relay_pair(
         seq += 1;
         c.tx.send(to_worker(worker_id, RtcEvent::LocalIceCandidate, stamped(size, seq))).await?;
     }
-    // The worker sends every candidate straight back: one relayed message each way.
-    let worker_loop = async {
-        let mut stats = Stats::default();
-        let Some(mut w) = w else { return Ok::<_, anyhow::Error>(stats) };
-        loop {
-            let msg = match tokio::time::timeout_at((run.deadline + DRAIN).into(), w.rx.message()).await {
-                Ok(Ok(Some(msg))) => msg,
-                _ => break,
-            };
-            match msg.event() {
-                RtcEvent::IceCandidate => {
-                    if !run.going() {
-                        continue;
-                    }
-                    run.count(|| stats.hop(age_ns(&msg.message)));
-                    let mut payload = BytesMut::from(&msg.message[..]);
-                    payload[..8].copy_from_slice(&now_ns().to_be_bytes());
-                    if w.tx
-                        .send(to_client(client_id, RtcEvent::LocalIceCandidate, payload.freeze()))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                RtcEvent::Error => stats.error(msg.error_code()),
-                RtcEvent::PeerGone => break,
-                _ => {}
+    let worker = w.map(|w| tokio::spawn(echo_back(run.clone(), w, client_id)));
+    let mut stats = Stats::default();
+    let drained = tokio::time::sleep_until((run.deadline + DRAIN).into());
+    tokio::pin!(drained);
+    while let Some(msg) = next_until(&mut c.rx, drained.as_mut()).await {
+        match msg.event() {
+            RtcEvent::IceCandidate | RtcEvent::LocalIceCandidate if run.going() => {
+                run.count(|| stats.hop(age_ns(&msg.message)));
             }
+            RtcEvent::IceCandidate | RtcEvent::LocalIceCandidate => continue,
+            RtcEvent::Error => stats.error(msg.error_code()),
+            RtcEvent::PeerGone => break,
+            _ => continue,
         }
-        Ok(stats)
-    };
-    let client_loop = async {
-        let mut stats = Stats::default();
-        loop {
-            let msg = match tokio::time::timeout_at((run.deadline + DRAIN).into(), c.rx.message()).await {
-                Ok(Ok(Some(msg))) => msg,
-                _ => break,
-            };
-            match msg.event() {
-                RtcEvent::IceCandidate | RtcEvent::LocalIceCandidate if run.going() => {
-                    run.count(|| stats.hop(age_ns(&msg.message)));
-                }
-                RtcEvent::IceCandidate | RtcEvent::LocalIceCandidate => continue,
-                RtcEvent::Error => stats.error(msg.error_code()),
-                RtcEvent::PeerGone => break,
-                _ => continue,
-            }
-            // One came back (or was refused): send the next, to keep the window full.
-            if let Some(interval) = interval {
-                next_send += interval;
-                tokio::time::sleep_until(next_send).await;
-            }
-            if !run.take_one() {
-                continue;
-            }
-            seq += 1;
-            if c.tx.send(to_worker(worker_id, RtcEvent::LocalIceCandidate, stamped(size, seq))).await.is_err()
-            {
-                break;
-            }
+        // One came back (or was refused): send the next, to keep the window full.
+        if let Some(interval) = interval {
+            next_send += interval;
+            tokio::time::sleep_until(next_send).await;
         }
-        Ok::<_, anyhow::Error>(stats)
-    };
-    let (w_stats, c_stats) = tokio::join!(worker_loop, client_loop);
-    let mut stats = w_stats?;
-    stats.merge(c_stats?);
+        if !run.take_one() {
+            continue;
+        }
+        seq += 1;
+        if c.tx.send(to_worker(worker_id, RtcEvent::LocalIceCandidate, stamped(size, seq))).await.is_err() {
+            break;
+        }
+    }
+    if let Some(worker) = worker {
+        stats.merge(worker.await??);
+    }
     Ok(stats)
+}
+
+/// The worker of a pair: sends every candidate straight back, re-stamped, so that each way is
+/// one relayed message with its own latency.
+async fn echo_back(run: Arc<Run>, mut w: WorkerSide, client: i64) -> anyhow::Result<Stats> {
+    let mut stats = Stats::default();
+    let drained = tokio::time::sleep_until((run.deadline + DRAIN).into());
+    tokio::pin!(drained);
+    while let Some(msg) = next_until(&mut w.rx, drained.as_mut()).await {
+        match msg.event() {
+            RtcEvent::IceCandidate => {
+                if !run.going() {
+                    continue;
+                }
+                run.count(|| stats.hop(age_ns(&msg.message)));
+                let mut payload = BytesMut::from(&msg.message[..]);
+                payload[..8].copy_from_slice(&now_ns().to_be_bytes());
+                let back = to_client(client, RtcEvent::LocalIceCandidate, payload.freeze());
+                if w.tx.send(back).await.is_err() {
+                    break;
+                }
+            }
+            RtcEvent::Error => stats.error(msg.error_code()),
+            RtcEvent::PeerGone => break,
+            _ => {}
+        }
+    }
+    Ok(stats)
+}
+
+/// The next message, or `None` once the stream ends or fails, or `deadline` passes. One
+/// deadline serves a whole run, so no timer is registered per message.
+async fn next_until<M>(rx: &mut Streaming<M>, deadline: Pin<&mut tokio::time::Sleep>) -> Option<M> {
+    tokio::select! {
+        biased;
+        msg = rx.message() => msg.ok().flatten(),
+        _ = deadline => None,
+    }
 }
 
 /// Full negotiations, one after another on each pair, each on a new client stream.

@@ -161,12 +161,7 @@ impl Conn {
     /// task.
     pub async fn reserve(self: &Arc<Self>) -> Option<Permit> {
         std::future::poll_fn(|cx| {
-            if let Some(permit) = self.try_reserve() {
-                return Poll::Ready(Some(permit));
-            }
-            if self.is_ended() {
-                return Poll::Ready(None);
-            }
+            // Registered before looking, so a slot freed or an end in between wakes this task.
             self.reader.register(cx.waker());
             match self.try_reserve() {
                 Some(permit) => Poll::Ready(Some(permit)),

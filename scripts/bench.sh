@@ -124,7 +124,8 @@ print()
 print(f'{"scenario":<26}{"msgs/s":>10}{"ceiling/s":>11}{"ratio":>7} {"(range)":>12}  {"p50/p99/max µs":>18}  {"CPU µs/msg":>11} {"ceiling":>8}  errors')
 for name, ceiling, label in [("relay-w32", "echo-w32", "single, window 32"), ("relay-w1", "echo-w1", "single, window 1"),
                              ("relay-w32", "echoshape-w32", "  echo in relay's shape"), ("relay-w1", "echoshape-w1", "  echo in relay's shape"),
-                             ("cross-w32", "nats-w32", "cross-instance, window 32"), ("cross-w1", "nats-w1", "cross-instance, window 1")]:
+                             ("cross-w32", "nats-w32", "cross-instance, window 32"), ("cross-w1", "nats-w1", "cross-instance, window 1"),
+                             ("cross-w32", "echo-w32", "  vs the tonic echo"), ("cross-w1", "echo-w1", "  vs the tonic echo")]:
     rs, cs = runs.get(name, []), runs.get(ceiling, [])
     if not rs or not cs:
         continue

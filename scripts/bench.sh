@@ -6,6 +6,7 @@
 #   scripts/bench.sh --save NAME      ... and keep the criterion results as baseline NAME
 #   scripts/bench.sh --compare NAME   ... and compare criterion results with baseline NAME
 #   BENCH_DURATION=5s BENCH_PAIRS=1000 BENCH_ROUNDS=3 scripts/bench.sh --e2e-only
+#   BENCH_RATES="10000 30000" scripts/bench.sh --e2e-only   ... and latency at those held rates
 # Each end-to-end scenario runs BENCH_ROUNDS times, interleaved with its ceiling; the table shows
 # the median ratio of the rounds and their range.
 # Everything runs on 127.0.0.1 and is stopped by PID on exit.
@@ -15,6 +16,7 @@ cd "$root"
 duration="${BENCH_DURATION:-10s}"
 pairs="${BENCH_PAIRS:-1000}"
 rounds="${BENCH_ROUNDS:-3}"
+held_rates="${BENCH_RATES:-}"
 criterion_args=()
 run_criterion=1
 run_e2e=1
@@ -40,23 +42,12 @@ run="$root/.run/bench"
 mkdir -p "$run"
 results="$run/results.jsonl"
 : > "$results"
-pids=()
+source "$root/scripts/bench-lib.sh"
 cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    stop_started
     if [ -n "${nats_up:-}" ]; then bash scripts/nats-cluster.sh down >/dev/null; fi
 }
 trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
-started_pid=""
-start() { # log-name command...
-    local name="$1"; shift
-    "$@" >"$run/$name.log" 2>&1 &
-    started_pid=$!
-    pids+=("$started_pid")
-}
 
 # load NAME PID ARGS...: one run of distributor-load, its JSON report kept under NAME
 load() {
@@ -83,6 +74,13 @@ half() { python3 -c 'import json,statistics,sys; print(int(statistics.median(r["
 rate=$(half relay-w1)
 load "lat-echo" "$echo_pid" relay --echo --pairs "$pairs" --window 1 --rate "$rate" --clients-at "http://127.0.0.1:$eport"
 load "lat-relay" "$relay_pid" relay --pairs "$pairs" --window 1 --rate "$rate" --clients-at "http://127.0.0.1:$port" --first-worker 6000000
+# And at the fixed rates of BENCH_RATES, if any.
+held=0
+for rate in $held_rates; do
+    held=$((held + 1))
+    load "lat-echo@$rate" "$echo_pid" relay --echo --pairs "$pairs" --window 1 --rate "$rate" --clients-at "http://127.0.0.1:$eport"
+    load "lat-relay@$rate" "$relay_pid" relay --pairs "$pairs" --window 1 --rate "$rate" --clients-at "http://127.0.0.1:$port" --first-worker $((6000000 + 100000 * held))
+done
 
 echo "== end to end: two instances on the local 3-node NATS cluster"
 bash scripts/nats-cluster.sh up >/dev/null; nats_up=1
@@ -100,6 +98,11 @@ done
 load "cross-handshake" "$a_pid" handshake --pairs 100 --clients-at "http://127.0.0.1:$pa" --workers-at "http://127.0.0.1:$pb" --first-worker 9000000
 rate=$(half cross-w1)
 load "lat-cross" "$a_pid" relay --pairs "$pairs" --window 1 --rate "$rate" --clients-at "http://127.0.0.1:$pa" --workers-at "http://127.0.0.1:$pb" --first-worker 10000000
+held=0
+for rate in $held_rates; do
+    held=$((held + 1))
+    load "lat-cross@$rate" "$a_pid" relay --pairs "$pairs" --window 1 --rate "$rate" --clients-at "http://127.0.0.1:$pa" --workers-at "http://127.0.0.1:$pb" --first-worker $((10000000 + 100000 * held))
+done
 
 python3 - "$results" <<'PY'
 import json, statistics, sys
@@ -144,8 +147,14 @@ for name, label in [("handshake", "handshake, single"), ("cross-handshake", "han
         print(f'{label:<26}{r["handshakes_per_sec"]:>10.0f}{"":>11}{"":>7} {"":>12}  {lat(r, "offer_to_answer"):>18}  {cpu(rs):>11} {"":>8}  {r["errors"] or "none"}')
 print(f"medians of {len(runs.get('relay-w32', []))} interleaved rounds; CPU µs/msg: the server's own, * = the whole machine's (load generator included)")
 print()
-print(f'{"latency at half the max rate":<30}{"msgs/s":>10}  {"p50":>8}{"p90":>8}{"p99":>8}{"p99.9":>8}{"max":>9}  (µs; window 1, {runs.get("lat-relay", [{}])[0].get("pairs", "?")} pairs)')
-for name, label in [("lat-echo", "echo (tonic)"), ("lat-relay", "single instance"), ("lat-cross", "cross-instance")]:
+print(f'{"latency at held rates":<30}{"msgs/s":>10}  {"p50":>8}{"p90":>8}{"p99":>8}{"p99.9":>8}{"max":>9}  (µs; window 1, {runs.get("lat-relay", [{}])[0].get("pairs", "?")} pairs)')
+labels = {"lat-echo": "echo (tonic)", "lat-relay": "single instance", "lat-cross": "cross-instance"}
+def held_order(name):  # half the max rate first, then each fixed rate: echo, single, cross
+    kind, _, rate = name.partition("@")
+    return (int(rate or 0), list(labels).index(kind))
+for name in sorted((n for n in runs if n.partition("@")[0] in labels), key=held_order):
+    kind, _, rate = name.partition("@")
+    label = labels[kind] + (f" at {rate}" if rate else ", half max")
     for r in runs.get(name, []):
         l = r.get("latency") or {}
         print(f'{label:<30}{r["messages_per_sec"]:>10.0f}  {l.get("p50_us", 0):>8.0f}{l.get("p90_us", 0):>8.0f}{l.get("p99_us", 0):>8.0f}{l.get("p999_us", 0):>8.0f}{l.get("max_us", 0):>9.0f}')

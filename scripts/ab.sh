@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# End-to-end A/B of two distributor builds: both servers and the tonic echo run side by side, and
+# the same loads go to each in interleaved rounds, so that a change is measured against its
+# baseline in one run (these machines are shared and noisy: compare within a run).
+#   cp target/release/distributor /tmp/distributor-base    # before the change
+#   cargo build --release                                   # after it
+#   scripts/ab.sh /tmp/distributor-base target/release/distributor
+#   AB_ROUNDS=5 AB_DURATION=3s AB_PAIRS=1000 AB_LOADS="--window 32;--window 1 --rate 20000" scripts/ab.sh A B
+# Prints one line per run, then per load the median msgs/s, server CPU µs/msg and p99 of each.
+# Everything runs on 127.0.0.1 and is stopped by PID on exit.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+[ $# -eq 2 ] || { echo "usage: $0 BASE_BINARY NEW_BINARY" >&2; exit 2; }
+base="$(realpath "$1")"; new="$(realpath "$2")"
+rounds="${AB_ROUNDS:-3}"
+duration="${AB_DURATION:-3s}"
+pairs="${AB_PAIRS:-1000}"
+IFS=';' read -r -a loads <<< "${AB_LOADS:---window 32;--window 1}"
+cd "$root"
+cargo build --release --quiet --bin distributor-load
+run="$root/.run/ab"
+mkdir -p "$run"
+results="$run/results.jsonl"
+: > "$results"
+source "$root/scripts/bench-lib.sh"
+trap stop_started EXIT
+
+declare -A port pid
+for who in base new echo; do
+    port[$who]=$(free_port)
+    case $who in
+        base) start base "$base" --listen "127.0.0.1:${port[$who]}" ;;
+        new) start new "$new" --listen "127.0.0.1:${port[$who]}" ;;
+        echo) start echo target/release/distributor-load echo-server --listen "127.0.0.1:${port[$who]}" ;;
+    esac
+    pid[$who]=$started_pid
+    wait_port "${port[$who]}"
+done
+
+show_last() { # the run just made, one line
+    python3 - "$results" <<'PY'
+import json, sys
+r = json.loads(open(sys.argv[1]).readlines()[-1])
+cpu, p99, errors = r["server_cpu_us_per_message"] or 0, r["latency"]["p99_us"], r["errors"] or "none"
+print(f'round {r["round"]} [{r["load"]}] {r["who"]:<5} {r["messages_per_sec"]:>11,.0f} msgs/s {cpu:6.2f} µs/msg  p99 {p99:>8.0f} µs  errors {errors}')
+PY
+}
+
+first=1
+for round in $(seq 1 "$rounds"); do
+    for spec in "${loads[@]}"; do
+        for who in echo base new; do
+            first=$((first + 100000))
+            echo_flag=(); [ "$who" = echo ] && echo_flag=(--echo)
+            # shellcheck disable=SC2086 # a load's flags split on spaces
+            target/release/distributor-load relay "${echo_flag[@]}" --pairs "$pairs" $spec \
+                --clients-at "http://127.0.0.1:${port[$who]}" --first-worker "$first" \
+                --duration "$duration" --server-pid "${pid[$who]}" --json \
+                | python3 -c 'import json,sys; r=json.load(sys.stdin); r["who"], r["load"], r["round"] = sys.argv[1:]; print(json.dumps(r))' \
+                    "$who" "$spec" "$round" >> "$results"
+            show_last
+        done
+    done
+done
+
+python3 - "$results" <<'PY'
+import json, statistics, sys
+runs = {}
+for r in map(json.loads, open(sys.argv[1])):
+    runs.setdefault((r["load"], r["who"]), []).append(r)
+med = lambda rs, f: statistics.median(f(r) for r in rs)
+print(f'\n{"load":<28}{"":<6}{"msgs/s":>11}{"µs/msg":>9}{"p99 µs":>9}   medians of the rounds; new/base')
+for load in dict.fromkeys(l for l, _ in runs):
+    for who in ("echo", "base", "new"):
+        rs = runs.get((load, who), [])
+        if rs:
+            print(f'{load:<28}{who:<6}{med(rs, lambda r: r["messages_per_sec"]):>11,.0f}{med(rs, lambda r: r["server_cpu_us_per_message"] or 0):>9.2f}{med(rs, lambda r: r["latency"]["p99_us"]):>9.0f}')
+    b, n = runs.get((load, "base"), []), runs.get((load, "new"), [])
+    if b and n:
+        cpu = [x["server_cpu_us_per_message"] / y["server_cpu_us_per_message"] for x, y in zip(n, b) if x["server_cpu_us_per_message"] and y["server_cpu_us_per_message"]]
+        rate = [x["messages_per_sec"] / y["messages_per_sec"] for x, y in zip(n, b)]
+        print(f'{"":<28}new/base: msgs/s {statistics.median(rate):.3f} ({min(rate):.3f}-{max(rate):.3f}), server CPU/msg '
+              + (f'{statistics.median(cpu):.3f} ({min(cpu):.3f}-{max(cpu):.3f})' if cpu else '-'))
+PY

@@ -1,0 +1,19 @@
+# Shared by bench.sh and ab.sh (sourced, not run): servers on free loopback ports, started in the
+# background with their logs in "$run", and stopped by their PIDs.
+pids=()
+started_pid=""
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+
+start() { # log-name command...
+    local name="$1"; shift
+    "$@" >"$run/$name.log" 2>&1 &
+    started_pid=$!
+    pids+=("$started_pid")
+}
+
+stop_started() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}

@@ -38,10 +38,14 @@ const TICK: Duration = Duration::from_millis(20);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// An instance not heard from for this long is dead.
 pub const DEAD_AFTER: Duration = Duration::from_secs(3);
-/// A locate request with no responder is retried this often, for workers that registered a
-/// moment ago on an instance whose subscription is still reaching the other NATS servers.
-const LOCATE_ATTEMPTS: u32 = 5;
+/// A locate request with no responder is retried, first after [`LOCATE_RETRY`], then twice as
+/// long each time up to [`LOCATE_RETRY_MAX`], until [`LOCATE_WITHIN`] has passed: a worker that
+/// registered a moment ago may have a subscription still reaching the other NATS servers, which
+/// under load took over 250 ms on a 2-core machine. The worker's claim, which every instance
+/// receives, ends the wait at once (see `Bridge::claim`).
 const LOCATE_RETRY: Duration = Duration::from_millis(50);
+const LOCATE_RETRY_MAX: Duration = Duration::from_millis(400);
+const LOCATE_WITHIN: Duration = Duration::from_secs(2);
 const LOCATE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Commands parked for full shard queues before the inbox is no longer read.
 const PARKED_LIMIT: usize = 65_536;
@@ -640,6 +644,10 @@ impl Bridge {
             if let Some(location) = self.locations.get_mut(&claim.id) {
                 *location = conn.instance;
             }
+            // A locate still waiting for this worker's subscription to propagate has its answer.
+            if self.pending.contains_key(&claim.id) {
+                self.located(claim.id, Ok(conn.instance));
+            }
             (Role::Worker, self.shards.of_worker(claim.id))
         } else {
             (Role::Client, self.shards.of_client(claim.id))
@@ -677,7 +685,9 @@ impl Bridge {
 
 /// Finds the instance a worker is registered on.
 async fn locate(nats: &async_nats::Client, subject: String) -> Result<InstanceId, Lookup> {
-    for _ in 0..LOCATE_ATTEMPTS {
+    let give_up = Instant::now() + LOCATE_WITHIN;
+    let mut retry = LOCATE_RETRY;
+    loop {
         match tokio::time::timeout(LOCATE_TIMEOUT, nats.request(subject.clone(), Bytes::new())).await {
             Ok(Ok(reply)) => {
                 return wire::Located::decode(reply.payload)
@@ -685,12 +695,15 @@ async fn locate(nats: &async_nats::Client, subject: String) -> Result<InstanceId
                     .map_err(|_| Lookup::Unavailable);
             }
             Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                tokio::time::sleep(LOCATE_RETRY).await;
+                if Instant::now() + retry > give_up {
+                    return Err(Lookup::NotFound);
+                }
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(LOCATE_RETRY_MAX);
             }
             _ => return Err(Lookup::Unavailable),
         }
     }
-    Err(Lookup::NotFound)
 }
 
 /// Answers requests locating a worker registered here, until aborted.

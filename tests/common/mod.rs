@@ -251,7 +251,14 @@ pub fn assert_worker_error(msg: &WorkerRtcMessage, code: ErrorCode, client: i64)
 /// Runs offer/answer/accept between `client` (id `c`) and `worker` (id `w`).
 pub async fn negotiate(client: &mut ClientStream, c: i64, worker: &mut WorkerStream, w: i64) {
     client.send(to_worker(w, RtcEvent::Offer, b"offer-sdp")).await;
-    let offer = worker.recv().await;
+    let offer = match tokio::time::timeout(WAIT, worker.rx.message()).await {
+        Ok(Ok(Some(msg))) => msg,
+        other => {
+            // What the client got instead names the reason (a refusal says why).
+            let instead = tokio::time::timeout(Duration::from_millis(100), client.rx.message()).await;
+            panic!("worker {w} got no OFFER ({other:?}); the client got {instead:?}");
+        }
+    };
     assert_eq!((offer.event(), offer.client_id, offer.worker_machine_id), (RtcEvent::Offer, c, w));
     assert_eq!(&offer.message[..], b"offer-sdp");
     worker.send(to_client(c, RtcEvent::Answer, b"answer-sdp")).await;

@@ -34,6 +34,7 @@ impl Reply for NoReply {
 
 impl PeerSink for CountingSink {
     type Reply = NoReply;
+    type Departure = ();
     fn conn(&self) -> ConnId {
         self.conn
     }

@@ -68,12 +68,7 @@ async fn main() -> anyhow::Result<()> {
     let w_id = args.worker_id;
 
     let (w_tx, rx) = mpsc::channel(64);
-    w_tx.send(WorkerRtcMessage {
-        worker_machine_id: w_id,
-        event: RtcEvent::Blank as i32,
-        ..Default::default()
-    })
-    .await?;
+    w_tx.send(WorkerRtcMessage::register(w_id)).await?;
     let mut worker = WorkerServiceClient::connect(args.worker_at.clone())
         .await
         .with_context(|| format!("connecting to {}", args.worker_at))?;
@@ -90,18 +85,8 @@ async fn main() -> anyhow::Result<()> {
     show_c(start, &welcome);
     let c_id = welcome.client_id;
 
-    let to_worker = |event: RtcEvent, text: &str| ClientRtcMessage {
-        worker_machine_id: w_id,
-        event: event as i32,
-        message: text.to_owned().into_bytes().into(),
-        ..Default::default()
-    };
-    let to_client = |event: RtcEvent, text: &str| WorkerRtcMessage {
-        client_id: c_id,
-        event: event as i32,
-        message: text.to_owned().into_bytes().into(),
-        ..Default::default()
-    };
+    let to_worker = |event: RtcEvent, text: &str| ClientRtcMessage::to_worker(w_id, event, text.to_owned());
+    let to_client = |event: RtcEvent, text: &str| WorkerRtcMessage::to_client(c_id, event, text.to_owned());
 
     c_tx.send(to_worker(RtcEvent::Offer, "v=0 (offer)")).await?;
     show_w(start, &next(&mut w_rx, "worker").await?);

@@ -17,7 +17,7 @@ duration="${AB_DURATION:-3s}"
 pairs="${AB_PAIRS:-1000}"
 IFS=';' read -r -a loads <<< "${AB_LOADS:---window 32;--window 1}"
 cd "$root"
-cargo build --release --quiet --bin distributor-load
+cargo build --release --quiet --features load --bin distributor-load
 run="$root/.run/ab"
 mkdir -p "$run"
 results="$run/results.jsonl"

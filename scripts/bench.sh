@@ -36,7 +36,7 @@ if [ "$run_criterion" = 1 ]; then
 fi
 [ "$run_e2e" = 1 ] || exit 0
 
-cargo build --release --quiet --bin distributor --bin distributor-load
+cargo build --release --quiet --features load --bin distributor --bin distributor-load
 bin="$root/target/release"
 run="$root/.run/bench"
 mkdir -p "$run"

@@ -10,7 +10,7 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --all-features --locked -- -D warnings
 
 step "nats-server (for the cluster tests)"
 NATS_SERVER="$(bash scripts/nats-server.sh)"
@@ -21,7 +21,7 @@ step "cargo test"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --all-targets --locked 2>&1 | tee "$log" || status=$?
+cargo test --all-targets --all-features --locked 2>&1 | tee "$log" || status=$?
 # One closing line over every test binary (the last binary cargo runs may hold no test).
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "\ntests: %d passed, %d failed\n", passed, failed }' "$log"
 exit "$status"

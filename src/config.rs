@@ -11,6 +11,23 @@ use crate::core::{PeerId, Role};
 /// The largest gRPC frame a peer may send; a bigger one ends its stream with `RESOURCE_EXHAUSTED`.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 
+/// The defaults of `distributor serve`, written once: the flags and [`Config::default`] use them.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// The gRPC port when neither `--listen` nor `PORT` is given.
+    pub const PORT: u16 = 50051;
+    /// Inline routing: measured faster than shard threads on the 2-core machines we run on,
+    /// where a thread wake-up per message costs more than the routing (BENCHMARKS.md).
+    pub const SHARDS: usize = 0;
+    pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+    pub const PEER_QUEUE: usize = 1024;
+    pub const SHARD_QUEUE: usize = 65_536;
+    pub const KEEPALIVE: Duration = Duration::from_secs(20);
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const NATS_PREFIX: &str = "distributor";
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "distributor", version, about = "WebRTC signaling relay over gRPC")]
 #[command(args_conflicts_with_subcommands = true)]
@@ -41,25 +58,25 @@ pub struct ServeArgs {
     /// Address to serve gRPC on [default: 0.0.0.0:$PORT if PORT is set, else 0.0.0.0:50051].
     #[arg(long, env = "DISTRIBUTOR_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Routing shard threads; 0 routes inline on the gRPC tasks instead [default: 0].
-    #[arg(long, env = "DISTRIBUTOR_SHARDS")]
-    pub shards: Option<usize>,
+    /// Routing shard threads; 0 routes inline on the gRPC tasks instead.
+    #[arg(long, env = "DISTRIBUTOR_SHARDS", default_value_t = defaults::SHARDS)]
+    pub shards: usize,
     /// Largest `message` payload relayed; larger ones get ERROR{PAYLOAD_TOO_LARGE}.
-    #[arg(long, env = "DISTRIBUTOR_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "DISTRIBUTOR_MAX_MESSAGE_BYTES", default_value_t = defaults::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
     /// Messages queued per peer before deliveries to it are refused with PEER_OVERLOADED.
-    #[arg(long, env = "DISTRIBUTOR_PEER_QUEUE", default_value_t = 1024)]
+    #[arg(long, env = "DISTRIBUTOR_PEER_QUEUE", default_value_t = defaults::PEER_QUEUE)]
     pub peer_queue: usize,
     /// Commands queued per shard before senders wait.
-    #[arg(long, env = "DISTRIBUTOR_SHARD_QUEUE", default_value_t = 65_536)]
+    #[arg(long, env = "DISTRIBUTOR_SHARD_QUEUE", default_value_t = defaults::SHARD_QUEUE)]
     pub shard_queue: usize,
     /// HTTP/2 keepalive ping interval; a peer that does not answer within the same time again
     /// is considered gone.
-    #[arg(long, env = "DISTRIBUTOR_KEEPALIVE", default_value = "20s", value_parser = humantime::parse_duration)]
-    pub keepalive: Duration,
+    #[arg(long, env = "DISTRIBUTOR_KEEPALIVE", default_value_t = defaults::KEEPALIVE.into())]
+    pub keepalive: humantime::Duration,
     /// Time allowed for streams to end after SIGTERM/SIGINT before the process exits anyway.
-    #[arg(long, env = "DISTRIBUTOR_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
+    #[arg(long, env = "DISTRIBUTOR_DRAIN_TIMEOUT", default_value_t = defaults::DRAIN_TIMEOUT.into())]
+    pub drain_timeout: humantime::Duration,
     /// HS256 secret; when set every stream needs `authorization: Bearer <jwt>`.
     #[arg(long, env = "DISTRIBUTOR_AUTH_SECRET", hide_env_values = true)]
     pub auth_secret: Option<String>,
@@ -80,7 +97,7 @@ pub struct NatsArgs {
     #[arg(long, env = "DISTRIBUTOR_NATS_URL")]
     pub nats_url: Option<String>,
     /// Subject prefix, so that several deployments can share one NATS cluster.
-    #[arg(long, env = "DISTRIBUTOR_NATS_PREFIX", default_value = "distributor")]
+    #[arg(long, env = "DISTRIBUTOR_NATS_PREFIX", default_value = defaults::NATS_PREFIX)]
     pub nats_prefix: String,
     /// NATS user (with --nats-password).
     #[arg(long, env = "DISTRIBUTOR_NATS_USER")]
@@ -188,12 +205,12 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            shards: default_shards(),
-            max_message_bytes: 64 * 1024,
-            peer_queue: 1024,
-            shard_queue: 65_536,
-            keepalive: Duration::from_secs(20),
-            drain_timeout: Duration::from_secs(10),
+            shards: defaults::SHARDS,
+            max_message_bytes: defaults::MAX_MESSAGE_BYTES,
+            peer_queue: defaults::PEER_QUEUE,
+            shard_queue: defaults::SHARD_QUEUE,
+            keepalive: defaults::KEEPALIVE,
+            drain_timeout: defaults::DRAIN_TIMEOUT,
             auth_secret: None,
             metrics_listen: None,
             nats: None,
@@ -218,7 +235,7 @@ pub enum ConfigError {
 }
 
 impl ServeArgs {
-    /// Resolves defaults (`PORT`, core count) and checks the flags.
+    /// Resolves the listen address (`PORT`) and checks the flags.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let listen = match (self.listen, std::env::var("PORT")) {
             (Some(listen), _) => listen,
@@ -226,16 +243,16 @@ impl ServeArgs {
                 let port: u16 = port.parse().map_err(|_| ConfigError::Port(port))?;
                 SocketAddr::from(([0, 0, 0, 0], port))
             }
-            (None, Err(_)) => SocketAddr::from(([0, 0, 0, 0], 50051)),
+            (None, Err(_)) => SocketAddr::from(([0, 0, 0, 0], defaults::PORT)),
         };
         let config = Config {
             listen,
-            shards: self.shards.unwrap_or_else(default_shards),
+            shards: self.shards,
             max_message_bytes: self.max_message_bytes,
             peer_queue: self.peer_queue,
             shard_queue: self.shard_queue,
-            keepalive: self.keepalive,
-            drain_timeout: self.drain_timeout,
+            keepalive: self.keepalive.into(),
+            drain_timeout: self.drain_timeout.into(),
             auth_secret: self.auth_secret,
             metrics_listen: self.metrics_listen,
             nats: self.nats.into_config()?,
@@ -262,12 +279,6 @@ impl Config {
     }
 }
 
-/// Inline routing: measured faster than shard threads on the 2-core machines we run on, where
-/// a thread wake-up per message costs more than the routing (BENCHMARKS.md).
-fn default_shards() -> usize {
-    0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,10 +287,10 @@ mod tests {
     fn serve_is_the_default_command() {
         let cli = Cli::try_parse_from(["distributor", "--shards", "3"]).unwrap();
         assert!(cli.command.is_none());
-        assert_eq!(cli.serve.shards, Some(3));
+        assert_eq!(cli.serve.shards, 3);
         let cli = Cli::try_parse_from(["distributor", "serve", "--shards", "2"]).unwrap();
         let Some(Command::Serve(args)) = cli.command else { panic!("not serve") };
-        assert_eq!(args.shards, Some(2));
+        assert_eq!(args.shards, 2);
     }
 
     #[test]
@@ -303,6 +314,23 @@ mod tests {
             Cli::try_parse_from(["distributor", "token", "--role", "admin", "--id", "1", "--secret", "s"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_flags_defaults_are_config_defaults() {
+        let args = Cli::try_parse_from(["distributor"]).unwrap().serve;
+        // Environment fallbacks would change what parsing gives; this test's process sets none.
+        if std::env::vars().any(|(k, _)| k.starts_with("DISTRIBUTOR_") || k == "PORT") {
+            return;
+        }
+        let parsed = args.into_config().unwrap();
+        let default = Config::default();
+        assert_eq!(
+            (parsed.shards, parsed.max_message_bytes, parsed.peer_queue, parsed.shard_queue),
+            (default.shards, default.max_message_bytes, default.peer_queue, default.shard_queue)
+        );
+        assert_eq!((parsed.keepalive, parsed.drain_timeout), (default.keepalive, default.drain_timeout));
+        assert_eq!(parsed.listen.port(), defaults::PORT);
     }
 
     #[test]

@@ -1,15 +1,18 @@
 //! distributor: a WebRTC signaling relay. Clients and workers hold bidirectional gRPC streams;
 //! the distributor relays their SDP offer/answer and ICE candidates and checks the negotiation.
 //!
-//! Module map, from the wire inwards:
-//! - [`server`]: the one entry point, [`server::run`]: gRPC server, health, reflection, drain.
-//! - [`edge`]: the gRPC services; one task per stream decodes and hands messages to a shard,
-//!   tonic writes each stream's bounded outbound queue.
-//! - [`shards`]: N routing threads joined to the edge by crossbeam channels.
-//! - [`core`]: the sans-IO routing state each shard owns, and the session state machine.
-//! - [`cluster`]: NATS between instances: the bridge task, reliable links, worker lookup.
-//! - [`auth`]: bearer JWTs. [`config`]: flags. [`metrics`]: Prometheus names and exporter.
-//!   [`shutdown`]: SIGINT/SIGTERM. [`codec`]: the gRPC codec (small per-stream buffers).
+//! Module map, in layers: each module imports only from the layers above it.
+//! 1. [`pb`]: the wire messages. [`core`]: the sans-IO routing state each shard owns, and the
+//!    session state machine. [`metrics`]: Prometheus names and exporter.
+//! 2. [`peer`]: peers as the core sees them: a local stream's bounded queue, a client on
+//!    another instance, and the queue towards the cluster. [`shards`]: where routers run
+//!    (threads joined by crossbeam channels, or inline).
+//! 3. [`cluster`]: NATS between instances: reliable links, the worker directory, the sans-IO
+//!    bridge and its NATS driver.
+//! 4. [`edge`]: the gRPC services; one task per stream decodes and hands messages to a shard.
+//!    [`auth`]: bearer JWTs. [`codec`]: the gRPC codec (small per-stream buffers).
+//! 5. [`server`]: the one entry point, [`server::run`]: gRPC server, health, reflection, drain.
+//!    [`config`]: flags. [`shutdown`]: SIGINT/SIGTERM.
 
 pub mod auth;
 pub mod cluster;
@@ -18,16 +21,8 @@ pub mod config;
 pub mod core;
 pub mod edge;
 pub mod metrics;
+pub mod pb;
+pub mod peer;
 pub mod server;
 pub mod shards;
 pub mod shutdown;
-
-/// Generated from `proto/distributor/v1/signaling.proto`.
-pub mod pb {
-    #![allow(clippy::all)]
-    tonic::include_proto!("distributor.v1");
-
-    /// The encoded descriptor set, served by gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/distributor_descriptor.bin"));
-}

@@ -51,6 +51,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
-        distributor::server::run(listener, config, distributor::shutdown::signal()).await
+        distributor::server::run(listener, config, distributor::shutdown::signal()).await?;
+        Ok(())
     })
 }

@@ -1,12 +1,13 @@
 //! Prometheus metrics: their names, their help texts, and the `/metrics` listener.
 //!
 //! Recording goes through the `metrics` facade; handles are looked up once by their owners
-//! (see the router), so the per-message cost is an atomic add. Without `--metrics-listen` no
+//! (the router, `peer::written`, the cluster links), so the per-message cost is an atomic add. Without `--metrics-listen` no
 //! recorder is installed and every handle is a no-op.
 
 use std::net::SocketAddr;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+pub use metrics_exporter_prometheus::BuildError;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 pub const CONNECTED_PEERS: &str = "distributor_connected_peers";
@@ -29,8 +30,9 @@ const OFFER_TO_ANSWER_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// Serves Prometheus text on `http://addr/metrics` (any path answers) from a background task.
-/// Must be called inside a tokio runtime.
-pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
+/// Must be called inside a tokio runtime, before serving: metric handles are looked up once,
+/// and a handle looked up before the recorder is installed counts nothing.
+pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Full(OFFER_TO_ANSWER.into()), OFFER_TO_ANSWER_BUCKETS)?

@@ -9,13 +9,30 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::auth::Authenticator;
-use crate::cluster::{self, Cluster, ToBridge};
-use crate::config::{Config, MAX_FRAME_BYTES};
-use crate::edge::conn::ConnClock;
+use crate::cluster::{self, Cluster, ClusterError, Queue};
+use crate::config::{Config, ConfigError, MAX_FRAME_BYTES};
 use crate::edge::{ClientEdge, Edge, WorkerEdge};
 use crate::pb::client_service_server::ClientServiceServer;
 use crate::pb::worker_service_server::WorkerServiceServer;
+use crate::peer::ConnClock;
 use crate::shards::Shards;
+
+/// Why the distributor could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("starting the routing shards: {0}")]
+    Shards(#[source] std::io::Error),
+    #[error("the listener: {0}")]
+    Listener(#[source] std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
 
 /// Serves gRPC on `listener` until `shutdown` resolves, then ends every stream (queued messages
 /// are written first, then `UNAVAILABLE`) and returns once they are closed, or after
@@ -24,7 +41,7 @@ pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), ServerError> {
     config.check()?;
     if config.auth_secret.is_none() {
         tracing::warn!("no --auth-secret: running open, any peer may claim any id (development only)");
@@ -35,21 +52,21 @@ pub async fn run(
     health.set_serving::<WorkerServiceServer<WorkerEdge>>().await;
 
     let (shards, cluster) = match &config.nats {
-        None => (Arc::new(Shards::start(config.shards, config.shard_queue, || None)?), None),
+        None => {
+            let shards =
+                Shards::start(config.shards, config.shard_queue, || None).map_err(ServerError::Shards)?;
+            (Arc::new(shards), None)
+        }
         Some(nats) => {
             health.set_service_status(cluster::HEALTH_SERVICE, tonic_health::ServingStatus::NotServing).await;
             let client = Cluster::connect(nats, instance, health.clone()).await?;
-            let (bridge, commands) = Cluster::channel();
-            let shards = Arc::new(Shards::start(config.shards, config.shard_queue, || {
-                Some(Cluster::elsewhere(&bridge, instance))
-            })?);
-            let cluster = Arc::new(Cluster::new(instance, client, &nats.prefix, bridge));
-            let task = {
-                let (cluster, shards) = (cluster.clone(), shards.clone());
-                tokio::spawn(async move { cluster.run_bridge(commands, shards).await })
-            };
+            let queue = Queue::new();
+            let shards = Shards::start(config.shards, config.shard_queue, || Some(queue.elsewhere()))
+                .map_err(ServerError::Shards)?;
+            let shards = Arc::new(shards);
+            let (cluster, task) = Cluster::start(instance, client, &nats.prefix, queue, shards.clone());
             tracing::info!(url = %nats.url, prefix = %nats.prefix, "cluster mode");
-            (shards, Some((cluster, task)))
+            (shards, Some((Arc::new(cluster), task)))
         }
     };
 
@@ -76,7 +93,7 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let local = listener.local_addr()?;
+    let local = listener.local_addr().map_err(ServerError::Listener)?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let stopping = {
@@ -128,18 +145,12 @@ pub async fn run(
     drop(edge);
     if let Some((cluster, task)) = cluster {
         // The streams' departures reach the other instances before this one says it leaves.
-        let (done, left) = tokio::sync::oneshot::channel();
-        if cluster.bridge().send(ToBridge::Shutdown { done }).await.is_ok() {
-            let _ = tokio::time::timeout(drain_timeout, left).await;
-        }
-        task.abort();
-        let _ = task.await;
-        if let Ok(cluster) = Arc::try_unwrap(cluster) {
-            let _ = cluster.nats().drain().await;
-        }
+        cluster.leave(task, drain_timeout).await;
     }
     // The shard threads stop once the last stream task and the bridge have let go of them.
-    tokio::task::spawn_blocking(move || drop(shards)).await?;
+    if let Err(e) = tokio::task::spawn_blocking(move || drop(shards)).await {
+        tracing::error!("a shard thread panicked: {e}");
+    }
     tracing::info!("distributor stopped");
     Ok(())
 }

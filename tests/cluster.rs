@@ -103,18 +103,11 @@ async fn errors_across_instances() {
         payload[..4].copy_from_slice(&i.to_be_bytes());
         c.send(to_worker(7, RtcEvent::LocalIceCandidate, &payload)).await;
     }
-    let mut refused = 0;
-    while let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_millis(1000), c.rx_message()).await {
-        assert_client_error(&msg, ErrorCode::PeerOverloaded, 7);
-        refused += 1;
-    }
-    let mut delivered = Vec::new();
-    while let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_millis(1000), w.rx_message()).await {
-        delivered.push(u32::from_be_bytes(msg.message[..4].try_into().unwrap()));
-    }
+    let (delivered, refused) =
+        account_for(&mut c, &mut w, 7, SENT as usize, ErrorCode::PeerOverloaded, Duration::from_secs(30))
+            .await;
     assert!(refused > 0, "the remote worker's full queue refuses");
     assert!(delivered.windows(2).all(|p| p[0] < p[1]), "delivered in order");
-    assert_eq!(delivered.len() + refused, SENT as usize, "delivered + refused = sent");
 }
 
 #[tokio::test]
@@ -271,12 +264,30 @@ async fn negotiate_rest(c: &mut ClientStream, cid: i64, w: &mut WorkerStream, id
     assert_eq!(w.recv().await.event(), RtcEvent::AcceptAnswer);
 }
 
-/// Counts what one side received of the other's numbered candidates, and the refusals of its own.
+/// What one side received: the other's numbered candidates, and refusals of its own.
 #[derive(Default, Debug)]
 struct Tally {
     delivered: Vec<u32>,
     refused: usize,
     other: Vec<String>,
+}
+
+impl Tally {
+    fn take(&mut self, event: RtcEvent, payload: &[u8], debug: impl FnOnce() -> String) {
+        match event {
+            RtcEvent::IceCandidate => self.delivered.push(number(payload)),
+            RtcEvent::Error => self.refused += 1,
+            _ => self.other.push(debug()),
+        }
+    }
+
+    /// Whether every one of the other side's `sent` candidates, and its last one (`sent`
+    /// itself, sent once the failures are over), is accounted for: delivered here or refused
+    /// there.
+    fn complete(&self, refused_there: usize, sent: u32) -> bool {
+        self.delivered.iter().filter(|n| **n < sent).count() + refused_there >= sent as usize
+            && self.delivered.last() == Some(&sent)
+    }
 }
 
 #[tokio::test]
@@ -290,32 +301,24 @@ async fn nats_nodes_killed_mid_stream_lose_nothing_silently() {
     const SENT: u32 = 1500;
     let (c_tx, mut c_rx) = (c.sender(), c.take_receiver());
     let (w_tx, mut w_rx) = (w.sender(), w.take_receiver());
-    // Each side tallies what reaches it: the other's candidates, or refusals of its own.
-    let client_side = tokio::spawn(async move {
-        let mut t = Tally::default();
-        while let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_secs(6), c_rx.message()).await {
-            match msg.event() {
-                RtcEvent::IceCandidate => {
-                    t.delivered.push(u32::from_be_bytes(msg.message[..4].try_into().unwrap()))
+    // Both sides are read while they send, until every message is accounted for.
+    let tallies = tokio::spawn(async move {
+        let (mut at_client, mut at_worker) = (Tally::default(), Tally::default());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !(at_worker.complete(at_client.refused, SENT) && at_client.complete(at_worker.refused, SENT)) {
+            tokio::select! {
+                msg = c_rx.message() => {
+                    let msg = msg.expect("client stream open").expect("client stream open");
+                    at_client.take(msg.event(), &msg.message, || format!("{msg:?}"));
                 }
-                RtcEvent::Error => t.refused += 1,
-                _ => t.other.push(format!("{msg:?}")),
+                msg = w_rx.message() => {
+                    let msg = msg.expect("worker stream open").expect("worker stream open");
+                    at_worker.take(msg.event(), &msg.message, || format!("{msg:?}"));
+                }
+                _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        t
-    });
-    let worker_side = tokio::spawn(async move {
-        let mut t = Tally::default();
-        while let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_secs(6), w_rx.message()).await {
-            match msg.event() {
-                RtcEvent::IceCandidate => {
-                    t.delivered.push(u32::from_be_bytes(msg.message[..4].try_into().unwrap()))
-                }
-                RtcEvent::Error => t.refused += 1,
-                _ => t.other.push(format!("{msg:?}")),
-            }
-        }
-        t
+        (at_client, at_worker)
     });
     for i in 0..SENT {
         c_tx.send(to_worker(81, RtcEvent::LocalIceCandidate, &i.to_be_bytes())).await.unwrap();
@@ -336,7 +339,7 @@ async fn nats_nodes_killed_mid_stream_lose_nothing_silently() {
     c_tx.send(to_worker(81, RtcEvent::LocalIceCandidate, &SENT.to_be_bytes())).await.unwrap();
     w_tx.send(to_client(cid, RtcEvent::LocalIceCandidate, &SENT.to_be_bytes())).await.unwrap();
 
-    let (at_client, at_worker) = (client_side.await.unwrap(), worker_side.await.unwrap());
+    let (at_client, at_worker) = tallies.await.unwrap();
     for (side, own, other) in [("client", &at_client, &at_worker), ("worker", &at_worker, &at_client)] {
         assert!(own.other.is_empty(), "{side} got unexpected messages: {:?}", own.other);
         assert!(own.delivered.windows(2).all(|p| p[0] < p[1]), "{side}: delivered in order");

@@ -1,19 +1,19 @@
 //! The load generator is part of the product: each scenario, run briefly against the real
-//! binaries, reports what it measured (and no errors).
+//! binaries, reports what it measured (and no errors). Runs bounded by `--max-messages` with no
+//! warm-up count exactly what they sent.
 mod common;
 
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::Binary;
+use common::{Binary, Process, free_port, wait_for_port};
 use serde_json::Value;
 
-/// Runs `distributor-load` with `args` (plus short bounds) and returns its JSON report.
+/// Runs `distributor-load` with `args` (plus a bound on time) and returns its JSON report.
 fn load(args: &[&str]) -> Value {
     let output = Command::new(env!("CARGO_BIN_EXE_distributor-load"))
         .args(args)
-        .args(["--duration", "1s", "--warmup", "200ms", "--json"])
+        .args(["--duration", "3s", "--json"])
         .stderr(Stdio::inherit())
         .output()
         .expect("run distributor-load");
@@ -25,54 +25,71 @@ fn assert_clean(report: &Value) {
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
 }
 
+/// The latency percentiles are in order and within the run.
+fn assert_latency(latency: &Value, report: &Value) {
+    let p = |k: &str| latency[k].as_f64().unwrap_or_else(|| panic!("no {k} in {report}"));
+    assert!(p("p50_us") > 0.0 && p("p50_us") <= p("p99_us") && p("p99_us") <= p("max_us"), "{report}");
+    assert!(p("max_us") < report["seconds"].as_f64().unwrap() * 1e6 + 5e6, "{report}");
+}
+
 #[test]
-fn relay_reports_messages_latency_and_the_servers_cost() {
+fn relay_reports_every_message_latency_and_the_servers_cost() {
     let server = Binary::start(&[], &[]);
     let url = format!("http://{}", server.addr);
     let pid = server.pid().to_string();
-    let report =
-        load(&["relay", "--pairs", "20", "--window", "4", "--clients-at", &url, "--server-pid", &pid]);
+    let args = ["relay", "--pairs", "20", "--window", "4", "--clients-at", &url, "--server-pid", &pid];
+    let report = load(&[&args[..], &["--warmup", "0s", "--max-messages", "400"]].concat());
     assert_eq!(report["scenario"], "relay");
-    assert!(report["messages"].as_u64().unwrap() > 100, "{report}");
-    assert!(report["latency"]["p99_us"].as_f64().unwrap() > 0.0, "{report}");
+    // Each of the 400 candidates crosses twice: to the worker, and back.
+    assert_eq!(report["messages"], 800, "{report}");
+    assert_latency(&report["latency"], &report);
     assert!(report["server_peak_rss_mib"].as_f64().unwrap() > 1.0, "{report}");
     assert_clean(&report);
 
     // Paced: about the asked rate, not as fast as it goes.
-    let paced =
-        load(&["relay", "--pairs", "10", "--rate", "400", "--clients-at", &url, "--first-worker", "7000"]);
+    let paced = load(&[
+        "relay",
+        "--pairs",
+        "10",
+        "--rate",
+        "400",
+        "--clients-at",
+        &url,
+        "--first-worker",
+        "7000",
+        "--warmup",
+        "200ms",
+    ]);
     let rate = paced["messages_per_sec"].as_f64().unwrap();
     assert!((200.0..=600.0).contains(&rate), "asked 400 msgs/s, got {rate}: {paced}");
     assert_clean(&paced);
 }
 
 #[test]
-fn handshake_reports_handshakes_and_offer_to_answer() {
+fn handshake_reports_every_handshake_and_offer_to_answer() {
     let server = Binary::start(&[], &[]);
     let url = format!("http://{}", server.addr);
-    let report = load(&["handshake", "--pairs", "5", "--clients-at", &url]);
-    assert!(report["handshakes"].as_u64().unwrap() > 5, "{report}");
-    assert!(report["offer_to_answer"]["p50_us"].as_f64().unwrap() > 0.0, "{report}");
+    let report =
+        load(&["handshake", "--pairs", "5", "--clients-at", &url, "--warmup", "0s", "--max-messages", "10"]);
+    assert_eq!(report["handshakes"], 10, "{report}");
+    // Four candidates each way per handshake (the default).
+    assert_eq!(report["messages"], 80, "{report}");
+    assert_latency(&report["offer_to_answer"], &report);
     assert_clean(&report);
 }
 
 /// The echo ceiling, in both shapes, driven by the same client code.
 #[test]
 fn echo_server_is_the_tonic_ceiling() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let listen = format!("127.0.0.1:{port}");
-    let echo = EchoServer(
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _echo = Process(
         Command::new(env!("CARGO_BIN_EXE_distributor-load"))
             .args(["echo-server", "--listen", &listen])
             .stderr(Stdio::null())
             .spawn()
             .expect("start the echo server"),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(&listen).is_err() {
-        assert!(Instant::now() < deadline, "the echo server did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_port(&listen, Duration::from_secs(10));
     let url = format!("http://{listen}");
     for shape in ["pairs", "relay"] {
         let report = load(&[
@@ -86,20 +103,13 @@ fn echo_server_is_the_tonic_ceiling() {
             "3",
             "--clients-at",
             &url,
+            "--warmup",
+            "0s",
+            "--max-messages",
+            "300",
         ]);
         assert_eq!((report["scenario"].as_str(), report["echo_shape"].as_str()), (Some("echo"), Some(shape)));
-        assert!(report["messages"].as_u64().unwrap() > 100, "{report}");
+        assert_eq!(report["messages"], 300, "every echo comes back: {report}");
         assert_clean(&report);
-    }
-    drop(echo);
-}
-
-/// Stops the echo server by its PID when the test ends, passing or not.
-struct EchoServer(Child);
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }

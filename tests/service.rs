@@ -3,7 +3,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 use distributor::pb::RtcEvent;
@@ -48,10 +47,6 @@ async fn reflection_lists_the_services() {
     for wanted in ["distributor.v1.ClientService", "distributor.v1.WorkerService", "grpc.health.v1.Health"] {
         assert!(names.iter().any(|n| n == wanted), "{wanted} in {names:?}");
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn http_get(addr: &str, path: &str) -> String {
@@ -122,23 +117,28 @@ fn bad_flags_are_refused_before_binding() {
 #[tokio::test]
 async fn the_port_variable_is_honoured() {
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_distributor"))
-        .env("PORT", port.to_string())
-        .env_remove("DISTRIBUTOR_LISTEN")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + WAIT;
-    let reached = loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            break true;
-        }
-        if Instant::now() > deadline {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(reached, "listening on $PORT");
+    let _server = Process(
+        Command::new(env!("CARGO_BIN_EXE_distributor"))
+            .env("PORT", port.to_string())
+            .env_remove("DISTRIBUTOR_LISTEN")
+            .env_remove("DISTRIBUTOR_AUTH_SECRET")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || wait_for_port(&addr, WAIT)
+    })
+    .await
+    .unwrap();
+    // What listens on $PORT is the distributor: it speaks gRPC and relays.
+    let server = TestServer::external(&addr);
+    let mut health = HealthClient::new(server.channel().await);
+    let status = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(status.status(), ServingStatus::Serving);
+    let mut w = worker(&server, 5).await;
+    let (mut c, cid) = client(&server).await;
+    negotiate(&mut c, cid, &mut w, 5).await;
 }

@@ -1,294 +1,184 @@
-//! The bridge task: this instance's side of every link, the worker directory cache, and the
-//! bookkeeping that turns a dead instance into `PEER_GONE` and `ERROR`s.
+//! The bridge: everything this instance does in the cluster, as a sans-IO state machine.
 //!
-//! It never waits for a shard: a command a full shard queue refuses is parked and retried, and
-//! the inbox is not read while too much is parked (the senders' links then resend later). So
-//! the shards may block on the bridge's queue for the one message they must not drop
-//! (`ClientGone`) without a deadlock.
+//! It owns the [`Links`] to other instances, the worker [`Directory`], the [`LocalClients`]
+//! that talk across and the [`RemoteClient`]s that talk here, and [`Liveness`]. Inputs come in
+//! as method calls with `now` as an argument: commands from the shards ([`Bridge::command`]),
+//! frames, claims and heartbeats from NATS, answers to locates, and the [`Bridge::tick`] of a
+//! timer. What it wants published or looked up comes out of [`Bridge::poll_output`]; the
+//! driver (`driver.rs`) does the I/O, and the tests pass outputs between two bridges by hand.
+//!
+//! Commands for the shards are handed over without waiting: a command a full shard queue
+//! refuses is parked and retried on the next tick, and while too much is parked the driver stops
+//! reading the inbox ([`Bridge::is_backlogged`]; the senders' links resend later). So the
+//! shards may wait for room in the bridge's queue (a departure must not be dropped) without a
+//! deadlock.
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
-use metrics::{Counter, Histogram};
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
 
-use super::link::{Arrival, InLink, OutLink};
+use super::clients::LocalClients;
+use super::directory::{Directory, Lookup, Route};
+use super::links::Links;
+use super::liveness::{HEARTBEAT_EVERY, Liveness};
 use super::wire::{self, record::Kind};
-use super::{Lookup, RemoteClient, Subjects, ToBridge, refuse};
-use crate::core::{CloseReason, Command, ConnId, DeliverError, InstanceId, Outbound, PeerId, Role, Signal};
-use crate::edge::conn::{Peer, PeerReply, Sink};
+use crate::core::{
+    CloseReason, Command, ConnId, DeliverError, InstanceId, Outbound, PeerId, Role, Signal, refuse, session,
+};
 use crate::metrics as names;
 use crate::pb::{ErrorCode, RtcEvent};
+use crate::peer::{ClusterQueue, Peer, PeerReply, RemoteClient, Sink, ToCluster};
 use crate::shards::Shards;
 
-/// Commands queued for the bridge before shards refuse cross-instance messages.
-pub const QUEUE: usize = 65_536;
-/// Commands or inbox messages handled per turn before frames are sent.
-const BATCH: usize = 1024;
-/// Records are packed into frames of at most about this many bytes (NATS' default max payload
-/// is 1 MiB).
-const FRAME_BYTES: usize = 256 * 1024;
-/// Timer for resends, heartbeats and the dead-instance check.
-const TICK: Duration = Duration::from_millis(20);
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
-/// An instance not heard from for this long is dead.
-pub const DEAD_AFTER: Duration = Duration::from_secs(3);
-/// A locate request with no responder is retried, first after [`LOCATE_RETRY`], then twice as
-/// long each time up to [`LOCATE_RETRY_MAX`], until [`LOCATE_WITHIN`] has passed: a worker that
-/// registered a moment ago may have a subscription still reaching the other NATS servers, which
-/// under load took over 250 ms on a 2-core machine. The worker's claim, which every instance
-/// receives, ends the wait at once (see `Bridge::claim`).
-const LOCATE_RETRY: Duration = Duration::from_millis(50);
-const LOCATE_RETRY_MAX: Duration = Duration::from_millis(400);
-const LOCATE_WITHIN: Duration = Duration::from_secs(2);
-const LOCATE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Commands parked for full shard queues before the inbox is no longer read.
 const PARKED_LIMIT: usize = 65_536;
 /// How long shutdown waits for frames in flight to be acknowledged.
-const LEAVE_WITHIN: Duration = Duration::from_secs(2);
+pub const LEAVE_WITHIN: Duration = Duration::from_secs(2);
+
+/// What the bridge asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Publish a frame on `instance`'s inbox.
+    ToInstance(InstanceId, Bytes),
+    /// Publish this instance's heartbeat.
+    Heartbeat(Bytes),
+    /// Find the instance `worker` is registered on; answer with [`Bridge::located`].
+    Locate(PeerId),
+}
 
 /// What a record in flight owes its sender if the link dies.
 enum Origin {
     None,
-    Client { reply: PeerReply, worker: PeerId, client: PeerId },
-    Worker { worker: PeerId, client: PeerId },
+    /// A local client's message: refused through the room reserved for its answer.
+    Client {
+        reply: PeerReply,
+        worker: PeerId,
+        client: PeerId,
+    },
+    /// A local worker's relay to a remote client: refused on the worker's stream.
+    Worker {
+        worker: PeerId,
+        client: PeerId,
+    },
 }
 
-/// A client message waiting for its worker to be located.
-struct Pending {
+/// A local client's message waiting for its worker to be located.
+struct Waiting {
     client: PeerId,
     conn: ConnId,
     signal: Signal<PeerReply>,
 }
 
-/// A local client stream that sent to workers on other instances.
-struct LocalClient {
-    client: PeerId,
-    sink: Sink,
-    /// Its workers elsewhere and their instances.
-    workers: HashMap<PeerId, InstanceId>,
-    /// Shards yet to report the stream's end.
-    shards_left: usize,
-}
-
-#[derive(Default)]
-struct Outgoing {
-    records: Vec<wire::Record>,
-    origins: Vec<Origin>,
-}
-
 pub struct Bridge {
     me: InstanceId,
-    nats: async_nats::Client,
-    subjects: Subjects,
     shards: Arc<Shards<Peer>>,
-    tx: mpsc::Sender<ToBridge>,
-    out: HashMap<InstanceId, OutLink<Origin>>,
-    building: HashMap<InstanceId, Outgoing>,
-    inbound: HashMap<InstanceId, InLink>,
-    ack_due: HashSet<InstanceId>,
-    nak_due: HashSet<InstanceId>,
-    locations: HashMap<PeerId, InstanceId>,
-    pending: HashMap<PeerId, VecDeque<Pending>>,
-    clients: HashMap<ConnId, LocalClient>,
-    remote_clients: HashMap<ConnId, Arc<RemoteClient>>,
-    last_seen: HashMap<InstanceId, Instant>,
+    /// The bridge's own queue, for the remote clients it creates.
+    queue: ClusterQueue,
+    connected: bool,
+    links: Links<Origin>,
+    directory: Directory<Waiting>,
+    liveness: Liveness,
+    clients: LocalClients,
+    remote: HashMap<ConnId, Arc<RemoteClient>>,
     parked: Vec<VecDeque<Command<Peer>>>,
-    leaving: Option<(oneshot::Sender<()>, Instant)>,
-    metrics: BridgeMetrics,
+    next_beat: Option<Instant>,
+    leave_by: Option<Instant>,
+    out: VecDeque<Output>,
 }
 
 impl Bridge {
-    pub fn new(
-        me: InstanceId,
-        nats: async_nats::Client,
-        subjects: Subjects,
-        shards: Arc<Shards<Peer>>,
-        tx: mpsc::Sender<ToBridge>,
-    ) -> Self {
+    pub fn new(me: InstanceId, shards: Arc<Shards<Peer>>, queue: ClusterQueue) -> Self {
         let parked = (0..shards.len()).map(|_| VecDeque::new()).collect();
         Bridge {
             me,
-            nats,
-            subjects,
             shards,
-            tx,
-            out: HashMap::new(),
-            building: HashMap::new(),
-            inbound: HashMap::new(),
-            ack_due: HashSet::new(),
-            nak_due: HashSet::new(),
-            locations: HashMap::new(),
-            pending: HashMap::new(),
-            clients: HashMap::new(),
-            remote_clients: HashMap::new(),
-            last_seen: HashMap::new(),
+            queue,
+            connected: true,
+            links: Links::new(me),
+            directory: Directory::default(),
+            liveness: Liveness::default(),
+            clients: LocalClients::default(),
+            remote: HashMap::new(),
             parked,
-            leaving: None,
-            metrics: BridgeMetrics::new(),
+            next_beat: None,
+            leave_by: None,
+            out: VecDeque::new(),
         }
     }
 
-    pub async fn run(mut self, mut commands: mpsc::Receiver<ToBridge>) -> anyhow::Result<()> {
-        let mut inbox = self.nats.subscribe(self.subjects.inbox(self.me)).await?;
-        let mut claims = self.nats.subscribe(self.subjects.claim()).await?;
-        let mut beats = self.nats.subscribe(self.subjects.heartbeat()).await?;
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next_beat = Instant::now();
-        tracing::info!(instance = format!("{:x}", self.me), "cluster bridge running");
-        loop {
-            let parked: usize = self.parked.iter().map(VecDeque::len).sum();
-            // Not biased: under load, neither the commands nor the inbox may starve the other
-            // (acknowledgements arrive in the inbox).
-            tokio::select! {
-                command = commands.recv() => {
-                    let Some(command) = command else { break };
-                    self.command(command);
-                    for _ in 1..BATCH {
-                        match commands.try_recv() {
-                            Ok(command) => self.command(command),
-                            Err(_) => break,
-                        }
-                    }
-                    self.flush().await;
-                }
-                msg = inbox.next(), if parked < PARKED_LIMIT => {
-                    let Some(msg) = msg else { break };
-                    let now = Instant::now();
-                    self.frame(msg.payload, now);
-                    for _ in 1..BATCH {
-                        match inbox.next().now_or_never() {
-                            Some(Some(msg)) => self.frame(msg.payload, now),
-                            _ => break,
-                        }
-                    }
-                    self.flush().await;
-                }
-                Some(msg) = claims.next() => self.claim(msg.payload),
-                Some(msg) = beats.next() => self.heartbeat(msg.payload),
-                _ = tick.tick() => {
-                    let now = Instant::now();
-                    self.unpark();
-                    self.resend_and_reap(now).await;
-                    if now >= next_beat {
-                        next_beat = now + HEARTBEAT_EVERY;
-                        self.beat(false).await;
-                    }
-                    if self.ready_to_leave(now) {
-                        break;
-                    }
-                }
-            }
-        }
-        self.beat(true).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.nats.flush()).await;
-        if let Some((done, _)) = self.leaving.take() {
-            let _ = done.send(());
-        }
-        tracing::info!("cluster bridge stopped");
-        Ok(())
+    /// Whether NATS is connected; while it is not, what would cross is refused at once.
+    pub fn set_connected(&mut self, connected: bool) {
+        self.connected = connected;
     }
 
-    fn connected(&self) -> bool {
-        self.nats.connection_state() == async_nats::connection::State::Connected
+    /// The next thing to publish or look up.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
     }
 
-    fn command(&mut self, command: ToBridge) {
+    /// Whether so much waits for full shard queues that the inbox should not be read.
+    pub fn is_backlogged(&self) -> bool {
+        self.parked.iter().map(VecDeque::len).sum::<usize>() >= PARKED_LIMIT
+    }
+
+    pub fn command(&mut self, command: ToCluster) {
         match command {
-            ToBridge::ClientSignal { client, sink, worker, signal } => {
-                self.client_signal(client, sink, worker, signal)
+            ToCluster::ClientSignal { client, sink, worker, signal } => {
+                self.client_signal(client, &sink, worker, signal)
             }
-            ToBridge::ClientGone { client, conn } => self.client_gone(client, conn),
-            ToBridge::ToClient { conn, msg } => self.for_remote_client(conn, msg),
-            ToBridge::Located { worker, found } => self.located(worker, found),
-            ToBridge::Shutdown { done } => self.leaving = Some((done, Instant::now() + LEAVE_WITHIN)),
+            ToCluster::ClientGone { client, conn } => self.client_gone(client, conn),
+            ToCluster::ToClient { conn, msg } => self.for_remote_client(conn, msg),
         }
     }
 
-    fn client_signal(&mut self, client: PeerId, sink: Sink, worker: PeerId, signal: Signal<PeerReply>) {
-        let conn = sink.id();
-        let shards = self.shards.len();
-        self.clients.entry(conn).or_insert_with(|| LocalClient {
-            client,
-            sink,
-            workers: HashMap::new(),
-            shards_left: shards,
-        });
-        if let Some(queue) = self.pending.get_mut(&worker) {
-            return queue.push_back(Pending { client, conn, signal });
+    fn client_signal(&mut self, client: PeerId, sink: &Sink, worker: PeerId, signal: Signal<PeerReply>) {
+        self.clients.open(client, sink);
+        if !self.connected && !self.directory.is_locating(worker) {
+            let reason = "NATS is unreachable: other instances cannot be reached";
+            return refuse(signal.reply, ErrorCode::ClusterUnavailable, worker, client, reason);
         }
-        if !self.connected() {
-            return refuse(
-                signal.reply,
-                ErrorCode::ClusterUnavailable,
-                worker,
-                client,
-                "NATS is unreachable: other instances cannot be reached",
-            );
-        }
-        match self.locations.get(&worker) {
-            Some(&instance) => self.forward(instance, client, conn, worker, signal),
-            None => {
-                self.pending.insert(worker, VecDeque::from([Pending { client, conn, signal }]));
-                let (nats, subject, tx) = (self.nats.clone(), self.subjects.worker(worker), self.tx.clone());
-                tokio::spawn(async move {
-                    let found = locate(&nats, subject).await;
-                    let _ = tx.send(ToBridge::Located { worker, found }).await;
-                });
-            }
+        match self.directory.route(worker, Waiting { client, conn: sink.id(), signal }) {
+            Route::At(instance, waiting) => self.forward(instance, worker, waiting),
+            Route::Queued => {}
+            Route::Locate => self.out.push_back(Output::Locate(worker)),
         }
     }
 
-    fn located(&mut self, worker: PeerId, found: Result<InstanceId, Lookup>) {
-        let Some(queue) = self.pending.remove(&worker) else { return };
-        if let Ok(instance) = found {
-            self.locations.insert(worker, instance);
-            self.last_seen.entry(instance).or_insert_with(Instant::now);
-        }
-        for Pending { client, conn, signal } in queue {
-            if !self.clients.contains_key(&conn) {
+    /// The answer to an [`Output::Locate`].
+    pub fn located(&mut self, worker: PeerId, found: Result<InstanceId, Lookup>) {
+        let waiting = self.directory.located(worker, found);
+        self.release(worker, found, waiting);
+    }
+
+    fn release(&mut self, worker: PeerId, found: Result<InstanceId, Lookup>, waiting: VecDeque<Waiting>) {
+        for w in waiting {
+            if !self.clients.contains(w.conn) {
                 continue; // the stream ended meanwhile; nobody is left to answer
             }
             match found {
-                Ok(instance) => self.forward(instance, client, conn, worker, signal),
+                Ok(instance) => self.forward(instance, worker, w),
                 Err(Lookup::NotFound) => {
                     let reason = format!("worker {worker} is not connected");
-                    refuse(signal.reply, ErrorCode::PeerNotConnected, worker, client, reason)
+                    refuse(w.signal.reply, ErrorCode::PeerNotConnected, worker, w.client, reason)
                 }
                 Err(Lookup::Unavailable) => {
                     let reason = "the worker's instance did not answer";
-                    refuse(signal.reply, ErrorCode::ClusterUnavailable, worker, client, reason)
+                    refuse(w.signal.reply, ErrorCode::ClusterUnavailable, worker, w.client, reason)
                 }
             }
         }
     }
 
-    fn forward(
-        &mut self,
-        instance: InstanceId,
-        client: PeerId,
-        conn: ConnId,
-        worker: PeerId,
-        signal: Signal<PeerReply>,
-    ) {
-        if self.out.get(&instance).is_some_and(OutLink::is_full) {
-            return refuse(
-                signal.reply,
-                ErrorCode::ClusterUnavailable,
-                worker,
-                client,
-                "the link to the worker's instance is saturated",
-            );
+    fn forward(&mut self, instance: InstanceId, worker: PeerId, waiting: Waiting) {
+        let Waiting { client, conn, signal } = waiting;
+        if self.links.is_full(instance) {
+            let reason = "the link to the worker's instance is saturated";
+            return refuse(signal.reply, ErrorCode::ClusterUnavailable, worker, client, reason);
         }
-        if let Some(local) = self.clients.get_mut(&conn) {
-            local.workers.insert(worker, instance);
-        }
+        self.clients.sent(conn, worker, instance);
         let record = Kind::ClientSignal(wire::ClientSignal {
             client,
             conn: Some(wire_conn(conn)),
@@ -296,32 +186,25 @@ impl Bridge {
             event: signal.event as i32,
             payload: signal.payload,
         });
-        self.push(instance, record, Origin::Client { reply: signal.reply, worker, client });
+        self.links.push(instance, record, Origin::Client { reply: signal.reply, worker, client });
     }
 
     fn client_gone(&mut self, client: PeerId, conn: ConnId) {
-        let Entry::Occupied(mut local) = self.clients.entry(conn) else { return };
-        local.get_mut().shards_left -= 1;
-        if local.get().shards_left > 0 {
-            return;
-        }
-        let local = local.remove();
-        let instances: HashSet<InstanceId> = local.workers.values().copied().collect();
-        for instance in instances {
+        for instance in self.clients.gone(conn) {
             let record = Kind::ClientGone(wire::ClientGone { client, conn: Some(wire_conn(conn)) });
-            self.push(instance, record, Origin::None);
+            self.links.push(instance, record, Origin::None);
         }
-        for queue in self.pending.values_mut() {
-            queue.retain(|p| p.conn != conn);
-        }
+        self.directory.retain_waiting(|w| w.conn != conn);
     }
 
     /// A message from a local worker's shard for a client on another instance.
     fn for_remote_client(&mut self, conn: ConnId, msg: Outbound) {
-        let relayed = matches!(msg.event, RtcEvent::Answer | RtcEvent::IceCandidate);
-        let origin =
-            if relayed { Origin::Worker { worker: msg.worker, client: msg.client } } else { Origin::None };
-        if !self.connected() || self.out.get(&conn.instance).is_some_and(OutLink::is_full) {
+        let origin = if session::is_relay(msg.event) {
+            Origin::Worker { worker: msg.worker, client: msg.client }
+        } else {
+            Origin::None
+        };
+        if !self.connected || self.links.is_full(conn.instance) {
             return self.fail(origin);
         }
         let record = Kind::ToClient(wire::ToClient {
@@ -332,73 +215,24 @@ impl Bridge {
             payload: msg.payload,
             error_code: msg.error as i32,
         });
-        self.push(conn.instance, record, origin);
+        self.links.push(conn.instance, record, origin);
     }
 
-    fn push(&mut self, instance: InstanceId, kind: Kind, origin: Origin) {
-        let outgoing = self.building.entry(instance).or_default();
-        outgoing.records.push(wire::Record { kind: Some(kind) });
-        outgoing.origins.push(origin);
-    }
-
-    /// Sends what the last turn built, cut into frames, then the acknowledgements still owed.
-    async fn flush(&mut self) {
-        let now = Instant::now();
-        if !self.connected() {
-            for (_, outgoing) in std::mem::take(&mut self.building) {
-                outgoing.origins.into_iter().for_each(|o| self.fail(o));
-            }
-            return;
+    /// Sends what the last commands and frames produced, then the acknowledgements owed.
+    pub fn flush(&mut self, now: Instant) {
+        if !self.connected {
+            let lost = self.links.unsend();
+            return lost.into_iter().for_each(|o| self.fail(o));
         }
-        for (instance, outgoing) in std::mem::take(&mut self.building) {
-            self.last_seen.entry(instance).or_insert(now);
-            let mut records = outgoing.records.into_iter().zip(outgoing.origins).peekable();
-            while records.peek().is_some() {
-                let (mut chunk, mut origins, mut bytes) = (Vec::new(), Vec::new(), 0);
-                while let Some((record, origin)) = records.next_if(|_| bytes < FRAME_BYTES) {
-                    bytes += record.encoded_len();
-                    chunk.push(record);
-                    origins.push(origin);
-                }
-                self.metrics.records_out.increment(chunk.len() as u64);
-                let (ack_epoch, ack_next, nak) = self.take_ack(instance).unwrap_or_default();
-                let link =
-                    self.out.entry(instance).or_insert_with(|| OutLink::new(rand::random::<u64>() | 1, now));
-                let frame = wire::Frame {
-                    from: self.me,
-                    epoch: link.epoch,
-                    seq: link.next_seq(),
-                    records: chunk,
-                    ack_epoch,
-                    ack_next,
-                    nak,
-                };
-                let bytes = Bytes::from(frame.encode_to_vec());
-                link.sent(bytes.clone(), origins, now);
-                self.metrics.frames_data.increment(1);
-                if let Err(e) = self.nats.publish(self.subjects.inbox(instance), bytes).await {
-                    tracing::debug!("publish failed, the link will resend: {e}");
-                }
-            }
-        }
-        let owed: HashSet<InstanceId> = self.ack_due.union(&self.nak_due).copied().collect();
-        for instance in owed {
-            let Some((ack_epoch, ack_next, nak)) = self.take_ack(instance) else { continue };
-            let frame = wire::Frame { from: self.me, ack_epoch, ack_next, nak, ..Default::default() };
-            self.metrics.frames_ack.increment(1);
-            let _ = self.nats.publish(self.subjects.inbox(instance), frame.encode_to_vec().into()).await;
-        }
+        let (out, liveness) = (&mut self.out, &mut self.liveness);
+        self.links.flush(now, |instance, frame| {
+            liveness.expect(instance, now);
+            out.push_back(Output::ToInstance(instance, frame));
+        });
     }
 
-    /// The acknowledgement owed to `instance`, as it goes out: (epoch, next expected, gap seen).
-    fn take_ack(&mut self, instance: InstanceId) -> Option<(u64, u64, bool)> {
-        self.ack_due.remove(&instance);
-        let nak = self.nak_due.remove(&instance);
-        self.inbound.get(&instance).map(|inl| (inl.epoch, inl.next, nak))
-    }
-
-    /// One frame from the inbox.
-    fn frame(&mut self, payload: Bytes, now: Instant) {
+    /// One message from this instance's inbox.
+    pub fn frame(&mut self, payload: Bytes, now: Instant) {
         let frame = match wire::Frame::decode(payload) {
             Ok(frame) => frame,
             Err(e) => return tracing::warn!("undecodable frame on the inbox: {e}"),
@@ -407,33 +241,10 @@ impl Bridge {
         if from == self.me || from == 0 {
             return;
         }
-        self.last_seen.insert(from, now);
-        if frame.ack_epoch != 0
-            && let Some(link) = self.out.get_mut(&from)
-        {
-            for done in link.acknowledged(frame.ack_epoch, frame.ack_next, frame.nak, now) {
-                self.metrics.ack_seconds.record(now.saturating_duration_since(done.sent_at).as_secs_f64());
-            }
-        }
-        if frame.seq == 0 {
-            return;
-        }
-        let link = self.inbound.entry(from).or_insert_with(|| InLink::new(frame.epoch));
-        match link.arrive(frame.epoch, frame.seq) {
-            Arrival::Next => {
-                self.ack_due.insert(from);
-                self.metrics.records_in.increment(frame.records.len() as u64);
-                for record in frame.records {
-                    if let Some(kind) = record.kind {
-                        self.record(from, kind);
-                    }
-                }
-            }
-            Arrival::Duplicate => {
-                self.ack_due.insert(from);
-            }
-            Arrival::Gap => {
-                self.nak_due.insert(from);
+        self.liveness.heard(from, now);
+        for record in self.links.receive(frame, now) {
+            if let Some(kind) = record.kind {
+                self.record(from, kind);
             }
         }
     }
@@ -445,9 +256,9 @@ impl Bridge {
                     return tracing::warn!("malformed client signal from instance {from:x}");
                 };
                 let remote = self
-                    .remote_clients
+                    .remote
                     .entry(conn)
-                    .or_insert_with(|| Arc::new(RemoteClient::new(conn, self.tx.clone())))
+                    .or_insert_with(|| Arc::new(RemoteClient::new(conn, self.queue.clone())))
                     .clone();
                 let signal = Signal { event, payload: s.payload, reply: PeerReply::Remote(remote.clone()) };
                 let command = Command::FromClient {
@@ -474,9 +285,9 @@ impl Bridge {
             }
             Kind::ClientGone(g) => {
                 let Some(conn) = g.conn.map(conn_id) else { return };
-                self.remote_clients.remove(&conn);
+                self.remote.remove(&conn);
                 for shard in 0..self.shards.len() {
-                    self.dispatch(shard, Command::ClientGone { client: g.client, conn });
+                    self.dispatch(shard, Command::ClientGone { client: g.client, conn, departure: None });
                 }
             }
         }
@@ -485,42 +296,19 @@ impl Bridge {
     /// A message from another instance for a local client stream.
     fn for_local_client(&mut self, from: InstanceId, conn: ConnId, msg: Outbound) {
         let (worker, client, event) = (msg.worker, msg.client, msg.event);
-        let ended = event == RtcEvent::PeerGone
-            || (event == RtcEvent::Error && msg.error == ErrorCode::PeerNotConnected);
-        let delivered = match self.clients.get_mut(&conn) {
-            Some(local) => {
-                if ended && local.workers.get(&worker) == Some(&from) {
-                    local.workers.remove(&worker);
-                }
-                local.sink.try_deliver(msg)
-            }
-            None => Err(DeliverError::Closed),
-        };
-        if ended && self.locations.get(&worker) == Some(&from) {
-            self.locations.remove(&worker);
+        if msg.says_worker_left() {
+            self.directory.left(worker, from);
         }
-        match delivered {
+        match self.clients.deliver(conn, from, msg) {
             Ok(()) => {}
-            Err(e) if matches!(event, RtcEvent::Answer | RtcEvent::IceCandidate) => {
-                let reason = match e {
-                    DeliverError::Full => {
-                        format!("client {client} is not reading; the message was not delivered")
-                    }
-                    _ => format!("client {client} is not connected; the message was not delivered"),
-                };
-                let record = Kind::ToWorker(wire::ToWorker {
-                    worker,
-                    client,
-                    event: RtcEvent::Error as i32,
-                    payload: reason.into(),
-                    error_code: e.code() as i32,
-                });
-                self.push(from, record, Origin::None);
+            Err(e) if session::is_relay(event) => {
+                let refusal = e.refusal(Role::Client, worker, client);
+                self.links.push(from, to_worker_record(refusal), Origin::None);
             }
             Err(DeliverError::Full) => {
                 metrics::counter!(names::QUEUE_DROPS).increment(1);
-                if let Some(local) = self.clients.get(&conn) {
-                    local.sink.close(CloseReason::NotReading);
+                if let Some(sink) = self.clients.sink(conn) {
+                    sink.close(CloseReason::NotReading);
                 }
             }
             Err(_) => {}
@@ -531,18 +319,12 @@ impl Bridge {
     fn fail(&mut self, origin: Origin) {
         match origin {
             Origin::None => {}
-            Origin::Client { reply, worker, client } => refuse(
-                reply,
-                ErrorCode::ClusterUnavailable,
-                worker,
-                client,
-                "the worker's instance cannot be reached",
-            ),
+            Origin::Client { reply, worker, client } => {
+                let reason = "the worker's instance cannot be reached";
+                refuse(reply, ErrorCode::ClusterUnavailable, worker, client, reason)
+            }
             Origin::Worker { worker, client } => {
-                metrics::counter!(names::ERRORS, "code" => ErrorCode::ClusterUnavailable.as_str_name())
-                    .increment(1);
-                let reason = format!("client {client} is on an instance that cannot be reached");
-                let msg = Outbound::error(ErrorCode::ClusterUnavailable, worker, client, reason);
+                let msg = DeliverError::Unavailable.refusal(Role::Client, worker, client);
                 self.dispatch(self.shards.of_worker(worker), Command::ToWorker { worker, msg });
             }
         }
@@ -569,85 +351,62 @@ impl Bridge {
         }
     }
 
-    async fn resend_and_reap(&mut self, now: Instant) {
-        let mut dead: Vec<InstanceId> = self
-            .out
-            .iter()
-            .filter(|(_, link)| link.is_dead(now))
-            .map(|(instance, _)| *instance)
-            .chain(
-                self.last_seen
-                    .iter()
-                    .filter(|(_, seen)| now.saturating_duration_since(**seen) >= DEAD_AFTER)
-                    .map(|(instance, _)| *instance),
-            )
-            .collect();
+    /// The timer: retries parked commands, gives up on dead instances, resends what was not
+    /// acknowledged, and says this instance is alive every [`HEARTBEAT_EVERY`].
+    pub fn tick(&mut self, now: Instant) {
+        self.unpark();
+        let mut dead = self.links.dead(now);
+        dead.extend(self.liveness.dead(now));
         dead.sort_unstable();
         dead.dedup();
         for instance in dead {
             tracing::warn!(instance = format!("{instance:x}"), "instance unreachable: ending its sessions");
             self.instance_gone(instance);
         }
-        if !self.connected() {
+        if !self.connected {
             return;
         }
-        let mut resends = Vec::new();
-        for (instance, link) in &mut self.out {
-            for frame in link.to_resend(now) {
-                resends.push((*instance, frame));
-            }
+        let out = &mut self.out;
+        self.links.resend(now, |instance, frame| out.push_back(Output::ToInstance(instance, frame)));
+        if self.next_beat.is_none_or(|at| now >= at) {
+            self.next_beat = Some(now + HEARTBEAT_EVERY);
+            self.beat(false);
         }
-        for (instance, frame) in resends {
-            self.metrics.frames_resent.increment(1);
-            let _ = self.nats.publish(self.subjects.inbox(instance), frame).await;
-        }
+    }
+
+    fn beat(&mut self, leaving: bool) {
+        let beat = wire::Heartbeat { instance: self.me, leaving };
+        self.out.push_back(Output::Heartbeat(beat.encode_to_vec().into()));
     }
 
     /// Forgets an instance that left or died: what was in flight to it is refused, sessions
     /// across it end.
     fn instance_gone(&mut self, instance: InstanceId) {
-        if let Some(mut link) = self.out.remove(&instance) {
-            let lost: Vec<Origin> = link.drain().flat_map(|f| f.origins).collect();
-            lost.into_iter().for_each(|o| self.fail(o));
+        for origin in self.links.forget(instance) {
+            self.fail(origin);
         }
-        if let Some(outgoing) = self.building.remove(&instance) {
-            outgoing.origins.into_iter().for_each(|o| self.fail(o));
+        self.liveness.forget(instance);
+        self.directory.instance_gone(instance);
+        for not_reading in self.clients.instance_gone(instance) {
+            metrics::counter!(names::QUEUE_DROPS).increment(1);
+            not_reading.0.close(CloseReason::NotReading);
         }
-        self.inbound.remove(&instance);
-        self.last_seen.remove(&instance);
-        self.locations.retain(|_, i| *i != instance);
-        for local in self.clients.values_mut() {
-            local.workers.retain(|worker, i| {
-                if *i != instance {
-                    return true;
-                }
-                let gone = Outbound::peer_gone(*worker, local.client);
-                if local.sink.try_deliver(gone) == Err(DeliverError::Full) {
-                    local.sink.close(CloseReason::NotReading);
-                }
-                false
-            });
-        }
-        self.remote_clients.retain(|conn, _| conn.instance != instance);
+        self.remote.retain(|conn, _| conn.instance != instance);
         for shard in 0..self.shards.len() {
             self.dispatch(shard, Command::InstanceGone { instance });
         }
     }
 
-    fn claim(&mut self, payload: Bytes) {
+    /// A claim from `<prefix>.claim`: a stream elsewhere is now the newest of its id.
+    pub fn claim(&mut self, payload: Bytes) {
         let Ok(claim) = wire::Claim::decode(payload) else { return };
         let Some(conn) = claim.conn.map(conn_id) else { return };
         if conn.instance == self.me {
             return;
         }
         let (role, shard) = if claim.worker {
-            if let Some(location) = self.locations.get_mut(&claim.id) {
-                *location = conn.instance;
-            }
-            // A locate still waiting for this worker's subscription to propagate has its answer.
-            if self.pending.contains_key(&claim.id) {
-                self.located(claim.id, Ok(conn.instance));
-            }
+            let waiting = self.directory.claimed(claim.id, conn.instance);
+            self.release(claim.id, Ok(conn.instance), waiting);
             (Role::Worker, self.shards.of_worker(claim.id))
         } else {
             (Role::Client, self.shards.of_client(claim.id))
@@ -655,7 +414,8 @@ impl Bridge {
         self.dispatch(shard, Command::Evict { role, id: claim.id, newer: conn });
     }
 
-    fn heartbeat(&mut self, payload: Bytes) {
+    /// A heartbeat from `<prefix>.hb`.
+    pub fn heartbeat(&mut self, payload: Bytes, now: Instant) {
         let Ok(beat) = wire::Heartbeat::decode(payload) else { return };
         if beat.instance == self.me || beat.instance == 0 {
             return;
@@ -664,78 +424,38 @@ impl Bridge {
             tracing::info!(instance = format!("{:x}", beat.instance), "instance left");
             self.instance_gone(beat.instance);
         } else {
-            self.last_seen.insert(beat.instance, Instant::now());
+            self.liveness.heard(beat.instance, now);
         }
     }
 
-    async fn beat(&self, leaving: bool) {
-        if !self.connected() {
-            return;
-        }
-        let beat = wire::Heartbeat { instance: self.me, leaving };
-        let _ = self.nats.publish(self.subjects.heartbeat(), beat.encode_to_vec().into()).await;
+    /// Shutdown begins: what is in flight has [`LEAVE_WITHIN`] to be acknowledged.
+    pub fn leave(&mut self, now: Instant) {
+        self.leave_by = Some(now + LEAVE_WITHIN);
     }
 
-    fn ready_to_leave(&self, now: Instant) -> bool {
-        let Some((_, deadline)) = &self.leaving else { return false };
-        let quiet = self.building.is_empty() && self.out.values().all(|l| l.in_flight() == 0);
-        quiet || now >= *deadline || !self.connected()
+    /// Whether a leaving instance may go: nothing left in flight, time is up, or NATS is gone.
+    pub fn ready_to_leave(&self, now: Instant) -> bool {
+        let Some(deadline) = self.leave_by else { return false };
+        self.links.is_quiet() || now >= deadline || !self.connected
     }
-}
 
-/// Finds the instance a worker is registered on.
-async fn locate(nats: &async_nats::Client, subject: String) -> Result<InstanceId, Lookup> {
-    let give_up = Instant::now() + LOCATE_WITHIN;
-    let mut retry = LOCATE_RETRY;
-    loop {
-        match tokio::time::timeout(LOCATE_TIMEOUT, nats.request(subject.clone(), Bytes::new())).await {
-            Ok(Ok(reply)) => {
-                return wire::Located::decode(reply.payload)
-                    .map(|l| l.instance)
-                    .map_err(|_| Lookup::Unavailable);
-            }
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                if Instant::now() + retry > give_up {
-                    return Err(Lookup::NotFound);
-                }
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(LOCATE_RETRY_MAX);
-            }
-            _ => return Err(Lookup::Unavailable),
+    /// The last word: a heartbeat saying this instance leaves, so the others end its sessions
+    /// at once.
+    pub fn farewell(&mut self) {
+        if self.connected {
+            self.beat(true);
         }
     }
 }
 
-/// Answers requests locating a worker registered here, until aborted.
-pub async fn answer_locates(
-    mut subscriber: async_nats::Subscriber,
-    nats: async_nats::Client,
-    located: Bytes,
-) {
-    while let Some(request) = subscriber.next().await {
-        if let Some(reply) = request.reply {
-            let _ = nats.publish(reply, located.clone()).await;
-        }
-    }
-}
-
-/// Keeps health and metrics in step with the NATS connection.
-pub async fn on_event(event: async_nats::Event, health: tonic_health::server::HealthReporter) {
-    use tonic_health::ServingStatus;
-    let connected = metrics::gauge!(names::NATS_CONNECTED);
-    match event {
-        async_nats::Event::Connected => {
-            tracing::info!("NATS connected");
-            connected.set(1.0);
-            health.set_service_status(super::HEALTH_SERVICE, ServingStatus::Serving).await;
-        }
-        async_nats::Event::Disconnected => {
-            tracing::warn!("NATS disconnected: cross-instance messages are refused until it is back");
-            connected.set(0.0);
-            health.set_service_status(super::HEALTH_SERVICE, ServingStatus::NotServing).await;
-        }
-        other => tracing::info!("NATS: {other}"),
-    }
+fn to_worker_record(msg: Outbound) -> Kind {
+    Kind::ToWorker(wire::ToWorker {
+        worker: msg.worker,
+        client: msg.client,
+        event: msg.event as i32,
+        payload: msg.payload,
+        error_code: msg.error as i32,
+    })
 }
 
 pub fn wire_conn(conn: ConnId) -> wire::Conn {
@@ -746,24 +466,5 @@ fn conn_id(conn: wire::Conn) -> ConnId {
     ConnId { at: conn.at, instance: conn.instance }
 }
 
-struct BridgeMetrics {
-    frames_data: Counter,
-    frames_ack: Counter,
-    frames_resent: Counter,
-    records_out: Counter,
-    records_in: Counter,
-    ack_seconds: Histogram,
-}
-
-impl BridgeMetrics {
-    fn new() -> Self {
-        BridgeMetrics {
-            frames_data: metrics::counter!(names::CLUSTER_FRAMES, "kind" => "data"),
-            frames_ack: metrics::counter!(names::CLUSTER_FRAMES, "kind" => "ack"),
-            frames_resent: metrics::counter!(names::CLUSTER_FRAMES, "kind" => "resent"),
-            records_out: metrics::counter!(names::CLUSTER_RECORDS, "direction" => "out"),
-            records_in: metrics::counter!(names::CLUSTER_RECORDS, "direction" => "in"),
-            ack_seconds: metrics::histogram!(names::CLUSTER_ACK),
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

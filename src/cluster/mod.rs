@@ -1,11 +1,21 @@
 //! Clustering over NATS: any client reaches any worker on any instance.
 //!
 //! A session lives with its worker (see [`crate::core`]). When a local client addresses a worker
-//! that is not registered here, its shard hands the message to the [`bridge`], which finds the
+//! that is not registered here, its shard hands the message to the bridge, which finds the
 //! worker's instance (a request on the worker's subject, cached) and carries the message there
 //! on a reliable [`link`]; the worker's shard there runs the state machine as for a local client,
-//! with a [`RemoteClient`] standing for the client. What it sends back (relayed messages,
-//! refusals, `PEER_GONE`) travels the reverse link. Same-instance traffic never touches NATS.
+//! with a [`RemoteClient`](crate::peer::RemoteClient) standing for the client. What it sends
+//! back (relayed messages, refusals, `PEER_GONE`) travels the reverse link. Same-instance
+//! traffic never touches NATS.
+//!
+//! The rooms, each sans-IO with its tests beside it, then the I/O:
+//! - [`link`]: one reliable, ordered link between two instances; [`links`]: all of them, with
+//!   framing and acknowledgements;
+//! - [`directory`]: where workers are, and messages waiting for a locate;
+//! - [`clients`]: local clients that talk across; [`liveness`]: which instances are alive;
+//! - [`bridge`]: all of the above together, fed events and returning what to publish;
+//! - `driver`: the NATS task around the bridge; this module: the connection, registrations and
+//!   claims, and the shards' way in ([`Cluster::elsewhere`]).
 //!
 //! Subjects, under `--nats-prefix` (default `distributor`); ids are decimal numbers, so nothing a
 //! peer sends can name another subject:
@@ -15,23 +25,28 @@
 //! - `<prefix>.claim`: a stream registered a worker or client id; older streams of it end.
 //! - `<prefix>.hb`: every instance's heartbeat, each second; one missing for 3 s is dead.
 
-mod bridge;
+pub mod bridge;
+mod clients;
+pub mod directory;
+mod driver;
 pub mod link;
+pub mod links;
+pub mod liveness;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{AbortHandle, JoinHandle};
 
-use crate::core::{ConnId, DeliverError, Elsewhere, InstanceId, Outbound, PeerId, Role, Signal};
-use crate::edge::conn::{Peer, PeerReply, Sink};
+use crate::core::{ConnId, Elsewhere, InstanceId, PeerId, Role, Signal, refuse};
 use crate::pb::ErrorCode;
+use crate::peer::{ClusterQueue, Departure, Peer, PeerReply, ToCluster};
 use crate::shards::Shards;
-
-pub use bridge::Bridge;
+use bridge::Bridge;
+use driver::{Control, Driver};
 
 /// Generated from `proto/distributor/cluster/v1/link.proto`.
 pub mod wire {
@@ -53,25 +68,17 @@ fn reconnect_delay(attempts: usize) -> Duration {
 /// The health service name that reports the NATS connection (`grpc.health.v1`).
 pub const HEALTH_SERVICE: &str = "distributor.cluster";
 
-/// Commands the bridge task takes, from shards, the edge and its own helpers.
-pub enum ToBridge {
-    /// A local client's message for a worker not registered on this instance.
-    ClientSignal { client: PeerId, sink: Sink, worker: PeerId, signal: Signal<PeerReply> },
-    /// A local client stream ended (sent once by each shard).
-    ClientGone { client: PeerId, conn: ConnId },
-    /// A message for a client stream on another instance.
-    ToClient { conn: ConnId, msg: Outbound },
-    /// A worker's location, looked up.
-    Located { worker: PeerId, found: Result<InstanceId, Lookup> },
-    /// Finish: refuse nothing more, tell the others this instance leaves.
-    Shutdown { done: tokio::sync::oneshot::Sender<()> },
-}
-
-/// Why a worker could not be located.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lookup {
-    NotFound,
-    Unavailable,
+/// Why the cluster could not be joined.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("reading the NATS credentials file: {0}")]
+    Credentials(#[source] std::io::Error),
+    #[error("bad NATS URL: {0}")]
+    Url(#[source] async_nats::Error),
+    #[error("connecting to NATS: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+    #[error("subscribing on NATS: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
 }
 
 /// NATS connection settings.
@@ -115,92 +122,37 @@ impl Subjects {
     }
 }
 
-/// A client stream on another instance, as a session's owner sees it.
-pub struct RemoteClient {
-    conn: ConnId,
-    bridge: mpsc::Sender<ToBridge>,
-}
-
-impl RemoteClient {
-    pub fn new(conn: ConnId, bridge: mpsc::Sender<ToBridge>) -> Self {
-        RemoteClient { conn, bridge }
-    }
-
-    pub fn conn(&self) -> ConnId {
-        self.conn
-    }
-
-    /// Hands `msg` to the link towards the client's instance.
-    pub fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError> {
-        self.bridge
-            .try_send(ToBridge::ToClient { conn: self.conn, msg })
-            .map_err(|_| DeliverError::Unavailable)
-    }
-
-    /// Sends the answer to one of the client's own messages back to its instance.
-    pub fn reply(&self, msg: Outbound) {
-        if self.try_deliver(msg).is_err() {
-            metrics::counter!(crate::metrics::QUEUE_DROPS).increment(1);
-            tracing::warn!(conn = %self.conn, "cross-instance queue full: a reply to a remote client was dropped");
-        }
-    }
-}
-
 /// The shards' [`Elsewhere`]: hands messages for workers on other instances to the bridge.
 struct ToOtherInstances {
-    bridge: mpsc::Sender<ToBridge>,
-    instance: InstanceId,
+    queue: ClusterQueue,
 }
 
 impl Elsewhere<Peer> for ToOtherInstances {
     fn to_worker(&mut self, client: PeerId, sink: &Peer, worker: PeerId, signal: Signal<PeerReply>) {
-        let Peer::Local(sink) = sink else { return };
-        let command = ToBridge::ClientSignal { client, sink: sink.clone(), worker, signal };
-        if let Err(e) = self.bridge.try_send(command) {
+        let Peer::Local(sink) = sink else {
+            // A client elsewhere located the worker here, and it is not (any more): its own
+            // instance must not forward the message again.
+            let reason = format!("worker {worker} is not connected");
+            return refuse(signal.reply, ErrorCode::PeerNotConnected, worker, client, reason);
+        };
+        let command = ToCluster::ClientSignal { client, sink: sink.clone(), worker, signal };
+        if let Err(e) = self.queue.try_send(command) {
             let (mpsc::error::TrySendError::Full(command) | mpsc::error::TrySendError::Closed(command)) = e;
-            if let ToBridge::ClientSignal { signal, .. } = command {
+            if let ToCluster::ClientSignal { signal, .. } = command {
                 let reason = "the cross-instance queue is full";
                 refuse(signal.reply, ErrorCode::ClusterUnavailable, worker, client, reason);
             }
         }
     }
-
-    fn client_gone(&mut self, client: PeerId, conn: ConnId) {
-        if conn.instance != self.instance {
-            return;
-        }
-        // Never dropped: a full queue waits for room. The bridge never waits for a shard (it
-        // parks what a full shard queue refuses), so this cannot deadlock. Inline shards run on
-        // the runtime, where blocking is not allowed: a task waits instead, after what this
-        // shard already queued.
-        let gone = ToBridge::ClientGone { client, conn };
-        match self.bridge.try_send(gone) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(gone)) => match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    let bridge = self.bridge.clone();
-                    runtime.spawn(async move { bridge.send(gone).await });
-                }
-                Err(_) => {
-                    let _ = self.bridge.blocking_send(gone);
-                }
-            },
-        }
-    }
 }
 
-/// Refuses a client's message with `code`.
-fn refuse(reply: PeerReply, code: ErrorCode, worker: PeerId, client: PeerId, reason: impl Into<Bytes>) {
-    crate::edge::reply(reply, Outbound::error(code, worker, client, reason));
-}
-
-/// This instance's membership of the cluster: the NATS client and the bridge task.
+/// This instance's membership of the cluster: the NATS client and the bridge's queues.
 pub struct Cluster {
     pub instance: InstanceId,
     nats: async_nats::Client,
     subjects: Subjects,
-    bridge: mpsc::Sender<ToBridge>,
+    queue: ClusterQueue,
+    control: mpsc::UnboundedSender<Control>,
 }
 
 /// Holds a worker's registration in the cluster: while it lives, requests locating the worker
@@ -213,13 +165,37 @@ impl Drop for Registration {
     }
 }
 
+/// The bridge's queue, before the bridge runs: the shards are made with its sending end.
+pub struct Queue {
+    tx: ClusterQueue,
+    rx: mpsc::Receiver<ToCluster>,
+}
+
+impl Queue {
+    pub fn new() -> Self {
+        let (tx, rx) = mpsc::channel(driver::QUEUE);
+        Queue { tx, rx }
+    }
+
+    /// What a shard hands messages for workers on other instances to.
+    pub fn elsewhere(&self) -> Box<dyn Elsewhere<Peer>> {
+        Box::new(ToOtherInstances { queue: self.tx.clone() })
+    }
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Cluster {
     /// Connects to NATS (retrying in the background if no server answers yet).
     pub async fn connect(
         config: &NatsConfig,
         instance: InstanceId,
         health: tonic_health::server::HealthReporter,
-    ) -> anyhow::Result<async_nats::Client> {
+    ) -> Result<async_nats::Client, ClusterError> {
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("distributor-{instance:x}"))
             .no_echo()
@@ -231,7 +207,7 @@ impl Cluster {
             .reconnect_delay_callback(reconnect_delay)
             .event_callback(move |event| {
                 let health = health.clone();
-                async move { bridge::on_event(event, health).await }
+                async move { driver::on_event(event, health).await }
             });
         if let (Some(user), Some(password)) = (&config.user, &config.password) {
             options = options.user_and_password(user.clone(), password.clone());
@@ -243,7 +219,7 @@ impl Cluster {
             options = options.nkey(seed.clone());
         }
         if let Some(creds) = &config.creds {
-            options = options.credentials_file(creds).await?;
+            options = options.credentials_file(creds).await.map_err(ClusterError::Credentials)?;
         }
         if let Some(ca) = &config.tls_ca {
             options = options.add_root_certificates(ca.clone());
@@ -254,8 +230,12 @@ impl Cluster {
         if config.require_tls {
             options = options.require_tls(true);
         }
-        let urls: Vec<async_nats::ServerAddr> =
-            config.url.split(',').map(|u| u.trim().parse()).collect::<Result<_, _>>()?;
+        let urls: Vec<async_nats::ServerAddr> = config
+            .url
+            .split(',')
+            .map(|u| u.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e: std::io::Error| ClusterError::Url(e.into()))?;
         let client = options.connect(urls).await?;
         // Serve only once connected, so that the first peers find the cluster; if NATS stays
         // unreachable, serve anyway (local relay works) and keep trying in the background.
@@ -270,34 +250,34 @@ impl Cluster {
         Ok(client)
     }
 
-    /// The bridge's command queue.
-    pub fn channel() -> (mpsc::Sender<ToBridge>, mpsc::Receiver<ToBridge>) {
-        mpsc::channel(bridge::QUEUE)
-    }
-
-    pub fn elsewhere(bridge: &mpsc::Sender<ToBridge>, instance: InstanceId) -> Box<dyn Elsewhere<Peer>> {
-        Box::new(ToOtherInstances { bridge: bridge.clone(), instance })
-    }
-
-    pub fn new(
+    /// Starts the bridge task on `queue`, feeding `shards`.
+    pub fn start(
         instance: InstanceId,
         nats: async_nats::Client,
         prefix: &str,
-        bridge: mpsc::Sender<ToBridge>,
-    ) -> Self {
-        Cluster { instance, nats, subjects: Subjects::new(prefix), bridge }
-    }
-
-    pub fn bridge(&self) -> &mpsc::Sender<ToBridge> {
-        &self.bridge
-    }
-
-    pub fn nats(&self) -> &async_nats::Client {
-        &self.nats
+        queue: Queue,
+        shards: Arc<Shards<Peer>>,
+    ) -> (Self, JoinHandle<Result<(), ClusterError>>) {
+        let subjects = Subjects::new(prefix);
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            bridge: Bridge::new(instance, shards, queue.tx.clone()),
+            me: instance,
+            nats: nats.clone(),
+            subjects: subjects.clone(),
+            control: control.clone(),
+        };
+        let task = tokio::spawn(async move { Ok(driver.run(queue.rx, control_rx).await?) });
+        (Cluster { instance, nats, subjects, queue: queue.tx, control }, task)
     }
 
     pub fn is_connected(&self) -> bool {
         self.nats.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// What a local client's departure carries through the shards (see [`Departure`]).
+    pub fn departure(&self, client: PeerId, conn: ConnId) -> Arc<Departure> {
+        Arc::new(Departure::new(client, conn, self.queue.clone()))
     }
 
     /// Registers a worker cluster-wide: older streams of it anywhere end, and requests locating
@@ -313,8 +293,7 @@ impl Cluster {
             }
         };
         let located = Bytes::from(wire::Located { instance: self.instance }.encode_to_vec());
-        let nats = self.nats.clone();
-        let responder = tokio::spawn(bridge::answer_locates(subscriber, nats, located));
+        let responder = tokio::spawn(driver::answer_locates(subscriber, self.nats.clone(), located));
         self.claim(Role::Worker, worker, conn).await;
         if self.is_connected() {
             let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.flush()).await;
@@ -330,14 +309,20 @@ impl Cluster {
         }
     }
 
-    /// Runs the bridge until shutdown.
-    pub async fn run_bridge(
-        &self,
-        rx: mpsc::Receiver<ToBridge>,
-        shards: Arc<Shards<Peer>>,
-    ) -> anyhow::Result<()> {
-        Bridge::new(self.instance, self.nats.clone(), self.subjects.clone(), shards, self.bridge.clone())
-            .run(rx)
-            .await
+    /// Leaves the cluster: once this instance's departures are acknowledged (or `within`
+    /// passes), says `leaving`, so that the other instances end its sessions at once; then
+    /// drains the NATS connection.
+    pub async fn leave(&self, task: JoinHandle<Result<(), ClusterError>>, within: Duration) {
+        let (done, left) = oneshot::channel();
+        if self.control.send(Control::Shutdown { done }).is_ok() {
+            let _ = tokio::time::timeout(within, left).await;
+        }
+        task.abort();
+        match task.await {
+            Ok(Err(e)) => tracing::warn!("cluster bridge failed: {e}"),
+            Err(e) if e.is_panic() => tracing::error!("cluster bridge panicked: {e}"),
+            _ => {}
+        }
+        let _ = self.nats.drain().await;
     }
 }

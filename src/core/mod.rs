@@ -17,6 +17,11 @@ mod tests;
 
 pub use router::{Command, Elsewhere, Router, Signal};
 
+/// Sends a refusal of one of a peer's own messages through the room reserved for its answer.
+pub fn refuse<R: Reply>(reply: R, code: ErrorCode, worker: PeerId, client: PeerId, reason: impl Into<Bytes>) {
+    reply.send(Outbound::error(code, worker, client, reason));
+}
+
 use bytes::Bytes;
 
 use crate::pb::{ErrorCode, RtcEvent};
@@ -82,6 +87,13 @@ impl Outbound {
     pub fn peer_gone(worker: PeerId, client: PeerId) -> Self {
         Outbound::relay(RtcEvent::PeerGone, worker, client, Bytes::new())
     }
+
+    /// Whether this message for a client, coming from its worker's instance, says the worker is
+    /// no longer there: its session ended (`PEER_GONE`), or it was not found (`PEER_NOT_CONNECTED`).
+    pub fn says_worker_left(&self) -> bool {
+        self.event == RtcEvent::PeerGone
+            || (self.event == RtcEvent::Error && self.error == ErrorCode::PeerNotConnected)
+    }
 }
 
 /// Why a delivery could not be made.
@@ -93,6 +105,30 @@ pub enum DeliverError {
     Closed,
     /// The peer is on another instance, which cannot be reached right now.
     Unavailable,
+}
+
+impl DeliverError {
+    pub fn code(self) -> ErrorCode {
+        match self {
+            DeliverError::Full => ErrorCode::PeerOverloaded,
+            DeliverError::Closed => ErrorCode::PeerNotConnected,
+            DeliverError::Unavailable => ErrorCode::ClusterUnavailable,
+        }
+    }
+
+    /// The `ERROR` for the sender of a relay that could not be delivered to `to`, the other
+    /// end of the session (`worker`, `client`).
+    pub fn refusal(self, to: Role, worker: PeerId, client: PeerId) -> Outbound {
+        let (role, id) = (to.as_str(), if to == Role::Worker { worker } else { client });
+        let reason = match self {
+            DeliverError::Full => format!("{role} {id} is not reading; the message was not delivered"),
+            DeliverError::Closed => format!("{role} {id} is disconnecting; the message was not delivered"),
+            DeliverError::Unavailable => {
+                format!("{role} {id} is on an instance that cannot be reached; the message was not delivered")
+            }
+        };
+        Outbound::error(self.code(), worker, client, reason)
+    }
 }
 
 /// Why the core ends a peer's stream.
@@ -114,6 +150,9 @@ pub trait Reply {
 pub trait PeerSink: Clone {
     /// A reserved slot in this peer's queue, for the answer to one of its own messages.
     type Reply: Reply + Send + 'static;
+    /// Carried by each shard's copy of a client's departure and dropped once that shard has
+    /// handled it (see [`Command::ClientGone`]); `()` where nothing waits for departures.
+    type Departure: Clone + Send + 'static;
     /// The instance the peer's stream is on, when it is not this one.
     fn remote(&self) -> Option<InstanceId> {
         None

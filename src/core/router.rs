@@ -8,7 +8,7 @@ use bytes::Bytes;
 use metrics::{Counter, Gauge, Histogram};
 
 use super::session::{self, State};
-use super::{CloseReason, ConnId, DeliverError, InstanceId, Outbound, PeerId, PeerSink, Reply, Role};
+use super::{CloseReason, ConnId, DeliverError, InstanceId, Outbound, PeerId, PeerSink, Reply, Role, refuse};
 use crate::metrics as names;
 use crate::pb::{ErrorCode, RtcEvent};
 
@@ -40,9 +40,13 @@ pub enum Command<P: PeerSink> {
         client: PeerId,
         signal: Signal<P::Reply>,
     },
+    /// A client stream ended. A local one is sent to every shard, after the stream's last
+    /// message; each copy holds `departure` until its shard has handled it, which tells the
+    /// cluster when every shard is done (`P::Departure`).
     ClientGone {
         client: PeerId,
         conn: ConnId,
+        departure: P::Departure,
     },
     WorkerGone {
         worker: PeerId,
@@ -75,10 +79,8 @@ pub struct Signal<R> {
 
 /// Where a local client's message goes when its worker is not registered on this instance.
 pub trait Elsewhere<P: PeerSink>: Send {
-    /// Takes the message on, or refuses it through `signal.reply`.
+    /// Takes the message of `sink`, a local client, on, or refuses it through `signal.reply`.
     fn to_worker(&mut self, client: PeerId, sink: &P, worker: PeerId, signal: Signal<P::Reply>);
-    /// A local client stream ended; called after every message of it this shard handed over.
-    fn client_gone(&mut self, client: PeerId, conn: ConnId);
 }
 
 struct WorkerEntry<P> {
@@ -142,7 +144,7 @@ impl<P: PeerSink> Router<P> {
             Command::FromWorker { worker, conn, client, signal } => {
                 self.worker_message(worker, conn, client, signal, now)
             }
-            Command::ClientGone { client, conn } => self.client_gone(client, conn),
+            Command::ClientGone { client, conn, departure: _ } => self.client_gone(client, conn),
             Command::WorkerGone { worker, conn } => self.worker_gone(worker, conn),
             Command::ToWorker { worker, msg } => {
                 if let Some(entry) = self.workers.get(&worker) {
@@ -212,13 +214,9 @@ impl<P: PeerSink> Router<P> {
     ) {
         let m = &self.metrics;
         let Signal { event, payload, reply } = signal;
-        let refuse = |reply: P::Reply, code, reason: Bytes| {
-            m.errors(code).increment(1);
-            reply.send(Outbound::error(code, worker, client, reason));
-        };
         if !session::is_relayable(Role::Client, event) {
             let reason = session::step(None, Role::Client, event).expect_err("not relayable");
-            return refuse(reply, ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
+            return refuse(reply, ErrorCode::InvalidTransition, worker, client, reason);
         }
         let Some(entry) = self.workers.get_mut(&worker) else {
             if let Some(elsewhere) = self.elsewhere.as_mut()
@@ -227,22 +225,20 @@ impl<P: PeerSink> Router<P> {
                 return elsewhere.to_worker(client, &sink, worker, Signal { event, payload, reply });
             }
             let reason = format!("worker {worker} is not connected");
-            return refuse(reply, ErrorCode::PeerNotConnected, reason.into());
+            return refuse(reply, ErrorCode::PeerNotConnected, worker, client, reason);
         };
         let (state, superseded) = match entry.sessions.get(&client) {
             None => (None, false),
             Some(s) if s.client.conn() == sink.conn() => (Some(s.state), false),
             Some(s) if s.client.conn() > sink.conn() => {
                 let reason = "this stream was superseded by a newer stream of the same client";
-                return refuse(reply, ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
+                return refuse(reply, ErrorCode::InvalidTransition, worker, client, reason);
             }
             Some(_) => (None, true),
         };
         let next = match session::step(state, Role::Client, event) {
             Ok(next) => next,
-            Err(reason) => {
-                return refuse(reply, ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
-            }
+            Err(reason) => return refuse(reply, ErrorCode::InvalidTransition, worker, client, reason),
         };
         if superseded {
             // The session belonged to an older stream of this client: it ended with that stream.
@@ -251,17 +247,12 @@ impl<P: PeerSink> Router<P> {
             notify(m, &entry.sink, Outbound::peer_gone(worker, client));
         }
         let forwarded = session::forwarded(event);
-        match entry.sink.try_deliver(Outbound::relay(forwarded, worker, client, payload)) {
-            Ok(()) => m.relayed(forwarded).increment(1),
-            Err(e) => return refuse(reply, e.code(), undelivered(Role::Worker, worker, e)),
+        if let Err(e) = entry.sink.try_deliver(Outbound::relay(forwarded, worker, client, payload)) {
+            return reply.send(e.refusal(Role::Worker, worker, client));
         }
         match entry.sessions.get_mut(&client) {
             Some(s) => {
-                if s.state != next {
-                    m.sessions(s.state).decrement(1.0);
-                    m.sessions(next).increment(1.0);
-                    s.state = next;
-                }
+                m.advance(&mut s.state, next);
                 if event == RtcEvent::Offer {
                     s.offered_at = Some(now());
                 }
@@ -289,46 +280,35 @@ impl<P: PeerSink> Router<P> {
     ) {
         let m = &self.metrics;
         let Signal { event, payload, reply } = signal;
-        let refuse = |code, reason: Bytes| {
-            m.errors(code).increment(1);
-            reply.send(Outbound::error(code, worker, client, reason));
-        };
         if !session::is_relayable(Role::Worker, event) {
             let reason = session::step(None, Role::Worker, event).expect_err("not relayable");
-            return refuse(ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
+            return refuse(reply, ErrorCode::InvalidTransition, worker, client, reason);
         }
         let entry = match self.workers.get_mut(&worker) {
             Some(entry) if entry.sink.conn() == conn => entry,
             _ => {
                 let reason = "this stream is not the registered stream of its worker id";
-                return refuse(ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
+                return refuse(reply, ErrorCode::InvalidTransition, worker, client, reason);
             }
         };
         let Some(session) = entry.sessions.get_mut(&client) else {
             let reason = format!("no session with client {client}: the client starts with OFFER");
-            return refuse(ErrorCode::InvalidTransition, reason.into());
+            return refuse(reply, ErrorCode::InvalidTransition, worker, client, reason);
         };
         let next = match session::step(Some(session.state), Role::Worker, event) {
             Ok(next) => next,
-            Err(reason) => {
-                return refuse(ErrorCode::InvalidTransition, Bytes::from_static(reason.as_bytes()));
-            }
+            Err(reason) => return refuse(reply, ErrorCode::InvalidTransition, worker, client, reason),
         };
         let forwarded = session::forwarded(event);
-        match session.client.try_deliver(Outbound::relay(forwarded, worker, client, payload)) {
-            Ok(()) => m.relayed(forwarded).increment(1),
-            Err(e) => return refuse(e.code(), undelivered(Role::Client, client, e)),
+        if let Err(e) = session.client.try_deliver(Outbound::relay(forwarded, worker, client, payload)) {
+            return reply.send(e.refusal(Role::Client, worker, client));
         }
         if event == RtcEvent::Answer
             && let Some(offered_at) = session.offered_at
         {
             m.offer_to_answer.record(now().saturating_duration_since(offered_at).as_secs_f64());
         }
-        if session.state != next {
-            m.sessions(session.state).decrement(1.0);
-            m.sessions(next).increment(1.0);
-            session.state = next;
-        }
+        m.advance(&mut session.state, next);
     }
 
     fn client_gone(&mut self, client: PeerId, conn: ConnId) {
@@ -358,9 +338,6 @@ impl<P: PeerSink> Router<P> {
                 index.remove();
             }
         }
-        if let Some(elsewhere) = self.elsewhere.as_mut() {
-            elsewhere.client_gone(client, conn);
-        }
     }
 
     fn worker_gone(&mut self, worker: PeerId, conn: ConnId) {
@@ -383,12 +360,7 @@ impl<P: PeerSink> Router<P> {
                 }
                 m.sessions(session.state).decrement(1.0);
                 notify(m, &entry.sink, Outbound::peer_gone(*worker, *client));
-                if let Entry::Occupied(mut index) = self.client_sessions.entry(*client) {
-                    index.get_mut().retain(|w| w != worker);
-                    if index.get().is_empty() {
-                        index.remove();
-                    }
-                }
+                unlink(&mut self.client_sessions, *client, *worker);
                 false
             });
         }
@@ -399,36 +371,19 @@ impl<P: PeerSink> Router<P> {
         for (client, session) in entry.sessions {
             self.metrics.sessions(session.state).decrement(1.0);
             notify(&self.metrics, &session.client, Outbound::peer_gone(worker, client));
-            if let Entry::Occupied(mut index) = self.client_sessions.entry(client) {
-                index.get_mut().retain(|w| *w != worker);
-                if index.get().is_empty() {
-                    index.remove();
-                }
-            }
+            unlink(&mut self.client_sessions, client, worker);
         }
     }
 }
 
-impl DeliverError {
-    pub fn code(self) -> ErrorCode {
-        match self {
-            DeliverError::Full => ErrorCode::PeerOverloaded,
-            DeliverError::Closed => ErrorCode::PeerNotConnected,
-            DeliverError::Unavailable => ErrorCode::ClusterUnavailable,
+/// Forgets that `client` holds a session with `worker` on this shard.
+fn unlink(client_sessions: &mut HashMap<PeerId, Vec<PeerId>>, client: PeerId, worker: PeerId) {
+    if let Entry::Occupied(mut index) = client_sessions.entry(client) {
+        index.get_mut().retain(|w| *w != worker);
+        if index.get().is_empty() {
+            index.remove();
         }
     }
-}
-
-fn undelivered(role: Role, id: PeerId, e: DeliverError) -> Bytes {
-    let role = role.as_str();
-    match e {
-        DeliverError::Full => format!("{role} {id} is not reading; the message was not delivered"),
-        DeliverError::Closed => format!("{role} {id} is disconnecting; the message was not delivered"),
-        DeliverError::Unavailable => {
-            format!("{role} {id} is on an instance that cannot be reached; the message was not delivered")
-        }
-    }
-    .into()
 }
 
 /// Delivers a message the distributor owes a peer unasked (an acknowledgement, a `PEER_GONE`).
@@ -441,10 +396,9 @@ fn notify<P: PeerSink>(m: &RouterMetrics, peer: &P, msg: Outbound) {
     }
 }
 
-/// Metric handles, looked up once so that the per-message path only bumps atomics.
+/// Metric handles, looked up once so that the per-message path only bumps atomics. What is
+/// written to peers is counted where it is written (`peer::written`), not here.
 struct RouterMetrics {
-    relayed: Vec<Counter>,
-    errors: Vec<Counter>,
     sessions: [Gauge; 3],
     queue_drops: Counter,
     offer_to_answer: Histogram,
@@ -452,36 +406,23 @@ struct RouterMetrics {
 
 impl RouterMetrics {
     fn new() -> Self {
-        let relayed = (0..=RtcEvent::PeerGone as i32)
-            .map(|e| {
-                let event = RtcEvent::try_from(e).expect("dense enum").as_str_name();
-                metrics::counter!(names::MESSAGES_RELAYED, "event" => event)
-            })
-            .collect();
-        let errors = (0..=ErrorCode::ClusterUnavailable as i32)
-            .map(|c| {
-                let code = ErrorCode::try_from(c).expect("dense enum").as_str_name();
-                metrics::counter!(names::ERRORS, "code" => code)
-            })
-            .collect();
         RouterMetrics {
-            relayed,
-            errors,
             sessions: State::ALL.map(|s| metrics::gauge!(names::SESSIONS, "state" => s.as_str())),
             queue_drops: metrics::counter!(names::QUEUE_DROPS),
             offer_to_answer: metrics::histogram!(names::OFFER_TO_ANSWER),
         }
     }
 
-    fn relayed(&self, event: RtcEvent) -> &Counter {
-        &self.relayed[event as usize]
-    }
-
-    fn errors(&self, code: ErrorCode) -> &Counter {
-        &self.errors[code as usize]
-    }
-
     fn sessions(&self, state: State) -> &Gauge {
         &self.sessions[state as usize]
+    }
+
+    /// Moves a session to `next`, keeping the gauges by state in step.
+    fn advance(&self, state: &mut State, next: State) {
+        if *state != next {
+            self.sessions(*state).decrement(1.0);
+            self.sessions(next).increment(1.0);
+            *state = next;
+        }
     }
 }

@@ -73,6 +73,13 @@ pub fn is_relayable(from: Role, event: RtcEvent) -> bool {
     )
 }
 
+/// Whether a peer receiving `event` receives another peer's message relayed (an event
+/// [`forwarded`] makes). A relay that cannot be delivered is owed an `ERROR` to its sender;
+/// what the distributor says itself (`BLANK`, `PING`, `ERROR`, `PEER_GONE`) is owed nothing.
+pub fn is_relay(event: RtcEvent) -> bool {
+    matches!(event, RtcEvent::Offer | RtcEvent::Answer | RtcEvent::AcceptAnswer | RtcEvent::IceCandidate)
+}
+
 /// The event the other side receives for a relayed `event`: a sender's own candidate arrives as
 /// the other side's remote candidate.
 pub fn forwarded(event: RtcEvent) -> RtcEvent {
@@ -141,6 +148,16 @@ mod tests {
         let s = step(Some(s), Role::Client, AcceptAnswer).unwrap();
         assert_eq!(s, Accepted);
         assert_eq!(step(Some(s), Role::Client, Offer), Ok(Offered), "renegotiation");
+    }
+
+    #[test]
+    fn relays_are_exactly_what_relayable_messages_arrive_as() {
+        for event in EVENTS {
+            let arrives_as_relay = [Role::Client, Role::Worker]
+                .into_iter()
+                .any(|from| EVENTS.iter().any(|sent| is_relayable(from, *sent) && forwarded(*sent) == event));
+            assert_eq!(is_relay(event), arrives_as_relay, "{event:?}");
+        }
     }
 
     #[test]

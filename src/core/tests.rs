@@ -31,6 +31,7 @@ impl Reply for TestReply {
 
 impl PeerSink for TestSink {
     type Reply = TestReply;
+    type Departure = ();
 
     fn conn(&self) -> ConnId {
         self.conn
@@ -210,11 +211,11 @@ fn a_newer_client_stream_takes_over_its_sessions() {
     // The old stream's late messages and departure do not touch the new session.
     h.client_sends(100, &old, 1, RtcEvent::LocalIceCandidate);
     assert_eq!(old.events(), [(RtcEvent::Error, ErrorCode::InvalidTransition)]);
-    h.run(Command::ClientGone { client: 100, conn: cid(2) });
+    h.run(Command::ClientGone { client: 100, conn: cid(2), departure: () });
     assert!(w.take().is_empty());
     h.worker_sends(1, &w, 100, RtcEvent::Answer);
     assert_eq!(new.events(), [(RtcEvent::Answer, OK)]);
-    h.run(Command::ClientGone { client: 100, conn: cid(3) });
+    h.run(Command::ClientGone { client: 100, conn: cid(3), departure: () });
     assert_eq!(w.events(), [(RtcEvent::PeerGone, OK)]);
     assert_eq!(h.router.session_count(), 0);
 }
@@ -226,7 +227,7 @@ fn a_peer_that_does_not_read_what_it_is_owed_is_closed() {
     let c = h.client(100, 2);
     h.client_sends(100, &c, 1, RtcEvent::Offer);
     w.peer.lock().unwrap().capacity = 0;
-    h.run(Command::ClientGone { client: 100, conn: cid(2) });
+    h.run(Command::ClientGone { client: 100, conn: cid(2), departure: () });
     assert_eq!(w.closed(), Some(CloseReason::NotReading), "PEER_GONE could not be queued");
 }
 

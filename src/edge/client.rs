@@ -5,10 +5,11 @@ use std::sync::Arc;
 use tonic::metadata::MetadataMap;
 use tonic::{Status, Streaming};
 
-use super::conn::{Close, Peer, PeerReply, Sink};
 use super::{Edge, Reader, connected};
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::ClientRtcMessage;
+use crate::peer::conn::shutting_down;
+use crate::peer::{Close, Peer, PeerReply, Sink};
 
 /// The client id of an open (no auth) distributor: `x-client-id` if given, else a fresh random
 /// one. Random ids are 63-bit, so two instances practically never hand out the same one.
@@ -63,9 +64,14 @@ pub async fn serve(edge: Arc<Edge>, sink: Sink, client: PeerId, inbound: Streami
             break;
         }
     }
-    if shards.send_all(|| Command::ClientGone { client, conn: sink.id() }).await.is_err() {
-        sink.end(Close::Now(super::conn::shutting_down()));
+    // Every shard hears of the departure after the stream's last message; in a cluster, the
+    // other instances hear of it once the last shard is done with it (see `peer::Departure`).
+    let departure = edge.cluster.as_ref().map(|cluster| cluster.departure(client, sink.id()));
+    let gone = || Command::ClientGone { client, conn: sink.id(), departure: departure.clone() };
+    if shards.send_all(gone).await.is_err() {
+        sink.end(Close::Now(shutting_down()));
     }
+    drop(departure);
     gauge.decrement(1.0);
     tracing::debug!(client, conn = %sink.id(), "client stream ended");
 }

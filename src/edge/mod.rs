@@ -6,7 +6,6 @@
 //! of the stream: it gets an `ERROR` message and the stream goes on.
 
 mod client;
-pub mod conn;
 mod worker;
 
 use futures::FutureExt;
@@ -24,8 +23,9 @@ use crate::cluster::Cluster;
 use crate::core::{ConnId, InstanceId, Outbound, PeerId, Role};
 use crate::metrics as names;
 use crate::pb::{self, ClientRtcMessage, ErrorCode, RtcEvent, WorkerRtcMessage};
+use crate::peer::conn::shutting_down;
+use crate::peer::{Close, Conn, ConnClock, OutboundStream, Peer, Permit, Sink};
 use crate::shards::Shards;
-use conn::{Close, Conn, ConnClock, OutboundStream, Peer, PeerReply, Permit, Sink};
 
 /// What every stream task shares.
 pub struct Edge {
@@ -50,7 +50,7 @@ impl Edge {
         let (sink, stream) = Conn::open(id, self.peer_queue, encode);
         self.streams.lock().expect("not poisoned").insert(id, Arc::downgrade(&sink));
         if self.stopping.load(Ordering::Acquire) {
-            sink.end(Close::Drain(Some(conn::shutting_down())));
+            sink.end(Close::Drain(Some(shutting_down())));
         }
         (sink, stream)
     }
@@ -65,7 +65,7 @@ impl Edge {
         self.stopping.store(true, Ordering::Release);
         let streams = std::mem::take(&mut *self.streams.lock().expect("not poisoned"));
         for conn in streams.values().filter_map(Weak::upgrade) {
-            conn.end(Close::Drain(Some(conn::shutting_down())));
+            conn.end(Close::Drain(Some(shutting_down())));
         }
     }
 
@@ -103,25 +103,16 @@ impl Edge {
     ) -> Option<(RtcEvent, Bytes, Permit)> {
         match self.check(event, &payload) {
             Ok(RtcEvent::Ping) => {
-                reply(PeerReply::Local(permit), Outbound::relay(RtcEvent::Ping, worker, client, payload));
+                permit.send(Outbound::relay(RtcEvent::Ping, worker, client, payload));
                 None
             }
             Ok(event) => Some((event, payload, permit)),
             Err((code, reason)) => {
-                reply(PeerReply::Local(permit), Outbound::error(code, worker, client, reason));
+                permit.send(Outbound::error(code, worker, client, reason));
                 None
             }
         }
     }
-}
-
-/// Answers a peer's own message through the room reserved for it (on its stream here, or back
-/// to its instance), counting refusals.
-pub(crate) fn reply(to: PeerReply, msg: Outbound) {
-    if msg.event == RtcEvent::Error {
-        metrics::counter!(names::ERRORS, "code" => msg.error.as_str_name()).increment(1);
-    }
-    crate::core::Reply::send(to, msg);
 }
 
 /// How a stream ends when reading it failed: a frame over the limit is `RESOURCE_EXHAUSTED`

@@ -4,10 +4,11 @@ use std::sync::Arc;
 
 use tonic::{Status, Streaming};
 
-use super::conn::{Close, Peer, PeerReply, Sink};
 use super::{Edge, Reader, connected};
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{RtcEvent, WorkerRtcMessage};
+use crate::peer::conn::shutting_down;
+use crate::peer::{Close, Peer, PeerReply, Sink};
 
 pub fn encode(msg: Outbound) -> WorkerRtcMessage {
     WorkerRtcMessage {
@@ -56,7 +57,7 @@ pub async fn serve(
     };
     let register = Command::RegisterWorker { worker, sink: Peer::Local(sink.clone()) };
     if shards.send(shard, register).await.is_err() {
-        return sink.end(Close::Now(super::conn::shutting_down()));
+        return sink.end(Close::Now(shutting_down()));
     }
     let gauge = connected(Role::Worker);
     gauge.increment(1.0);
@@ -81,7 +82,7 @@ pub async fn serve(
         }
     }
     if shards.send(shard, Command::WorkerGone { worker, conn: sink.id() }).await.is_err() {
-        sink.end(Close::Now(super::conn::shutting_down()));
+        sink.end(Close::Now(shutting_down()));
     }
     gauge.decrement(1.0);
     tracing::debug!(worker, conn = %sink.id(), "worker stream ended");

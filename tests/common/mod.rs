@@ -14,6 +14,7 @@ use distributor::config::Config;
 use distributor::pb::client_service_client::ClientServiceClient;
 use distributor::pb::worker_service_client::WorkerServiceClient;
 use distributor::pb::{ClientRtcMessage, ErrorCode, RtcEvent, WorkerRtcMessage};
+use distributor::server::ServerError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,7 +29,7 @@ pub const QUIET: Duration = Duration::from_millis(300);
 pub struct TestServer {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
 }
 
 impl TestServer {
@@ -65,7 +66,7 @@ impl TestServer {
     }
 
     /// Triggers graceful shutdown and waits for `run` to return.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
         let _ = self.stop.take().unwrap().send(());
         tokio::time::timeout(Duration::from_secs(20), self.task.take().unwrap())
             .await
@@ -198,7 +199,7 @@ pub async fn open_worker(
 }
 
 pub fn blank(worker: i64) -> WorkerRtcMessage {
-    WorkerRtcMessage { worker_machine_id: worker, event: RtcEvent::Blank as i32, ..Default::default() }
+    WorkerRtcMessage::register(worker)
 }
 
 /// A registered worker (its `BLANK` acknowledged).
@@ -215,37 +216,102 @@ pub async fn worker_with(server: &TestServer, id: i64, metadata: &[(&'static str
 }
 
 pub fn to_worker(worker: i64, event: RtcEvent, payload: &[u8]) -> ClientRtcMessage {
-    ClientRtcMessage {
-        worker_machine_id: worker,
-        event: event as i32,
-        message: payload.to_vec().into(),
-        ..Default::default()
-    }
+    ClientRtcMessage::to_worker(worker, event, payload.to_vec())
 }
 
 pub fn to_client(client: i64, event: RtcEvent, payload: &[u8]) -> WorkerRtcMessage {
-    WorkerRtcMessage {
-        client_id: client,
-        event: event as i32,
-        message: payload.to_vec().into(),
-        ..Default::default()
+    WorkerRtcMessage::to_client(client, event, payload.to_vec())
+}
+
+/// Words (lower case) one of which every reason for `code` contains, so that a test checks
+/// that the reason names the refusal.
+fn reason_words(code: ErrorCode) -> &'static [&'static str] {
+    match code {
+        ErrorCode::PeerNotConnected => &["not connected", "disconnecting"],
+        ErrorCode::PeerOverloaded => &["not reading"],
+        ErrorCode::PayloadTooLarge => &["limit"],
+        ErrorCode::ClusterUnavailable => &["reach", "saturated", "did not answer", "queue is full"],
+        ErrorCode::InvalidTransition => &[
+            "offer",
+            "answer",
+            "accept",
+            "blank",
+            "ping",
+            "error",
+            "candidate",
+            "session",
+            "event",
+            "registered",
+            "superseded",
+        ],
+        _ => &[],
     }
 }
 
-/// Asserts `msg` is an `ERROR` with `code`, naming the refused message's worker.
+/// Asserts `reason` is UTF-8 text naming the refusal `code`.
+fn assert_reason(reason: &[u8], code: ErrorCode) {
+    let text = std::str::from_utf8(reason).expect("a reason is text").to_lowercase();
+    assert!(
+        reason_words(code).iter().any(|w| text.contains(w)),
+        "the reason {text:?} does not name the refusal {code:?}"
+    );
+}
+
+/// Asserts `msg` is an `ERROR` with `code`, naming the refused message's worker and the refusal.
 pub fn assert_client_error(msg: &ClientRtcMessage, code: ErrorCode, worker: i64) {
     assert_eq!(msg.event(), RtcEvent::Error, "{msg:?}");
     assert_eq!(msg.error_code(), code, "{msg:?}");
     assert_eq!(msg.worker_machine_id, worker, "{msg:?}");
-    assert!(!msg.message.is_empty(), "an ERROR carries a reason");
+    assert_reason(&msg.message, code);
 }
 
-/// Asserts `msg` is an `ERROR` with `code`, naming the refused message's client.
+/// Asserts `msg` is an `ERROR` with `code`, naming the refused message's client and the refusal.
 pub fn assert_worker_error(msg: &WorkerRtcMessage, code: ErrorCode, client: i64) {
     assert_eq!(msg.event(), RtcEvent::Error, "{msg:?}");
     assert_eq!(msg.error_code(), code, "{msg:?}");
     assert_eq!(msg.client_id, client, "{msg:?}");
-    assert!(!msg.message.is_empty(), "an ERROR carries a reason");
+    assert_reason(&msg.message, code);
+}
+
+/// The number a test wrote in the first 4 bytes of a candidate.
+pub fn number(payload: &[u8]) -> u32 {
+    u32::from_be_bytes(payload[..4].try_into().expect("a numbered payload"))
+}
+
+/// `sent` numbered candidates went from `client` to worker `w`: reads both streams until each
+/// is accounted for, delivered to the worker or refused to the client with `refusal`, and
+/// returns the numbers delivered, in arrival order, and the count refused. Fails after
+/// `within`; then checks that nothing more comes (nothing was delivered twice).
+pub async fn account_for(
+    client: &mut ClientStream,
+    worker: &mut WorkerStream,
+    w: i64,
+    sent: usize,
+    refusal: ErrorCode,
+    within: Duration,
+) -> (Vec<u32>, usize) {
+    let (mut delivered, mut refused) = (Vec::new(), 0);
+    let deadline = tokio::time::Instant::now() + within;
+    while delivered.len() + refused < sent {
+        tokio::select! {
+            msg = client.rx.message() => {
+                let msg = msg.expect("client stream open").expect("client stream open");
+                assert_client_error(&msg, refusal, w);
+                refused += 1;
+            }
+            msg = worker.rx.message() => {
+                let msg = msg.expect("worker stream open").expect("worker stream open");
+                assert_eq!(msg.event(), RtcEvent::IceCandidate, "{msg:?}");
+                delivered.push(number(&msg.message));
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                panic!("after {within:?}, {} delivered + {refused} refused of {sent}", delivered.len())
+            }
+        }
+    }
+    client.expect_quiet().await;
+    worker.expect_quiet().await;
+    (delivered, refused)
 }
 
 /// Runs offer/answer/accept between `client` (id `c`) and `worker` (id `w`).
@@ -270,9 +336,58 @@ pub async fn negotiate(client: &mut ClientStream, c: i64, worker: &mut WorkerStr
     assert_eq!((accept.event(), accept.client_id), (RtcEvent::AcceptAnswer, c));
 }
 
+/// A free TCP port on 127.0.0.1 (the OS picks it; it is free until someone binds it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_for_port(addr: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr} after {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process, stopped by its PID (SIGKILL) when dropped, passing or failing.
+pub struct Process(pub Child);
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.0.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// The real binary, stopped by PID when dropped.
 pub struct Binary {
-    child: Child,
+    process: Process,
     pub addr: String,
 }
 
@@ -290,6 +405,7 @@ impl Binary {
             .spawn()
             .expect("start the distributor binary");
         let stdout = BufReader::new(child.stdout.take().unwrap());
+        let process = Process(child);
         let (tx, rx) = std::sync::mpsc::channel();
         // Keep reading stdout so the process never blocks on a full pipe.
         std::thread::spawn(move || {
@@ -307,38 +423,19 @@ impl Binary {
                 break line[start..end].to_string();
             }
         };
-        Binary { child, addr }
+        Binary { process, addr }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.process.terminate()
     }
-}
 
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Binary {
     /// Kills the process at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 }

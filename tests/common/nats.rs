@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
+use super::free_port;
+
 /// The nats-server binary: `$NATS_SERVER`, else what `scripts/nats-server.sh` finds or installs.
 pub fn server_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("NATS_SERVER") {
@@ -19,10 +21,6 @@ pub fn server_binary() -> PathBuf {
         .expect("run scripts/nats-server.sh");
     assert!(out.status.success(), "no nats-server could be found or installed");
     String::from_utf8(out.stdout).unwrap().trim().into()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 struct Node {

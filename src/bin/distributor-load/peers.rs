@@ -168,8 +168,7 @@ type ClientSide = Side<ClientRtcMessage>;
 
 async fn open_worker(load: &Load, channel: Channel, id: i64) -> anyhow::Result<WorkerSide> {
     let (tx, rx) = mpsc::channel(load.window.max(16) * 2);
-    tx.send(WorkerRtcMessage { worker_machine_id: id, event: RtcEvent::Blank as i32, ..Default::default() })
-        .await?;
+    tx.send(WorkerRtcMessage::register(id)).await?;
     let auth = token(load, Role::Worker, id);
     let mut rx =
         WorkerServiceClient::new(channel).negotiate_peer_connection(request(rx, auth)).await?.into_inner();
@@ -193,34 +192,21 @@ async fn open_client(load: &Load, channel: Channel, id: i64) -> anyhow::Result<C
     Ok(ClientSide { id: welcome.client_id, tx, rx })
 }
 
-fn to_worker(worker: i64, event: RtcEvent, payload: Bytes) -> ClientRtcMessage {
-    ClientRtcMessage {
-        worker_machine_id: worker,
-        event: event as i32,
-        message: payload,
-        ..Default::default()
-    }
-}
-
-fn to_client(client: i64, event: RtcEvent, payload: Bytes) -> WorkerRtcMessage {
-    WorkerRtcMessage { client_id: client, event: event as i32, message: payload, ..Default::default() }
-}
-
 /// Offer, answer, accept; returns the offer-to-answer time seen by the client.
 async fn negotiate(c: &mut ClientSide, w: &mut WorkerSide) -> anyhow::Result<Duration> {
     let offered = Instant::now();
-    c.tx.send(to_worker(w.id, RtcEvent::Offer, Bytes::from_static(b"v=0 offer"))).await?;
+    c.tx.send(ClientRtcMessage::to_worker(w.id, RtcEvent::Offer, &b"v=0 offer"[..])).await?;
     let offer = next(&mut w.rx, "offer").await?;
     if offer.event() != RtcEvent::Offer {
         bail!("worker {}: expected OFFER, got {offer:?}", w.id);
     }
-    w.tx.send(to_client(c.id, RtcEvent::Answer, Bytes::from_static(b"v=0 answer"))).await?;
+    w.tx.send(WorkerRtcMessage::to_client(c.id, RtcEvent::Answer, &b"v=0 answer"[..])).await?;
     let answer = next(&mut c.rx, "answer").await?;
     if answer.event() != RtcEvent::Answer {
         bail!("client {}: expected ANSWER, got {answer:?}", c.id);
     }
     let took = offered.elapsed();
-    c.tx.send(to_worker(w.id, RtcEvent::AcceptAnswer, Bytes::new())).await?;
+    c.tx.send(ClientRtcMessage::to_worker(w.id, RtcEvent::AcceptAnswer, Bytes::new())).await?;
     let accept = next(&mut w.rx, "accept").await?;
     if accept.event() != RtcEvent::AcceptAnswer {
         bail!("worker {}: expected ACCEPT_ANSWER, got {accept:?}", w.id);
@@ -335,7 +321,8 @@ async fn relay_pair(
             break;
         }
         seq += 1;
-        c.tx.send(to_worker(worker_id, RtcEvent::LocalIceCandidate, stamped(size, seq))).await?;
+        c.tx.send(ClientRtcMessage::to_worker(worker_id, RtcEvent::LocalIceCandidate, stamped(size, seq)))
+            .await?;
     }
     let worker = w.map(|w| tokio::spawn(echo_back(run.clone(), w, client_id)));
     let mut stats = Stats::default();
@@ -360,7 +347,11 @@ async fn relay_pair(
             continue;
         }
         seq += 1;
-        if c.tx.send(to_worker(worker_id, RtcEvent::LocalIceCandidate, stamped(size, seq))).await.is_err() {
+        if c.tx
+            .send(ClientRtcMessage::to_worker(worker_id, RtcEvent::LocalIceCandidate, stamped(size, seq)))
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -385,7 +376,7 @@ async fn echo_back(run: Arc<Run>, mut w: WorkerSide, client: i64) -> anyhow::Res
                 run.count(|| stats.hop(age_ns(&msg.message)));
                 let mut payload = BytesMut::from(&msg.message[..]);
                 payload[..8].copy_from_slice(&now_ns().to_be_bytes());
-                let back = to_client(client, RtcEvent::LocalIceCandidate, payload.freeze());
+                let back = WorkerRtcMessage::to_client(client, RtcEvent::LocalIceCandidate, payload.freeze());
                 if w.tx.send(back).await.is_err() {
                     break;
                 }
@@ -448,8 +439,18 @@ async fn handshake_pair(
         let took = negotiate(&mut c, &mut w).await?;
         let mut hops = Vec::with_capacity(2 * run.load.candidates);
         for k in 0..run.load.candidates {
-            c.tx.send(to_worker(w.id, RtcEvent::LocalIceCandidate, stamped(run.load.size, k as u64))).await?;
-            w.tx.send(to_client(c.id, RtcEvent::LocalIceCandidate, stamped(run.load.size, k as u64))).await?;
+            c.tx.send(ClientRtcMessage::to_worker(
+                w.id,
+                RtcEvent::LocalIceCandidate,
+                stamped(run.load.size, k as u64),
+            ))
+            .await?;
+            w.tx.send(WorkerRtcMessage::to_client(
+                c.id,
+                RtcEvent::LocalIceCandidate,
+                stamped(run.load.size, k as u64),
+            ))
+            .await?;
         }
         for _ in 0..run.load.candidates {
             let to_w = next(&mut w.rx, "client candidate").await?;

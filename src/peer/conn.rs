@@ -1,5 +1,5 @@
-//! One peer's stream as the edge holds it: a bounded outbound queue the shards deliver into, and
-//! the response stream tonic writes from it.
+//! One peer's stream as the distributor holds it: a bounded outbound queue the shards deliver
+//! into, and the response stream tonic writes from it.
 //!
 //! The queue is bounded by a count of slots, not by the channel: every message a peer sends
 //! takes a slot for its answer before it is routed ([`Permit`]), and gives it back when the
@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::Status;
 
-use crate::cluster::RemoteClient;
-use crate::core::{CloseReason, ConnId, DeliverError, InstanceId, Outbound, PeerSink, Reply};
+use super::written;
+use crate::core::{CloseReason, ConnId, DeliverError, InstanceId, Outbound};
 
 /// Hands out [`ConnId`]s: nanoseconds since the Unix epoch, strictly increasing.
 #[derive(Debug, Default)]
@@ -39,21 +39,6 @@ impl ConnClock {
 
 /// The edge's handle on one of its streams; cheap to clone.
 pub type Sink = Arc<Conn>;
-
-/// A peer as the routing core sees it: a stream here, or a client stream on another instance.
-#[derive(Clone)]
-pub enum Peer {
-    Local(Sink),
-    Remote(Arc<RemoteClient>),
-}
-
-/// Where the answer to a peer's message goes.
-pub enum PeerReply {
-    /// Room reserved in a local stream's queue.
-    Local(Permit),
-    /// Back to a client on another instance.
-    Remote(Arc<RemoteClient>),
-}
 
 /// The status every stream ends with when the distributor shuts down.
 pub fn shutting_down() -> Status {
@@ -225,49 +210,6 @@ impl Drop for Permit {
     }
 }
 
-impl Reply for PeerReply {
-    fn send(self, msg: Outbound) {
-        match self {
-            PeerReply::Local(permit) => permit.send(msg),
-            PeerReply::Remote(client) => client.reply(msg),
-        }
-    }
-}
-
-impl PeerSink for Peer {
-    type Reply = PeerReply;
-
-    fn conn(&self) -> ConnId {
-        match self {
-            Peer::Local(conn) => conn.id,
-            Peer::Remote(client) => client.conn(),
-        }
-    }
-
-    fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError> {
-        match self {
-            Peer::Local(conn) => conn.try_deliver(msg),
-            Peer::Remote(client) => client.try_deliver(msg),
-        }
-    }
-
-    fn close(&self, reason: CloseReason) {
-        match self {
-            Peer::Local(conn) => conn.close(reason),
-            // A remote stream is ended by its own instance, which hears of newer streams
-            // through claims and of its peer's departure through PEER_GONE.
-            Peer::Remote(_) => {}
-        }
-    }
-
-    fn remote(&self) -> Option<InstanceId> {
-        match self {
-            Peer::Local(_) => None,
-            Peer::Remote(client) => Some(client.conn().instance),
-        }
-    }
-}
-
 enum Phase {
     Open,
     Draining(Option<Status>),
@@ -283,6 +225,15 @@ pub struct OutboundStream<M> {
     encode: fn(Outbound) -> M,
 }
 
+impl<M> OutboundStream<M> {
+    /// Hands one message to tonic: its slot frees up, and it is counted as written.
+    fn write(&mut self, msg: Outbound) -> M {
+        self.conn.free_slot();
+        written::count(&msg);
+        (self.encode)(msg)
+    }
+}
+
 impl<M> Stream for OutboundStream<M> {
     type Item = Result<M, Status>;
 
@@ -293,10 +244,7 @@ impl<M> Stream for OutboundStream<M> {
                 Phase::Open => {
                     if !this.conn.is_ended() {
                         match this.rx.poll_recv(cx) {
-                            Poll::Ready(Some(msg)) => {
-                                this.conn.free_slot();
-                                return Poll::Ready(Some(Ok((this.encode)(msg))));
-                            }
+                            Poll::Ready(Some(msg)) => return Poll::Ready(Some(Ok(this.write(msg)))),
                             // Not while the conn lives: it holds a sender itself.
                             Poll::Ready(None) => {
                                 this.phase = Phase::Done;
@@ -319,10 +267,7 @@ impl<M> Stream for OutboundStream<M> {
                     }
                 }
                 Phase::Draining(status) => match this.rx.try_recv() {
-                    Ok(msg) => {
-                        this.conn.free_slot();
-                        return Poll::Ready(Some(Ok((this.encode)(msg))));
-                    }
+                    Ok(msg) => return Poll::Ready(Some(Ok(this.write(msg)))),
                     Err(_) => {
                         let status = status.take();
                         this.phase = Phase::Done;

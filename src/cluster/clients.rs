@@ -1,0 +1,155 @@
+//! The local client streams that talk to workers on other instances: which sessions each holds
+//! where, so that what arrives for them is delivered, and what ends is told.
+//!
+//! Sans-IO: a client enters with its first message across ([`LocalClients::open`]), each
+//! worker it reaches is remembered with its instance ([`LocalClients::sent`]), and it leaves
+//! with its stream ([`LocalClients::gone`]), returning the instances to tell.
+
+use std::collections::HashMap;
+
+use crate::core::{ConnId, DeliverError, InstanceId, Outbound, PeerId};
+use crate::peer::Sink;
+
+struct LocalClient {
+    client: PeerId,
+    sink: Sink,
+    /// Its workers elsewhere and their instances.
+    workers: HashMap<PeerId, InstanceId>,
+}
+
+#[derive(Default)]
+pub struct LocalClients {
+    by_conn: HashMap<ConnId, LocalClient>,
+}
+
+/// A `PEER_GONE` owed to a local client found its queue full.
+pub struct NotReading(pub Sink);
+
+impl LocalClients {
+    /// A local client stream sends across; known from now until [`Self::gone`].
+    pub fn open(&mut self, client: PeerId, sink: &Sink) {
+        self.by_conn.entry(sink.id()).or_insert_with(|| LocalClient {
+            client,
+            sink: sink.clone(),
+            workers: HashMap::new(),
+        });
+    }
+
+    pub fn contains(&self, conn: ConnId) -> bool {
+        self.by_conn.contains_key(&conn)
+    }
+
+    /// The stream `conn` sent to `worker` on `instance`.
+    pub fn sent(&mut self, conn: ConnId, worker: PeerId, instance: InstanceId) {
+        if let Some(local) = self.by_conn.get_mut(&conn) {
+            local.workers.insert(worker, instance);
+        }
+    }
+
+    /// The stream `conn` ended: forgotten. Returns the instances its sessions are on, to tell
+    /// them (none if it never sent across).
+    pub fn gone(&mut self, conn: ConnId) -> Vec<InstanceId> {
+        let Some(local) = self.by_conn.remove(&conn) else { return Vec::new() };
+        let mut instances: Vec<InstanceId> = local.workers.into_values().collect();
+        instances.sort_unstable();
+        instances.dedup();
+        instances
+    }
+
+    /// Delivers `msg`, which came from instance `from`, to the local stream `conn`. A message
+    /// saying the worker left ends what this stream knows of the session.
+    pub fn deliver(&mut self, conn: ConnId, from: InstanceId, msg: Outbound) -> Result<(), DeliverError> {
+        let Some(local) = self.by_conn.get_mut(&conn) else { return Err(DeliverError::Closed) };
+        if msg.says_worker_left() && local.workers.get(&msg.worker) == Some(&from) {
+            local.workers.remove(&msg.worker);
+        }
+        local.sink.try_deliver(msg)
+    }
+
+    /// The stream `conn`, if it is a local client that sent across.
+    pub fn sink(&self, conn: ConnId) -> Option<&Sink> {
+        self.by_conn.get(&conn).map(|local| &local.sink)
+    }
+
+    /// `instance` is gone: every session with a worker there ends with `PEER_GONE`. Returns
+    /// the streams whose full queue could not take it.
+    pub fn instance_gone(&mut self, instance: InstanceId) -> Vec<NotReading> {
+        let mut not_reading = Vec::new();
+        for local in self.by_conn.values_mut() {
+            local.workers.retain(|worker, i| {
+                if *i != instance {
+                    return true;
+                }
+                let gone = Outbound::peer_gone(*worker, local.client);
+                if local.sink.try_deliver(gone) == Err(DeliverError::Full) {
+                    not_reading.push(NotReading(local.sink.clone()));
+                }
+                false
+            });
+        }
+        not_reading
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+    use tokio_stream::StreamExt;
+
+    use super::*;
+    use crate::pb::{ErrorCode, RtcEvent};
+    use crate::peer::{Conn, OutboundStream};
+
+    fn stream(at: u64, queue: usize) -> (Sink, OutboundStream<Outbound>) {
+        Conn::open(ConnId { at, instance: 1 }, queue, |m| m)
+    }
+
+    fn next(out: &mut OutboundStream<Outbound>) -> Option<Outbound> {
+        out.next().now_or_never().flatten().map(|m| m.expect("no end"))
+    }
+
+    #[test]
+    fn a_departure_names_each_instance_once() {
+        let mut clients = LocalClients::default();
+        let (sink, _out) = stream(1, 8);
+        assert!(clients.gone(sink.id()).is_empty(), "never sent across: nothing to tell");
+        clients.open(5, &sink);
+        clients.sent(sink.id(), 70, 0xb);
+        clients.sent(sink.id(), 71, 0xb);
+        clients.sent(sink.id(), 72, 0xc);
+        assert_eq!(clients.gone(sink.id()), [0xb, 0xc]);
+        assert!(!clients.contains(sink.id()));
+    }
+
+    #[test]
+    fn a_gone_instance_ends_its_sessions_with_peer_gone() {
+        let mut clients = LocalClients::default();
+        let (sink, mut out) = stream(1, 8);
+        clients.open(5, &sink);
+        clients.sent(sink.id(), 70, 0xb);
+        clients.sent(sink.id(), 72, 0xc);
+        assert!(clients.instance_gone(0xb).is_empty());
+        let gone = next(&mut out).expect("PEER_GONE");
+        assert_eq!((gone.event, gone.worker, gone.client), (RtcEvent::PeerGone, 70, 5));
+        assert!(next(&mut out).is_none(), "only the sessions on that instance");
+        assert_eq!(clients.gone(sink.id()), [0xc]);
+    }
+
+    #[test]
+    fn a_worker_that_left_is_forgotten_and_a_full_queue_is_reported() {
+        let mut clients = LocalClients::default();
+        let (sink, mut out) = stream(1, 1);
+        clients.open(5, &sink);
+        clients.sent(sink.id(), 70, 0xb);
+        clients.sent(sink.id(), 71, 0xb);
+        let refused = Outbound::error(ErrorCode::PeerNotConnected, 70, 5, "worker 70 is not connected");
+        assert_eq!(clients.deliver(sink.id(), 0xb, refused), Ok(()));
+        assert_eq!(next(&mut out).unwrap().error, ErrorCode::PeerNotConnected);
+        clients.deliver(sink.id(), 0xb, Outbound::peer_gone(99, 5)).unwrap();
+        // The queue (one slot) is now full.
+        let not_reading = clients.instance_gone(0xb);
+        assert_eq!(not_reading.len(), 1, "PEER_GONE for 71 found the queue full");
+        assert_eq!(clients.gone(sink.id()), Vec::<InstanceId>::new());
+        assert_eq!(clients.deliver(sink.id(), 0xb, Outbound::peer_gone(71, 5)), Err(DeliverError::Closed));
+    }
+}

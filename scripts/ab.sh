@@ -6,7 +6,10 @@
 #   cargo build --release                                   # after it
 #   scripts/ab.sh /tmp/distributor-base target/release/distributor
 #   AB_ROUNDS=5 AB_DURATION=3s AB_PAIRS=1000 AB_LOADS="--window 32;--window 1 --rate 20000" scripts/ab.sh A B
+#   AB_CROSS=1 scripts/ab.sh A B    # across two instances of each build on the local NATS cluster
 # Prints one line per run, then per load the median msgs/s, server CPU µs/msg and p99 of each.
+# Across instances, clients connect to instance A and workers to B; the CPU is A's, and the
+# tonic echo is not run (its ceiling is one instance's).
 # Everything runs on 127.0.0.1 and is stopped by PID on exit.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,19 +26,38 @@ mkdir -p "$run"
 results="$run/results.jsonl"
 : > "$results"
 source "$root/scripts/bench-lib.sh"
-trap stop_started EXIT
+cross="${AB_CROSS:-0}"
+cleanup() {
+    stop_started
+    if [ -n "${nats_up:-}" ]; then bash scripts/nats-cluster.sh down >/dev/null; fi
+}
+trap cleanup EXIT
 
-declare -A port pid
-for who in base new echo; do
-    port[$who]=$(free_port)
-    case $who in
-        base) start base "$base" --listen "127.0.0.1:${port[$who]}" ;;
-        new) start new "$new" --listen "127.0.0.1:${port[$who]}" ;;
-        echo) start echo target/release/distributor-load echo-server --listen "127.0.0.1:${port[$who]}" ;;
-    esac
-    pid[$who]=$started_pid
-    wait_port "${port[$who]}"
-done
+declare -A port pid wport binary=([base]="$base" [new]="$new")
+whos=(echo base new)
+if [ "$cross" = 1 ]; then
+    whos=(base new)
+    bash scripts/nats-cluster.sh up >/dev/null; nats_up=1
+    nats_a=nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224
+    nats_b=nats://127.0.0.1:4223,nats://127.0.0.1:4224,nats://127.0.0.1:4222
+    for who in base new; do
+        port[$who]=$(free_port); wport[$who]=$(free_port)
+        start "$who-a" "${binary[$who]}" --listen "127.0.0.1:${port[$who]}" --nats-url "$nats_a" --nats-prefix "ab$who"
+        pid[$who]=$started_pid
+        start "$who-b" "${binary[$who]}" --listen "127.0.0.1:${wport[$who]}" --nats-url "$nats_b" --nats-prefix "ab$who"
+        wait_port "${port[$who]}"; wait_port "${wport[$who]}"
+    done
+else
+    for who in base new echo; do
+        port[$who]=$(free_port)
+        case $who in
+            base|new) start "$who" "${binary[$who]}" --listen "127.0.0.1:${port[$who]}" ;;
+            echo) start echo target/release/distributor-load echo-server --listen "127.0.0.1:${port[$who]}" ;;
+        esac
+        pid[$who]=$started_pid
+        wait_port "${port[$who]}"
+    done
+fi
 
 show_last() { # the run just made, one line
     python3 - "$results" <<'PY'
@@ -49,11 +71,12 @@ PY
 first=1
 for round in $(seq 1 "$rounds"); do
     for spec in "${loads[@]}"; do
-        for who in echo base new; do
+        for who in "${whos[@]}"; do
             first=$((first + 100000))
-            echo_flag=(); [ "$who" = echo ] && echo_flag=(--echo)
+            extra=(); [ "$who" = echo ] && extra=(--echo)
+            [ "$cross" = 1 ] && extra=(--workers-at "http://127.0.0.1:${wport[$who]}")
             # shellcheck disable=SC2086 # a load's flags split on spaces
-            target/release/distributor-load relay "${echo_flag[@]}" --pairs "$pairs" $spec \
+            target/release/distributor-load relay "${extra[@]}" --pairs "$pairs" $spec \
                 --clients-at "http://127.0.0.1:${port[$who]}" --first-worker "$first" \
                 --duration "$duration" --server-pid "${pid[$who]}" --json \
                 | python3 -c 'import json,sys; r=json.load(sys.stdin); r["who"], r["load"], r["round"] = sys.argv[1:]; print(json.dumps(r))' \

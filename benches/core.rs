@@ -173,7 +173,7 @@ fn shards(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(4));
     let payload = Bytes::from(vec![b'a'; 200]);
     for threads in [1usize, 2, 4] {
-        let shards = Shards::<CountingSink>::start(0, 0, || None).unwrap();
+        let shards = Shards::<CountingSink>::start(0, 0, 0, || None).unwrap();
         // Thread t owns the shards s with s % threads == t, and so their workers' sessions.
         let owner = |i: i64| shards.of_worker(i + 1) % threads;
         let delivered: Vec<_> = (0..threads).map(|_| Arc::new(AtomicU64::new(0))).collect();
@@ -202,7 +202,7 @@ fn shards(c: &mut Criterion) {
         assert!(total(&delivered) > 2 * PAIRS as u64, "the inline shards delivered the candidates");
     }
     for count in [1usize, 2, 4] {
-        let shards = Shards::<CountingSink>::start(count, 65_536, || None).unwrap();
+        let shards = Shards::<CountingSink>::start(count, 65_536, 0, || None).unwrap();
         // Each shard thread counts into its own counter: what it delivers is its workers'.
         let delivered: Vec<_> = (0..count).map(|_| Arc::new(AtomicU64::new(0))).collect();
         let clients = sessions(&shards, &delivered, |i| shards.of_worker(i + 1));

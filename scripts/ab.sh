@@ -42,9 +42,9 @@ if [ "$cross" = 1 ]; then
     nats_b=nats://127.0.0.1:4223,nats://127.0.0.1:4224,nats://127.0.0.1:4222
     for who in base new; do
         port[$who]=$(free_port); wport[$who]=$(free_port)
-        start "$who-a" "${binary[$who]}" --listen "127.0.0.1:${port[$who]}" --nats-url "$nats_a" --nats-prefix "ab$who"
+        start "$who-a" "${binary[$who]}" --listen "127.0.0.1:${port[$who]}" --nats-url "$nats_a" --nats-prefix "distributor.ab$who"
         pid[$who]=$started_pid
-        start "$who-b" "${binary[$who]}" --listen "127.0.0.1:${wport[$who]}" --nats-url "$nats_b" --nats-prefix "ab$who"
+        start "$who-b" "${binary[$who]}" --listen "127.0.0.1:${wport[$who]}" --nats-url "$nats_b" --nats-prefix "distributor.ab$who"
         wait_port "${port[$who]}"; wait_port "${wport[$who]}"
     done
 else

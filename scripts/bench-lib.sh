@@ -3,6 +3,11 @@
 pids=()
 started_pid=""
 
+# The local NATS cluster's user (nats/auth.conf), for the distributors and the NATS ceiling.
+export DISTRIBUTOR_NATS_USER=distributor DISTRIBUTOR_NATS_PASSWORD=local-only-not-a-secret
+# The benchmarks drive each peer far faster than signaling does: no per-peer rate limit.
+export DISTRIBUTOR_PEER_RATE=0
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 

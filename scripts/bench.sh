@@ -85,8 +85,8 @@ done
 echo "== end to end: two instances on the local 3-node NATS cluster"
 bash scripts/nats-cluster.sh up >/dev/null; nats_up=1
 pa=$(free_port); pb=$(free_port)
-start a "$bin/distributor" --listen "127.0.0.1:$pa" --nats-url nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224 --nats-prefix bench; a_pid=$started_pid
-start b "$bin/distributor" --listen "127.0.0.1:$pb" --nats-url nats://127.0.0.1:4223,nats://127.0.0.1:4224,nats://127.0.0.1:4222 --nats-prefix bench; b_pid=$started_pid
+start a "$bin/distributor" --listen "127.0.0.1:$pa" --nats-url nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224 --nats-prefix distributor.bench; a_pid=$started_pid
+start b "$bin/distributor" --listen "127.0.0.1:$pb" --nats-url nats://127.0.0.1:4223,nats://127.0.0.1:4224,nats://127.0.0.1:4222 --nats-prefix distributor.bench; b_pid=$started_pid
 wait_port "$pa"; wait_port "$pb"
 nats_pid=$(cat .run/nats/n1.pid)
 for round in $(seq 1 "$rounds"); do

@@ -18,6 +18,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The local cluster's user (nats/auth.conf); without --auth-secret, the instances talk
+# unauthenticated over NATS, which is allowed on loopback only.
+export DISTRIBUTOR_NATS_USER=distributor DISTRIBUTOR_NATS_PASSWORD=local-only-not-a-secret
+
 start() { # name listen nats-url
     ./target/release/distributor --listen "$2" --nats-url "$3" >"$run/$1.log" 2>&1 &
     pids+=($!)

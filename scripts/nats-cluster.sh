@@ -29,7 +29,7 @@ up() {
             sleep 0.1
         done
     done
-    echo "cluster up: DISTRIBUTOR_NATS_URL=$url"
+    echo "cluster up: DISTRIBUTOR_NATS_URL=$url DISTRIBUTOR_NATS_USER=distributor DISTRIBUTOR_NATS_PASSWORD=local-only-not-a-secret (nats/auth.conf)"
 }
 
 down() {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::auth::{Expect, MIN_SECRET_BYTES};
 use crate::cluster::NatsConfig;
 use crate::core::{PeerId, Role};
 
@@ -26,6 +27,46 @@ pub mod defaults {
     pub const KEEPALIVE: Duration = Duration::from_secs(20);
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
     pub const NATS_PREFIX: &str = "distributor";
+    /// A front-end proxy (Cloud Run's) multiplexes many peers on one connection: far above
+    /// hyper's 200, far below unbounded.
+    pub const MAX_STREAMS_PER_CONNECTION: u32 = 1000;
+    pub const MAX_CONNECTIONS: usize = 100_000;
+    pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Messages per second per stream. Real signaling is a few per second per session; a
+    /// worker answering a storm of clients sends more, so the default is far above both.
+    pub const PEER_RATE: u32 = 2000;
+    pub const PEER_BURST: u32 = 4000;
+    pub const MAX_SESSIONS_PER_CLIENT: usize = 64;
+}
+
+/// Protection against abusive peers. See SECURITY.md.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// HTTP/2 streams one connection may hold open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_streams_per_connection: u32,
+    /// TCP connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// How long a worker stream may take to send its registration `BLANK`.
+    pub register_timeout: Duration,
+    /// Messages per second each stream may send, on average (0: no limit).
+    pub peer_rate: u32,
+    /// Messages a stream may send at once above the rate.
+    pub peer_burst: u32,
+    /// Sessions one client stream may hold at once (0: no limit).
+    pub max_sessions_per_client: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_streams_per_connection: defaults::MAX_STREAMS_PER_CONNECTION,
+            max_connections: defaults::MAX_CONNECTIONS,
+            register_timeout: defaults::REGISTER_TIMEOUT,
+            peer_rate: defaults::PEER_RATE,
+            peer_burst: defaults::PEER_BURST,
+            max_sessions_per_client: defaults::MAX_SESSIONS_PER_CLIENT,
+        }
+    }
 }
 
 #[derive(Debug, Parser)]
@@ -55,9 +96,14 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Address to serve gRPC on [default: 0.0.0.0:$PORT if PORT is set, else 0.0.0.0:50051].
+    /// Address to serve gRPC on [default: with --auth-secret, 0.0.0.0:$PORT if PORT is set,
+    /// else 0.0.0.0:50051; without, 127.0.0.1:50051].
     #[arg(long, env = "DISTRIBUTOR_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Serve without --auth-secret on an address other than loopback (any peer may then claim
+    /// any id), or join a NATS cluster off loopback without a cluster key.
+    #[arg(long, env = "DISTRIBUTOR_ALLOW_OPEN")]
+    pub allow_open: bool,
     /// Routing shard threads; 0 routes inline on the gRPC tasks instead.
     #[arg(long, env = "DISTRIBUTOR_SHARDS", default_value_t = defaults::SHARDS)]
     pub shards: usize,
@@ -77,9 +123,39 @@ pub struct ServeArgs {
     /// Time allowed for streams to end after SIGTERM/SIGINT before the process exits anyway.
     #[arg(long, env = "DISTRIBUTOR_DRAIN_TIMEOUT", default_value_t = defaults::DRAIN_TIMEOUT.into())]
     pub drain_timeout: humantime::Duration,
-    /// HS256 secret; when set every stream needs `authorization: Bearer <jwt>`.
+    /// HS256 secret (at least 32 bytes); when set every stream needs `authorization: Bearer <jwt>`.
     #[arg(long, env = "DISTRIBUTOR_AUTH_SECRET", hide_env_values = true)]
     pub auth_secret: Option<String>,
+    /// Tokens must carry this `iss`.
+    #[arg(long, env = "DISTRIBUTOR_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+    /// Tokens must carry this `aud`.
+    #[arg(long, env = "DISTRIBUTOR_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+    /// Key (at least 32 bytes) that authenticates what instances say to each other over NATS
+    /// [default: derived from --auth-secret and --nats-prefix].
+    #[arg(long, env = "DISTRIBUTOR_CLUSTER_KEY", hide_env_values = true)]
+    pub cluster_key: Option<String>,
+    /// HTTP/2 streams one connection may hold open at once.
+    #[arg(long, env = "DISTRIBUTOR_MAX_STREAMS_PER_CONNECTION", default_value_t = defaults::MAX_STREAMS_PER_CONNECTION)]
+    pub max_streams_per_connection: u32,
+    /// TCP connections served at once; more wait to be accepted.
+    #[arg(long, env = "DISTRIBUTOR_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Time a worker stream has to send its registration BLANK.
+    #[arg(long, env = "DISTRIBUTOR_REGISTER_TIMEOUT", default_value_t = defaults::REGISTER_TIMEOUT.into())]
+    pub register_timeout: humantime::Duration,
+    /// Messages per second a stream may send on average; the excess gets ERROR{RATE_LIMITED}
+    /// (0: no limit).
+    #[arg(long, env = "DISTRIBUTOR_PEER_RATE", default_value_t = defaults::PEER_RATE)]
+    pub peer_rate: u32,
+    /// Messages a stream may send at once above --peer-rate.
+    #[arg(long, env = "DISTRIBUTOR_PEER_BURST", default_value_t = defaults::PEER_BURST)]
+    pub peer_burst: u32,
+    /// Sessions a client stream may hold at once; the OFFER that would open one more gets
+    /// ERROR{TOO_MANY_SESSIONS} (0: no limit).
+    #[arg(long, env = "DISTRIBUTOR_MAX_SESSIONS_PER_CLIENT", default_value_t = defaults::MAX_SESSIONS_PER_CLIENT)]
+    pub max_sessions_per_client: usize,
     /// Serve Prometheus metrics on this address (path /metrics).
     #[arg(long, env = "DISTRIBUTOR_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -174,6 +250,12 @@ pub struct TokenArgs {
     /// The HS256 secret.
     #[arg(long, env = "DISTRIBUTOR_AUTH_SECRET", hide_env_values = true)]
     pub secret: String,
+    /// The token's `iss`.
+    #[arg(long, env = "DISTRIBUTOR_AUTH_ISSUER")]
+    pub issuer: Option<String>,
+    /// The token's `aud`.
+    #[arg(long, env = "DISTRIBUTOR_AUTH_AUDIENCE")]
+    pub audience: Option<String>,
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -195,6 +277,13 @@ pub struct Config {
     pub keepalive: Duration,
     pub drain_timeout: Duration,
     pub auth_secret: Option<String>,
+    /// The claims tokens must carry besides the signature.
+    pub auth_expect: Expect,
+    /// Open mode (no auth secret) off loopback, or a cluster off loopback without a key.
+    pub allow_open: bool,
+    /// Authenticates cluster traffic; derived from the auth secret when `None`.
+    pub cluster_key: Option<String>,
+    pub limits: Limits,
     pub metrics_listen: Option<SocketAddr>,
     /// Cluster mode when set.
     pub nats: Option<NatsConfig>,
@@ -212,6 +301,10 @@ impl Default for Config {
             keepalive: defaults::KEEPALIVE,
             drain_timeout: defaults::DRAIN_TIMEOUT,
             auth_secret: None,
+            auth_expect: Expect::default(),
+            allow_open: false,
+            cluster_key: None,
+            limits: Limits::default(),
             metrics_listen: None,
             nats: None,
         }
@@ -226,8 +319,20 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("PORT must be a port number, got {0:?}")]
     Port(String),
-    #[error("--auth-secret must not be empty")]
-    EmptySecret,
+    #[error("--auth-secret is {0} bytes; at least {MIN_SECRET_BYTES} are required")]
+    ShortSecret(usize),
+    #[error("--cluster-key is {0} bytes; at least {MIN_SECRET_BYTES} are required")]
+    ShortClusterKey(usize),
+    #[error(
+        "refusing to serve on {0} without --auth-secret: anyone who reaches it could take over any peer id; \
+         set --auth-secret, listen on loopback, or pass --allow-open"
+    )]
+    OpenOffLoopback(SocketAddr),
+    #[error(
+        "refusing to join NATS at {0} without a cluster key: anyone on that NATS could steer this instance; \
+         set --auth-secret or --cluster-key, or pass --allow-open"
+    )]
+    ClusterWithoutKey(String),
     #[error("--nats-prefix must be dot-separated tokens of letters, digits, '-' and '_', got {0:?}")]
     NatsPrefix(String),
     #[error("{0} and {1} go together")]
@@ -237,13 +342,16 @@ pub enum ConfigError {
 impl ServeArgs {
     /// Resolves the listen address (`PORT`) and checks the flags.
     pub fn into_config(self) -> Result<Config, ConfigError> {
+        // Without a secret, the default address is loopback: open mode is for development.
+        let any = if self.auth_secret.is_some() { [0, 0, 0, 0] } else { [127, 0, 0, 1] };
         let listen = match (self.listen, std::env::var("PORT")) {
             (Some(listen), _) => listen,
             (None, Ok(port)) => {
                 let port: u16 = port.parse().map_err(|_| ConfigError::Port(port))?;
+                // A platform that sets PORT routes to it from outside: every interface.
                 SocketAddr::from(([0, 0, 0, 0], port))
             }
-            (None, Err(_)) => SocketAddr::from(([0, 0, 0, 0], defaults::PORT)),
+            (None, Err(_)) => SocketAddr::from((any, defaults::PORT)),
         };
         let config = Config {
             listen,
@@ -254,6 +362,17 @@ impl ServeArgs {
             keepalive: self.keepalive.into(),
             drain_timeout: self.drain_timeout.into(),
             auth_secret: self.auth_secret,
+            auth_expect: Expect { issuer: self.auth_issuer, audience: self.auth_audience },
+            allow_open: self.allow_open,
+            cluster_key: self.cluster_key,
+            limits: Limits {
+                max_streams_per_connection: self.max_streams_per_connection,
+                max_connections: self.max_connections,
+                register_timeout: self.register_timeout.into(),
+                peer_rate: self.peer_rate,
+                peer_burst: self.peer_burst,
+                max_sessions_per_client: self.max_sessions_per_client,
+            },
             metrics_listen: self.metrics_listen,
             nats: self.nats.into_config()?,
         };
@@ -267,15 +386,43 @@ impl Config {
         if self.max_message_bytes == 0 || self.max_message_bytes > MAX_FRAME_BYTES {
             return Err(ConfigError::MaxMessageBytes(self.max_message_bytes));
         }
-        for (name, value) in [("peer-queue", self.peer_queue), ("shard-queue", self.shard_queue)] {
+        let counts = [
+            ("peer-queue", self.peer_queue),
+            ("shard-queue", self.shard_queue),
+            ("max-streams-per-connection", self.limits.max_streams_per_connection as usize),
+            ("max-connections", self.limits.max_connections),
+        ];
+        for (name, value) in counts {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
             }
         }
-        if self.auth_secret.as_deref() == Some("") {
-            return Err(ConfigError::EmptySecret);
+        if self.limits.peer_rate > 0 && self.limits.peer_burst == 0 {
+            return Err(ConfigError::Zero("peer-burst"));
+        }
+        if let Some(secret) = self.auth_secret.as_deref().filter(|s| s.len() < MIN_SECRET_BYTES) {
+            return Err(ConfigError::ShortSecret(secret.len()));
+        }
+        if let Some(key) = self.cluster_key.as_deref().filter(|k| k.len() < MIN_SECRET_BYTES) {
+            return Err(ConfigError::ShortClusterKey(key.len()));
+        }
+        if self.auth_secret.is_none() && !self.allow_open && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::OpenOffLoopback(self.listen));
+        }
+        if let Some(nats) = &self.nats
+            && !self.has_cluster_key()
+            && !self.allow_open
+            && !nats.is_loopback()
+        {
+            return Err(ConfigError::ClusterWithoutKey(nats.url.clone()));
         }
         Ok(())
+    }
+
+    /// Whether cluster traffic is authenticated: a key was given, or one is derived from the
+    /// auth secret.
+    pub fn has_cluster_key(&self) -> bool {
+        self.cluster_key.is_some() || self.auth_secret.is_some()
     }
 }
 
@@ -334,11 +481,36 @@ mod tests {
     }
 
     #[test]
+    fn open_mode_stays_on_loopback_unless_allowed() {
+        let secret = Some("s".repeat(MIN_SECRET_BYTES));
+        let anywhere = SocketAddr::from(([0, 0, 0, 0], 50051));
+        let open = Config { listen: anywhere, ..Config::default() };
+        let refused = open.check().unwrap_err().to_string();
+        assert!(refused.contains("--allow-open") && refused.contains("0.0.0.0:50051"), "{refused}");
+        assert!(Config { allow_open: true, ..open.clone() }.check().is_ok());
+        assert!(Config { auth_secret: secret.clone(), ..open.clone() }.check().is_ok());
+        assert!(Config { listen: "[::1]:1".parse().unwrap(), ..open.clone() }.check().is_ok());
+
+        let nats =
+            |url: &str| Some(NatsConfig { url: url.into(), prefix: "p".into(), ..NatsConfig::default() });
+        assert!(
+            Config { nats: nats("nats://127.0.0.1:4222,nats://localhost:4223"), ..Config::default() }
+                .check()
+                .is_ok()
+        );
+        let far = Config { nats: nats("nats://10.0.0.1:4222"), ..Config::default() };
+        assert!(far.check().unwrap_err().to_string().contains("cluster key"));
+        assert!(Config { cluster_key: secret.clone(), ..far.clone() }.check().is_ok());
+        assert!(Config { allow_open: true, ..far }.check().is_ok());
+    }
+
+    #[test]
     fn bad_limits_are_refused() {
         let base = Config::default();
         assert!(Config { max_message_bytes: MAX_FRAME_BYTES + 1, ..base.clone() }.check().is_err());
         assert!(Config { peer_queue: 0, ..base.clone() }.check().is_err());
-        assert!(Config { auth_secret: Some(String::new()), ..base.clone() }.check().is_err());
+        assert!(Config { auth_secret: Some("too short".into()), ..base.clone() }.check().is_err());
+        assert!(Config { cluster_key: Some("too short".into()), ..base.clone() }.check().is_err());
         assert!(base.check().is_ok());
     }
 }

@@ -1,3 +1,5 @@
+use std::process::ExitCode;
+
 use anyhow::Context;
 use clap::Parser;
 use distributor::config::{Cli, Command, LogFormat, ServeArgs, TokenArgs};
@@ -6,12 +8,20 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let done = match cli.command {
         Some(Command::Token(args)) => token(args),
         Some(Command::Serve(args)) => serve(*args),
         None => serve(cli.serve),
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        // One line, whatever RUST_BACKTRACE says: the error says what to change.
+        Err(e) => {
+            eprintln!("distributor: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -28,9 +38,17 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.id != 0, "--id must be non-zero");
-    anyhow::ensure!(!args.secret.is_empty(), "the secret must not be empty");
-    println!("{}", distributor::auth::mint(args.secret.as_bytes(), args.role, args.id, args.ttl)?);
+    anyhow::ensure!(args.id > 0, "--id must be a positive id");
+    let secret = args.secret.as_bytes();
+    anyhow::ensure!(
+        secret.len() >= distributor::auth::MIN_SECRET_BYTES,
+        "the secret is {} bytes; at least {} are required",
+        secret.len(),
+        distributor::auth::MIN_SECRET_BYTES
+    );
+    let extra = distributor::auth::Mint { issuer: args.issuer, audience: args.audience, not_before: None };
+    let exp = std::time::SystemTime::now() + args.ttl;
+    println!("{}", distributor::auth::mint_with(secret, args.role, args.id, exp, &extra)?);
     Ok(())
 }
 

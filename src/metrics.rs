@@ -20,6 +20,8 @@ pub const NATS_CONNECTED: &str = "distributor_nats_connected";
 pub const CLUSTER_FRAMES: &str = "distributor_cluster_frames_total";
 pub const CLUSTER_RECORDS: &str = "distributor_cluster_records_total";
 pub const CLUSTER_ACK: &str = "distributor_cluster_ack_seconds";
+pub const CLUSTER_REJECTED: &str = "distributor_cluster_rejected_total";
+pub const CONNECTIONS: &str = "distributor_connections";
 
 /// Buckets of cross-instance latencies: a round trip through NATS takes 0.1 ms to seconds.
 const LATENCY_BUCKETS: &[f64] =
@@ -59,6 +61,11 @@ fn describe() {
     describe_gauge!(NATS_CONNECTED, "1 while the NATS connection is up (cluster mode).");
     describe_counter!(CLUSTER_FRAMES, "Frames published to other instances: data, ack, resent.");
     describe_counter!(CLUSTER_RECORDS, "Messages carried between instances, by direction.");
+    describe_counter!(
+        CLUSTER_REJECTED,
+        "NATS messages not believed (no valid seal, stale, replayed), by kind; dropped unread."
+    );
+    describe_gauge!(CONNECTIONS, "Open TCP connections (at most --max-connections).");
     describe_histogram!(
         CLUSTER_ACK,
         Unit::Seconds,

@@ -6,16 +6,23 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::auth::Authenticator;
+use crate::cluster::seal::Seal;
 use crate::cluster::{self, Cluster, ClusterError, Queue};
 use crate::config::{Config, ConfigError, MAX_FRAME_BYTES};
 use crate::edge::{ClientEdge, Edge, WorkerEdge};
+use crate::listener::Incoming;
 use crate::pb::client_service_server::ClientServiceServer;
 use crate::pb::worker_service_server::WorkerServiceServer;
 use crate::peer::ConnClock;
 use crate::shards::Shards;
+
+/// Locally reset streams one connection may cause before it is sent GOAWAY (hyper's default,
+/// which tonic turns off unless set: RUSTSEC-2024-0003).
+const MAX_LOCAL_RESET_STREAMS: usize = 1024;
+/// Streams a peer may open and reset before the server accepts them (h2's default).
+const MAX_PENDING_RESET_STREAMS: usize = 20;
 
 /// Why the distributor could not serve.
 #[derive(Debug, thiserror::Error)]
@@ -43,9 +50,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     config.check()?;
-    if config.auth_secret.is_none() {
-        tracing::warn!("no --auth-secret: running open, any peer may claim any id (development only)");
-    }
+    let auth = match &config.auth_secret {
+        Some(secret) => Some(
+            Authenticator::new(secret.as_bytes(), &config.auth_expect)
+                .map_err(|e| ConfigError::ShortSecret(e.0))?,
+        ),
+        None => {
+            tracing::warn!(listen = %config.listen, "no --auth-secret: running open, any peer may claim any id (development only)");
+            None
+        }
+    };
     let instance = rand::random::<u64>() | 1;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ClientServiceServer<ClientEdge>>().await;
@@ -53,18 +67,40 @@ pub async fn run(
 
     let (shards, cluster) = match &config.nats {
         None => {
-            let shards =
-                Shards::start(config.shards, config.shard_queue, || None).map_err(ServerError::Shards)?;
+            let shards = Shards::start(
+                config.shards,
+                config.shard_queue,
+                config.limits.max_sessions_per_client,
+                || None,
+            )
+            .map_err(ServerError::Shards)?;
             (Arc::new(shards), None)
         }
         Some(nats) => {
             health.set_service_status(cluster::HEALTH_SERVICE, tonic_health::ServingStatus::NotServing).await;
             let client = Cluster::connect(nats, instance, health.clone()).await?;
             let queue = Queue::new();
-            let shards = Shards::start(config.shards, config.shard_queue, || Some(queue.elsewhere()))
-                .map_err(ServerError::Shards)?;
+            let shards = Shards::start(
+                config.shards,
+                config.shard_queue,
+                config.limits.max_sessions_per_client,
+                || Some(queue.elsewhere()),
+            )
+            .map_err(ServerError::Shards)?;
             let shards = Arc::new(shards);
-            let (cluster, task) = Cluster::start(instance, client, &nats.prefix, queue, shards.clone());
+            let seal = match (&config.cluster_key, &config.auth_secret) {
+                (Some(key), _) => Seal::with_key(key.as_bytes()),
+                (None, Some(secret)) => Seal::derived(secret.as_bytes(), &nats.prefix),
+                (None, None) => {
+                    tracing::warn!(
+                        "cluster mode without a key: anyone on the NATS cluster can steer this instance (development only)"
+                    );
+                    Seal::none()
+                }
+            };
+            let sessions = config.limits.max_sessions_per_client;
+            let (cluster, task) =
+                Cluster::start(instance, client, &nats.prefix, seal, sessions, queue, shards.clone()).await?;
             tracing::info!(url = %nats.url, prefix = %nats.prefix, "cluster mode");
             (shards, Some((Arc::new(cluster), task)))
         }
@@ -74,7 +110,8 @@ pub async fn run(
     let edge = Arc::new(Edge {
         shards: shards.clone(),
         cluster: cluster.as_ref().map(|(c, _)| c.clone()),
-        auth: config.auth_secret.as_deref().map(|s| Authenticator::new(s.as_bytes())),
+        auth,
+        limits: config.limits.clone(),
         max_message_bytes: config.max_message_bytes,
         peer_queue: config.peer_queue,
         instance,
@@ -94,7 +131,7 @@ pub async fn run(
         .build_v1alpha()?;
 
     let local = listener.local_addr().map_err(ServerError::Listener)?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = Incoming::new(listener, config.limits.max_connections);
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let stopping = {
         let edge = edge.clone();
@@ -111,6 +148,9 @@ pub async fn run(
     let server = Server::builder()
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive))
+        .max_concurrent_streams(config.limits.max_streams_per_connection)
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_RESET_STREAMS))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -43,23 +43,26 @@ enum Mode<P: PeerSink> {
 
 impl<P: PeerSink + Send + 'static> Shards<P> {
     /// Starts `count` shard threads, each with a queue of `capacity` commands, or with `count`
-    /// 0, inline shards; each router gets the [`Elsewhere`] `elsewhere` makes, if any.
+    /// 0, inline shards; each router caps a client's sessions at `max_sessions` (0: no cap)
+    /// and gets the [`Elsewhere`] `elsewhere` makes, if any.
     pub fn start(
         count: usize,
         capacity: usize,
+        max_sessions: usize,
         elsewhere: impl Fn() -> Option<Box<dyn Elsewhere<P>>>,
     ) -> std::io::Result<Self> {
+        let router = || Router::new(elsewhere()).with_session_cap(max_sessions);
         if count == 0 {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             let count = cores * INLINE_SHARDS_PER_CORE;
-            let routers = (0..count).map(|_| Mutex::new(Router::new(elsewhere()))).collect();
+            let routers = (0..count).map(|_| Mutex::new(router())).collect();
             return Ok(Shards { mode: Mode::Inline { routers }, count });
         }
         let mut senders = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
         for index in 0..count {
             let (tx, rx) = crossbeam_channel::bounded(capacity);
-            let router = Router::new(elsewhere());
+            let router = router();
             let thread = std::thread::Builder::new()
                 .name(format!("distributor-shard-{index}"))
                 .spawn(move || run_shard(router, rx))?;

@@ -10,7 +10,7 @@ use distributor::core::Role;
 use distributor::pb::RtcEvent;
 use tonic::Code;
 
-const SECRET: &str = "integration-secret";
+const SECRET: &str = "an integration-test secret of 32 bytes or more";
 
 async fn server() -> TestServer {
     TestServer::with(Config { auth_secret: Some(SECRET.into()), ..Config::default() }).await
@@ -38,7 +38,8 @@ async fn missing_bad_or_expired_tokens_are_unauthenticated() {
     let server = server().await;
     let expired =
         mint_expiring_at(SECRET.as_bytes(), Role::Client, 9, SystemTime::now() - Duration::from_secs(3600));
-    let forged = mint(b"not-the-secret", Role::Client, 9, Duration::from_secs(60)).unwrap();
+    let forged =
+        mint(b"not the secret, though as long as it", Role::Client, 9, Duration::from_secs(60)).unwrap();
     let cases: [&[(&'static str, String)]; 4] = [
         &[],
         &[("authorization", "Bearer not-a-jwt".into())],

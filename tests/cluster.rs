@@ -22,9 +22,21 @@ async fn instance(nats: &NatsCluster, first: usize, prefix: &str) -> TestServer 
 /// Instances on node 0 route inline (`--shards 0`), the others on two shard threads, so that
 /// every cross-instance test covers both.
 async fn instance_with(nats: &NatsCluster, first: usize, prefix: &str, config: Config) -> TestServer {
-    let nats = NatsConfig { url: nats.url_from(first), prefix: prefix.into(), ..Default::default() };
+    let nats = nats_config(nats, first, prefix);
     let shards = if first == 0 { 0 } else { 2 };
     TestServer::with(Config { shards, nats: Some(nats), ..config }).await
+}
+
+/// What an instance needs to join `nats` on node `first`, as the shipped user, under
+/// `distributor.<prefix>` (the user may use `distributor.>` only).
+fn nats_config(nats: &NatsCluster, first: usize, prefix: &str) -> NatsConfig {
+    NatsConfig {
+        url: nats.url_from(first),
+        prefix: format!("distributor.{prefix}"),
+        user: Some(common::nats::USER.into()),
+        password: Some(common::nats::PASSWORD.into()),
+        ..Default::default()
+    }
 }
 
 #[tokio::test]
@@ -130,10 +142,25 @@ async fn peer_gone_across_instances() {
     assert_client_error(&c.recv().await, ErrorCode::PeerNotConnected, 21);
 }
 
+/// Waits until each of `a` and `b` reaches the other through NATS: a negotiation each way. NATS
+/// spreads a new subscription to the other servers of its cluster asynchronously, in the order
+/// they were made; once a worker's subject on one instance is reachable from the other, so is
+/// everything the instance subscribed before it (its claims, its inbox).
+async fn reach_each_other(a: &TestServer, b: &TestServer, probe: i64) {
+    for (here, there, id) in [(a, b, probe), (b, a, probe + 1)] {
+        let mut w = worker(there, id).await;
+        let (mut c, cid) = client(here).await;
+        negotiate(&mut c, cid, &mut w, id).await;
+    }
+}
+
 #[tokio::test]
 async fn newest_registration_wins_across_instances() {
     let nats = NatsCluster::start().await;
     let (a, b) = (instance(&nats, 0, "t5").await, instance(&nats, 1, "t5").await);
+    // A claim is broadcast once: it reaches only the instances whose subscriptions reached the
+    // claiming instance's NATS server, which a moment after start may not be all of them.
+    reach_each_other(&a, &b, 500).await;
     let mut old = worker(&a, 31).await;
     let (mut c, cid) = client(&a).await;
     negotiate(&mut c, cid, &mut old, 31).await;
@@ -358,7 +385,12 @@ async fn a_killed_instance_ends_its_sessions_elsewhere_within_bounded_time() {
     let nats = NatsCluster::start().await;
     let a = instance(&nats, 0, "t9").await;
     let url = nats.url_from(1);
-    let mut b = Binary::start(&["--nats-url", &url, "--nats-prefix", "t9", "--shards", "2"], &[]);
+    let args = ["--nats-url", &url, "--nats-prefix", "distributor.t9", "--shards", "2"];
+    let creds = [
+        ("DISTRIBUTOR_NATS_USER", common::nats::USER),
+        ("DISTRIBUTOR_NATS_PASSWORD", common::nats::PASSWORD),
+    ];
+    let mut b = Binary::start(&args, &creds);
     let b_server = TestServer::external(&b.addr);
     let mut w = worker(&b_server, 91).await;
     let (mut c, cid) = client(&a).await;

@@ -1,10 +1,13 @@
 //! What operators and tooling see: health, reflection, the binary, metrics, SIGTERM.
 mod common;
 
-use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 
 use common::*;
+use distributor::auth::{Authenticator, Expect};
+use distributor::core::Role;
+
+const SECRET: &str = "a service-test secret of 32 bytes or more";
 use distributor::pb::RtcEvent;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -49,15 +52,6 @@ async fn reflection_lists_the_services() {
     }
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).expect("metrics listener");
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).unwrap();
-    body
-}
-
 #[tokio::test]
 async fn the_binary_serves_metrics_and_stops_on_sigterm() {
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -69,7 +63,7 @@ async fn the_binary_serves_metrics_and_stops_on_sigterm() {
     c.send(to_worker(404, RtcEvent::Offer, b"x")).await;
     assert_eq!(c.recv().await.event(), RtcEvent::Error);
 
-    let text = http_get(&metrics, "/metrics");
+    let text = metrics_text(&metrics);
     for line in [
         "distributor_connected_peers{role=\"client\"} 1",
         "distributor_connected_peers{role=\"worker\"} 1",
@@ -91,17 +85,24 @@ async fn the_binary_serves_metrics_and_stops_on_sigterm() {
 #[test]
 fn token_command_prints_a_token_the_server_accepts() {
     let out = Command::new(env!("CARGO_BIN_EXE_distributor"))
-        .args(["token", "--role", "worker", "--id", "42", "--ttl", "1h"])
-        .env("DISTRIBUTOR_AUTH_SECRET", "s3cret")
+        .args(["token", "--role", "worker", "--id", "42", "--ttl", "1h", "--audience", "relay"])
+        .env("DISTRIBUTOR_AUTH_SECRET", SECRET)
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let token = String::from_utf8(out.stdout).unwrap();
-    let auth = distributor::auth::Authenticator::new(b"s3cret");
-    assert_eq!(
-        auth.verify(Some(&format!("Bearer {}", token.trim())), distributor::core::Role::Worker),
-        Ok(42)
-    );
+    let expect = Expect { audience: Some("relay".into()), ..Expect::default() };
+    let auth = Authenticator::new(SECRET.as_bytes(), &expect).unwrap();
+    let granted = auth.verify(Some(&format!("Bearer {}", token.trim())), Role::Worker).unwrap();
+    assert_eq!(granted.id, 42);
+
+    // A secret too short to sign with is refused, by the command and by the server.
+    let out = Command::new(env!("CARGO_BIN_EXE_distributor"))
+        .args(["token", "--role", "worker", "--id", "42", "--secret", "short"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32"), "{out:?}");
 }
 
 #[test]
@@ -114,12 +115,57 @@ fn bad_flags_are_refused_before_binding() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--max-message-bytes"), "{out:?}");
 }
 
+/// Runs the binary with `args` and `envs` until it exits (it must refuse to start).
+fn refused(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_distributor"));
+    command.args(args).env_remove("DISTRIBUTOR_LISTEN").env_remove("DISTRIBUTOR_AUTH_SECRET");
+    // Killed by PID if it starts after all, rather than hanging the test.
+    let mut child = Process(
+        command
+            .env_remove("DISTRIBUTOR_ALLOW_OPEN")
+            .envs(envs.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{args:?} {envs:?} started instead of refusing");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let out = std::process::Output { status, stdout: Vec::new(), stderr: stderr.into_bytes() };
+    assert!(!out.status.success(), "started: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn open_mode_off_loopback_is_refused_with_one_line() {
+    for (args, envs) in [
+        (&["--listen", "0.0.0.0:0"][..], &[][..]),
+        (&[][..], &[("PORT", "0")][..]),
+        (&["--listen", "127.0.0.1:0", "--nats-url", "nats://10.1.2.3:4222"][..], &[][..]),
+    ] {
+        let stderr = refused(args, envs);
+        assert!(stderr.contains("--allow-open"), "{args:?} {envs:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+    let stderr = refused(&["--listen", "127.0.0.1:0"], &[("DISTRIBUTOR_AUTH_SECRET", "short")]);
+    assert!(stderr.contains("at least 32"), "{stderr}");
+}
+
 #[tokio::test]
 async fn the_port_variable_is_honoured() {
     let port = free_port();
     let _server = Process(
         Command::new(env!("CARGO_BIN_EXE_distributor"))
             .env("PORT", port.to_string())
+            .env("DISTRIBUTOR_ALLOW_OPEN", "true")
             .env_remove("DISTRIBUTOR_LISTEN")
             .env_remove("DISTRIBUTOR_AUTH_SECRET")
             .stdout(Stdio::null())

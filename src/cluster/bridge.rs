@@ -22,7 +22,7 @@ use prost::Message;
 
 use super::clients::LocalClients;
 use super::directory::{Directory, Lookup, Route};
-use super::links::Links;
+use super::links::{Links, RETIRED_FOR};
 use super::liveness::{HEARTBEAT_EVERY, Liveness};
 use super::wire::{self, record::Kind};
 use crate::core::{
@@ -77,12 +77,19 @@ pub struct Bridge {
     shards: Arc<Shards<Peer>>,
     /// The bridge's own queue, for the remote clients it creates.
     queue: ClusterQueue,
+    /// Sessions a local client may hold, here and across (0: no cap).
+    max_sessions: usize,
     connected: bool,
     links: Links<Origin>,
     directory: Directory<Waiting>,
     liveness: Liveness,
     clients: LocalClients,
     remote: HashMap<ConnId, Arc<RemoteClient>>,
+    /// Local clients that left while messages of theirs waited for a locate.
+    departing: HashMap<ConnId, PeerId>,
+    /// The `sent_at` of the last heartbeat believed from each instance, and when: a replayed
+    /// (older) heartbeat is not believed.
+    beats: HashMap<InstanceId, (u64, Instant)>,
     parked: Vec<VecDeque<Command<Peer>>>,
     next_beat: Option<Instant>,
     leave_by: Option<Instant>,
@@ -90,18 +97,21 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    pub fn new(me: InstanceId, shards: Arc<Shards<Peer>>, queue: ClusterQueue) -> Self {
+    pub fn new(me: InstanceId, shards: Arc<Shards<Peer>>, queue: ClusterQueue, max_sessions: usize) -> Self {
         let parked = (0..shards.len()).map(|_| VecDeque::new()).collect();
         Bridge {
             me,
             shards,
             queue,
+            max_sessions,
             connected: true,
             links: Links::new(me),
             directory: Directory::default(),
             liveness: Liveness::default(),
             clients: LocalClients::default(),
             remote: HashMap::new(),
+            departing: HashMap::new(),
+            beats: HashMap::new(),
             parked,
             next_beat: None,
             leave_by: None,
@@ -124,40 +134,52 @@ impl Bridge {
         self.parked.iter().map(VecDeque::len).sum::<usize>() >= PARKED_LIMIT
     }
 
-    pub fn command(&mut self, command: ToCluster) {
+    pub fn command(&mut self, command: ToCluster, now: Instant) {
         match command {
             ToCluster::ClientSignal { client, sink, worker, signal } => {
-                self.client_signal(client, &sink, worker, signal)
+                self.client_signal(client, &sink, worker, signal, now)
             }
             ToCluster::ClientGone { client, conn } => self.client_gone(client, conn),
             ToCluster::ToClient { conn, msg } => self.for_remote_client(conn, msg),
         }
     }
 
-    fn client_signal(&mut self, client: PeerId, sink: &Sink, worker: PeerId, signal: Signal<PeerReply>) {
+    fn client_signal(
+        &mut self,
+        client: PeerId,
+        sink: &Sink,
+        worker: PeerId,
+        signal: Signal<PeerReply>,
+        now: Instant,
+    ) {
         self.clients.open(client, sink);
         if !self.connected && !self.directory.is_locating(worker) {
             let reason = "NATS is unreachable: other instances cannot be reached";
             return refuse(signal.reply, ErrorCode::ClusterUnavailable, worker, client, reason);
         }
-        match self.directory.route(worker, Waiting { client, conn: sink.id(), signal }) {
+        match self.directory.route(worker, Waiting { client, conn: sink.id(), signal }, now) {
             Route::At(instance, waiting) => self.forward(instance, worker, waiting),
             Route::Queued => {}
             Route::Locate => self.out.push_back(Output::Locate(worker)),
+            Route::Absent(w) => {
+                let reason = format!("worker {worker} is not connected");
+                refuse(w.signal.reply, ErrorCode::PeerNotConnected, worker, client, reason)
+            }
+            Route::Busy(w) => {
+                let reason = "too many workers are being looked up at once; try again";
+                refuse(w.signal.reply, ErrorCode::ClusterUnavailable, worker, client, reason)
+            }
         }
     }
 
-    /// The answer to an [`Output::Locate`].
-    pub fn located(&mut self, worker: PeerId, found: Result<InstanceId, Lookup>) {
-        let waiting = self.directory.located(worker, found);
+    /// The answer to an [`Output::Locate`], at `now`.
+    pub fn located(&mut self, worker: PeerId, found: Result<InstanceId, Lookup>, now: Instant) {
+        let waiting = self.directory.located(worker, found, now);
         self.release(worker, found, waiting);
     }
 
     fn release(&mut self, worker: PeerId, found: Result<InstanceId, Lookup>, waiting: VecDeque<Waiting>) {
         for w in waiting {
-            if !self.clients.contains(w.conn) {
-                continue; // the stream ended meanwhile; nobody is left to answer
-            }
             match found {
                 Ok(instance) => self.forward(instance, worker, w),
                 Err(Lookup::NotFound) => {
@@ -170,6 +192,7 @@ impl Bridge {
                 }
             }
         }
+        self.finish_departures();
     }
 
     fn forward(&mut self, instance: InstanceId, worker: PeerId, waiting: Waiting) {
@@ -178,7 +201,10 @@ impl Bridge {
             let reason = "the link to the worker's instance is saturated";
             return refuse(signal.reply, ErrorCode::ClusterUnavailable, worker, client, reason);
         }
-        self.clients.sent(conn, worker, instance);
+        if self.clients.send(conn, worker, instance, signal.event, self.max_sessions).is_err() {
+            let reason = format!("this client already holds {} sessions, the most it may", self.max_sessions);
+            return refuse(signal.reply, ErrorCode::TooManySessions, worker, client, reason);
+        }
         let record = Kind::ClientSignal(wire::ClientSignal {
             client,
             conn: Some(wire_conn(conn)),
@@ -189,12 +215,28 @@ impl Bridge {
         self.links.push(instance, record, Origin::Client { reply: signal.reply, worker, client });
     }
 
+    /// A local client stream ended. Its messages still waiting for a locate are handled first
+    /// (forwarded or refused, as if it had stayed), then the instances of its sessions are told.
     fn client_gone(&mut self, client: PeerId, conn: ConnId) {
+        if self.directory.any_waiting(|w| w.conn == conn) {
+            self.departing.insert(conn, client);
+            return;
+        }
         for instance in self.clients.gone(conn) {
             let record = Kind::ClientGone(wire::ClientGone { client, conn: Some(wire_conn(conn)) });
             self.links.push(instance, record, Origin::None);
         }
-        self.directory.retain_waiting(|w| w.conn != conn);
+    }
+
+    /// Completes the departures that waited for locates, once none of their messages waits.
+    fn finish_departures(&mut self) {
+        if self.departing.is_empty() {
+            return;
+        }
+        let departing = std::mem::take(&mut self.departing);
+        for (conn, client) in departing {
+            self.client_gone(client, conn);
+        }
     }
 
     /// A message from a local worker's shard for a client on another instance.
@@ -242,11 +284,15 @@ impl Bridge {
             return;
         }
         self.liveness.heard(from, now);
-        for record in self.links.receive(frame, now) {
+        let (records, acked) = self.links.receive(frame, now);
+        for record in records {
             if let Some(kind) = record.kind {
                 self.record(from, kind);
             }
         }
+        // Only now: the answers these records carried are queued before the slots that the
+        // acknowledged messages held for their answers are given back.
+        drop(acked);
     }
 
     fn record(&mut self, from: InstanceId, kind: Kind) {
@@ -361,8 +407,11 @@ impl Bridge {
         dead.dedup();
         for instance in dead {
             tracing::warn!(instance = format!("{instance:x}"), "instance unreachable: ending its sessions");
-            self.instance_gone(instance);
+            self.instance_gone(instance, now);
         }
+        self.links.prune(now);
+        self.directory.prune(now);
+        self.beats.retain(|_, (_, at)| now.saturating_duration_since(*at) < RETIRED_FOR);
         if !self.connected {
             return;
         }
@@ -381,8 +430,8 @@ impl Bridge {
 
     /// Forgets an instance that left or died: what was in flight to it is refused, sessions
     /// across it end.
-    fn instance_gone(&mut self, instance: InstanceId) {
-        for origin in self.links.forget(instance) {
+    fn instance_gone(&mut self, instance: InstanceId, now: Instant) {
+        for origin in self.links.forget(instance, now) {
             self.fail(origin);
         }
         self.liveness.forget(instance);
@@ -414,15 +463,24 @@ impl Bridge {
         self.dispatch(shard, Command::Evict { role, id: claim.id, newer: conn });
     }
 
-    /// A heartbeat from `<prefix>.hb`.
-    pub fn heartbeat(&mut self, payload: Bytes, now: Instant) {
+    /// A heartbeat from `<prefix>.hb`, sent at `sent_at_ms` by its sender's clock.
+    pub fn heartbeat(&mut self, payload: Bytes, sent_at_ms: u64, now: Instant) {
         let Ok(beat) = wire::Heartbeat::decode(payload) else { return };
         if beat.instance == self.me || beat.instance == 0 {
             return;
         }
+        match self.beats.get(&beat.instance) {
+            Some((last, _)) if *last >= sent_at_ms => {
+                metrics::counter!(names::CLUSTER_REJECTED, "kind" => "heartbeat").increment(1);
+                return;
+            }
+            _ => {
+                self.beats.insert(beat.instance, (sent_at_ms, now));
+            }
+        }
         if beat.leaving {
             tracing::info!(instance = format!("{:x}", beat.instance), "instance left");
-            self.instance_gone(beat.instance);
+            self.instance_gone(beat.instance, now);
         } else {
             self.liveness.heard(beat.instance, now);
         }

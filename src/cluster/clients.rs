@@ -2,12 +2,14 @@
 //! where, so that what arrives for them is delivered, and what ends is told.
 //!
 //! Sans-IO: a client enters with its first message across ([`LocalClients::open`]), each
-//! worker it reaches is remembered with its instance ([`LocalClients::sent`]), and it leaves
-//! with its stream ([`LocalClients::gone`]), returning the instances to tell.
+//! worker it offers to is remembered with its instance, the session counted on the client's
+//! stream ([`LocalClients::send`]), and it leaves with its stream ([`LocalClients::gone`]),
+//! returning the instances to tell.
 
 use std::collections::HashMap;
 
 use crate::core::{ConnId, DeliverError, InstanceId, Outbound, PeerId};
+use crate::pb::RtcEvent;
 use crate::peer::Sink;
 
 struct LocalClient {
@@ -25,6 +27,10 @@ pub struct LocalClients {
 /// A `PEER_GONE` owed to a local client found its queue full.
 pub struct NotReading(pub Sink);
 
+/// An `OFFER` would open one session more than the client may hold.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooManySessions;
+
 impl LocalClients {
     /// A local client stream sends across; known from now until [`Self::gone`].
     pub fn open(&mut self, client: PeerId, sink: &Sink) {
@@ -35,15 +41,35 @@ impl LocalClients {
         });
     }
 
+    #[cfg(test)]
     pub fn contains(&self, conn: ConnId) -> bool {
         self.by_conn.contains_key(&conn)
     }
 
-    /// The stream `conn` sent to `worker` on `instance`.
-    pub fn sent(&mut self, conn: ConnId, worker: PeerId, instance: InstanceId) {
-        if let Some(local) = self.by_conn.get_mut(&conn) {
-            local.workers.insert(worker, instance);
+    /// The stream `conn` sends `event` to `worker` on `instance`. An `OFFER` to a worker it
+    /// holds no session with opens one, counted on the stream against `max_sessions`:
+    /// `Err(TooManySessions)` if it holds that many already.
+    pub fn send(
+        &mut self,
+        conn: ConnId,
+        worker: PeerId,
+        instance: InstanceId,
+        event: RtcEvent,
+        max_sessions: usize,
+    ) -> Result<(), TooManySessions> {
+        let Some(local) = self.by_conn.get_mut(&conn) else { return Ok(()) };
+        match local.workers.get_mut(&worker) {
+            Some(at) => *at = instance,
+            None if event == RtcEvent::Offer => {
+                if !local.sink.open_session(max_sessions) {
+                    return Err(TooManySessions);
+                }
+                local.workers.insert(worker, instance);
+            }
+            // No session to count: the worker's instance refuses it.
+            None => {}
         }
+        Ok(())
     }
 
     /// The stream `conn` ended: forgotten. Returns the instances its sessions are on, to tell
@@ -62,6 +88,7 @@ impl LocalClients {
         let Some(local) = self.by_conn.get_mut(&conn) else { return Err(DeliverError::Closed) };
         if msg.says_worker_left() && local.workers.get(&msg.worker) == Some(&from) {
             local.workers.remove(&msg.worker);
+            local.sink.close_session();
         }
         local.sink.try_deliver(msg)
     }
@@ -80,6 +107,7 @@ impl LocalClients {
                 if *i != instance {
                     return true;
                 }
+                local.sink.close_session();
                 let gone = Outbound::peer_gone(*worker, local.client);
                 if local.sink.try_deliver(gone) == Err(DeliverError::Full) {
                     not_reading.push(NotReading(local.sink.clone()));
@@ -114,11 +142,31 @@ mod tests {
         let (sink, _out) = stream(1, 8);
         assert!(clients.gone(sink.id()).is_empty(), "never sent across: nothing to tell");
         clients.open(5, &sink);
-        clients.sent(sink.id(), 70, 0xb);
-        clients.sent(sink.id(), 71, 0xb);
-        clients.sent(sink.id(), 72, 0xc);
+        clients.send(sink.id(), 70, 0xb, RtcEvent::Offer, 0).unwrap();
+        clients.send(sink.id(), 71, 0xb, RtcEvent::Offer, 0).unwrap();
+        clients.send(sink.id(), 72, 0xc, RtcEvent::Offer, 0).unwrap();
         assert_eq!(clients.gone(sink.id()), [0xb, 0xc]);
         assert!(!clients.contains(sink.id()));
+    }
+
+    #[test]
+    fn offers_open_sessions_up_to_the_cap_and_ended_sessions_free_their_place() {
+        let mut clients = LocalClients::default();
+        let (sink, _out) = stream(1, 8);
+        clients.open(5, &sink);
+        let conn = sink.id();
+        assert_eq!(clients.send(conn, 70, 0xb, RtcEvent::LocalIceCandidate, 2), Ok(()));
+        assert_eq!(sink.sessions(), 0, "only an OFFER opens a session");
+        assert_eq!(clients.send(conn, 70, 0xb, RtcEvent::Offer, 2), Ok(()));
+        assert_eq!(clients.send(conn, 70, 0xb, RtcEvent::Offer, 2), Ok(()), "renegotiation");
+        assert_eq!(clients.send(conn, 71, 0xc, RtcEvent::Offer, 2), Ok(()));
+        assert_eq!(clients.send(conn, 72, 0xc, RtcEvent::Offer, 2), Err(TooManySessions));
+        assert_eq!(sink.sessions(), 2);
+        clients.deliver(conn, 0xb, Outbound::peer_gone(70, 5)).unwrap();
+        assert_eq!(sink.sessions(), 1);
+        assert_eq!(clients.send(conn, 72, 0xc, RtcEvent::Offer, 2), Ok(()));
+        clients.instance_gone(0xc);
+        assert_eq!(sink.sessions(), 0);
     }
 
     #[test]
@@ -126,8 +174,8 @@ mod tests {
         let mut clients = LocalClients::default();
         let (sink, mut out) = stream(1, 8);
         clients.open(5, &sink);
-        clients.sent(sink.id(), 70, 0xb);
-        clients.sent(sink.id(), 72, 0xc);
+        clients.send(sink.id(), 70, 0xb, RtcEvent::Offer, 0).unwrap();
+        clients.send(sink.id(), 72, 0xc, RtcEvent::Offer, 0).unwrap();
         assert!(clients.instance_gone(0xb).is_empty());
         let gone = next(&mut out).expect("PEER_GONE");
         assert_eq!((gone.event, gone.worker, gone.client), (RtcEvent::PeerGone, 70, 5));
@@ -140,8 +188,8 @@ mod tests {
         let mut clients = LocalClients::default();
         let (sink, mut out) = stream(1, 1);
         clients.open(5, &sink);
-        clients.sent(sink.id(), 70, 0xb);
-        clients.sent(sink.id(), 71, 0xb);
+        clients.send(sink.id(), 70, 0xb, RtcEvent::Offer, 0).unwrap();
+        clients.send(sink.id(), 71, 0xb, RtcEvent::Offer, 0).unwrap();
         let refused = Outbound::error(ErrorCode::PeerNotConnected, 70, 5, "worker 70 is not connected");
         assert_eq!(clients.deliver(sink.id(), 0xb, refused), Ok(()));
         assert_eq!(next(&mut out).unwrap().error, ErrorCode::PeerNotConnected);

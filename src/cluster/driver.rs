@@ -1,20 +1,26 @@
 //! The bridge's NATS task: a thin driver that feeds the sans-IO [`Bridge`] what arrives (its
 //! queue, the inbox, claims, heartbeats, locate answers, a timer) and carries out what it asks
-//! (publishes and locates).
+//! (publishes and locates). Every message is sealed on the way out and opened on the way in
+//! ([`Seal`]): what does not open is counted and dropped unread.
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
+use metrics::Counter;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use super::bridge::{Bridge, Output};
 use super::directory::Lookup;
+use super::seal::{Kind, Opened, Seal};
 use super::{Subjects, wire};
 use crate::core::{InstanceId, PeerId};
 use crate::metrics as names;
 use crate::peer::ToCluster;
+use crate::warn_throttled;
 
 /// Commands queued for the bridge before shards refuse cross-instance messages.
 pub const QUEUE: usize = 65_536;
@@ -50,12 +56,42 @@ enum Event {
     Tick,
 }
 
+/// What the bridge listens to on NATS.
+pub struct Subscriptions {
+    inbox: async_nats::Subscriber,
+    claims: async_nats::Subscriber,
+    beats: async_nats::Subscriber,
+}
+
 pub struct Driver {
     pub bridge: Bridge,
     pub me: InstanceId,
     pub nats: async_nats::Client,
     pub subjects: Subjects,
+    pub seal: Seal,
+    pub replies: Replies,
     pub control: mpsc::UnboundedSender<Control>,
+}
+
+/// Milliseconds since the Unix epoch: the clock of the seals.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+/// Opens a message received as `kind`, or counts and drops it.
+pub fn open(seal: &Seal, kind: Kind, msg: async_nats::Message) -> Option<Opened> {
+    match seal.open(kind, msg.subject.as_str(), msg.payload, now_ms()) {
+        Ok(opened) => Some(opened),
+        Err(why) => {
+            rejected(kind).increment(1);
+            warn_throttled!(kind = kind.as_str(), subject = %msg.subject, "cluster message rejected: {why}");
+            None
+        }
+    }
+}
+
+fn rejected(kind: Kind) -> Counter {
+    metrics::counter!(names::CLUSTER_REJECTED, "kind" => kind.as_str())
 }
 
 impl Driver {
@@ -63,15 +99,28 @@ impl Driver {
         self.nats.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// Subscribes what the bridge listens to. Done before the instance serves, so that what
+    /// other instances say about its first peers (their claims) reaches it.
+    pub async fn subscribe(&self) -> Result<Subscriptions, async_nats::SubscribeError> {
+        let subscriptions = Subscriptions {
+            inbox: self.nats.subscribe(self.subjects.inbox(self.me)).await?,
+            claims: self.nats.subscribe(self.subjects.claim()).await?,
+            beats: self.nats.subscribe(self.subjects.heartbeat()).await?,
+        };
+        if self.nats.connection_state() == async_nats::connection::State::Connected {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.flush()).await;
+        }
+        Ok(subscriptions)
+    }
+
     /// Runs until shutdown (or until the queues close).
     pub async fn run(
         mut self,
+        subscriptions: Subscriptions,
         mut queue: mpsc::Receiver<ToCluster>,
         mut control: mpsc::UnboundedReceiver<Control>,
-    ) -> Result<(), async_nats::SubscribeError> {
-        let mut inbox = self.nats.subscribe(self.subjects.inbox(self.me)).await?;
-        let mut claims = self.nats.subscribe(self.subjects.claim()).await?;
-        let mut beats = self.nats.subscribe(self.subjects.heartbeat()).await?;
+    ) {
+        let Subscriptions { mut inbox, mut claims, mut beats } = subscriptions;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut done = None;
@@ -94,27 +143,27 @@ impl Driver {
             match event {
                 Event::Command(None) | Event::Frame(None) => break,
                 Event::Command(Some(command)) => {
-                    self.bridge.command(command);
+                    self.bridge.command(command, now);
                     for _ in 1..BATCH {
                         match queue.try_recv() {
-                            Ok(command) => self.bridge.command(command),
+                            Ok(command) => self.bridge.command(command, now),
                             Err(_) => break,
                         }
                     }
                     self.bridge.flush(now);
                 }
                 Event::Frame(Some(msg)) => {
-                    self.bridge.frame(msg.payload, now);
+                    self.frame(msg, now);
                     for _ in 1..BATCH {
                         match inbox.next().now_or_never() {
-                            Some(Some(msg)) => self.bridge.frame(msg.payload, now),
+                            Some(Some(msg)) => self.frame(msg, now),
                             _ => break,
                         }
                     }
                     self.bridge.flush(now);
                 }
                 Event::Control(Control::Located { worker, found }) => {
-                    self.bridge.located(worker, found);
+                    self.bridge.located(worker, found, now);
                     self.bridge.flush(now);
                 }
                 Event::Control(Control::Shutdown { done: reply }) => {
@@ -122,10 +171,16 @@ impl Driver {
                     done = Some(reply);
                 }
                 Event::Claim(msg) => {
-                    self.bridge.claim(msg.payload);
-                    self.bridge.flush(now);
+                    if let Some(claim) = open(&self.seal, Kind::Claim, msg) {
+                        self.bridge.claim(claim.body);
+                        self.bridge.flush(now);
+                    }
                 }
-                Event::Heartbeat(msg) => self.bridge.heartbeat(msg.payload, now),
+                Event::Heartbeat(msg) => {
+                    if let Some(beat) = open(&self.seal, Kind::Heartbeat, msg) {
+                        self.bridge.heartbeat(beat.body, beat.sent_at_ms, now);
+                    }
+                }
                 Event::Tick => {
                     self.bridge.tick(now);
                     if self.bridge.ready_to_leave(now) {
@@ -142,7 +197,13 @@ impl Driver {
             let _ = done.send(());
         }
         tracing::info!("cluster bridge stopped");
-        Ok(())
+    }
+
+    /// One message from the inbox, opened.
+    fn frame(&mut self, msg: async_nats::Message, now: Instant) {
+        if let Some(frame) = open(&self.seal, Kind::Frame, msg) {
+            self.bridge.frame(frame.body, now);
+        }
     }
 
     /// Publishes and looks up what the bridge asked for.
@@ -150,18 +211,23 @@ impl Driver {
         while let Some(output) = self.bridge.poll_output() {
             match output {
                 Output::ToInstance(instance, frame) => {
-                    if let Err(e) = self.nats.publish(self.subjects.inbox(instance), frame).await {
+                    let subject = self.subjects.inbox(instance);
+                    let sealed = self.seal.seal(Kind::Frame, &subject, &frame, now_ms());
+                    if let Err(e) = self.nats.publish(subject, sealed).await {
                         tracing::debug!("publish failed, the link will resend: {e}");
                     }
                 }
                 Output::Heartbeat(beat) => {
-                    let _ = self.nats.publish(self.subjects.heartbeat(), beat).await;
+                    let subject = self.subjects.heartbeat();
+                    let sealed = self.seal.seal(Kind::Heartbeat, &subject, &beat, now_ms());
+                    let _ = self.nats.publish(subject, sealed).await;
                 }
                 Output::Locate(worker) => {
-                    let (nats, subject, control) =
-                        (self.nats.clone(), self.subjects.worker(worker), self.control.clone());
+                    let (nats, seal, control) = (self.nats.clone(), self.seal.clone(), self.control.clone());
+                    let (subject, me, replies) =
+                        (self.subjects.worker(worker), self.me, self.replies.clone());
                     tokio::spawn(async move {
-                        let found = locate(&nats, subject).await;
+                        let found = locate(&nats, &seal, &replies, subject, me).await;
                         let _ = control.send(Control::Located { worker, found });
                     });
                 }
@@ -170,26 +236,100 @@ impl Driver {
     }
 }
 
-/// Finds the instance a worker is registered on.
-async fn locate(nats: &async_nats::Client, subject: String) -> Result<InstanceId, Lookup> {
+/// Finds the instance a worker is registered on: asks on the worker's subject and believes the
+/// first answer that opens, not merely the first answer.
+async fn locate(
+    nats: &async_nats::Client,
+    seal: &Seal,
+    replies: &Replies,
+    subject: String,
+    me: InstanceId,
+) -> Result<InstanceId, Lookup> {
     let give_up = Instant::now() + LOCATE_WITHIN;
     let mut retry = LOCATE_RETRY;
     loop {
-        match tokio::time::timeout(LOCATE_TIMEOUT, nats.request(subject.clone(), Bytes::new())).await {
-            Ok(Ok(reply)) => {
-                return wire::Located::decode(reply.payload)
-                    .map(|l| l.instance)
-                    .map_err(|_| Lookup::Unavailable);
+        let mut waiting = replies.wait();
+        let request = seal.seal(Kind::Locate, &subject, &[], now_ms());
+        nats.publish_with_reply(subject.clone(), waiting.subject.clone(), request)
+            .await
+            .map_err(|_| Lookup::Unavailable)?;
+        let answered_by = tokio::time::Instant::now() + LOCATE_TIMEOUT;
+        // Until the NATS server says nobody listens on the subject, or a believable answer.
+        loop {
+            let Ok(Some(reply)) = tokio::time::timeout_at(answered_by, waiting.replies.recv()).await else {
+                return Err(Lookup::Unavailable);
+            };
+            if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                break;
             }
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                if Instant::now() + retry > give_up {
-                    return Err(Lookup::NotFound);
+            let Some(located) = open(seal, Kind::Located, reply) else { continue };
+            match wire::Located::decode(located.body) {
+                Ok(l) if l.instance != 0 && l.instance != me => return Ok(l.instance),
+                _ => {
+                    rejected(Kind::Located).increment(1);
+                    warn_throttled!("a locate answer names no other instance");
                 }
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(LOCATE_RETRY_MAX);
             }
-            _ => return Err(Lookup::Unavailable),
         }
+        if Instant::now() + retry > give_up {
+            return Err(Lookup::NotFound);
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(LOCATE_RETRY_MAX);
+    }
+}
+
+/// The replies to this instance's locates: all on one wildcard subscription, as async-nats' own
+/// requests do (one subscription per request would cost NATS a subscribe and an unsubscribe,
+/// propagated to every server, per lookup), each locate waiting on a token of its own.
+#[derive(Clone)]
+pub struct Replies {
+    /// `<inbox>.`: a locate's reply subject is this and its token.
+    prefix: Arc<str>,
+    waiting: Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>>>,
+    next: Arc<AtomicU64>,
+}
+
+/// One locate's wait for its replies; stops waiting when dropped.
+struct Waiting {
+    subject: String,
+    token: u64,
+    replies: mpsc::UnboundedReceiver<async_nats::Message>,
+    all: Replies,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.all.waiting.lock().expect("not poisoned").remove(&self.token);
+    }
+}
+
+impl Replies {
+    /// Subscribes the wildcard and hands each reply to the locate waiting on its token, from a
+    /// task that ends when the subscription does (the connection drains at shutdown).
+    pub async fn start(nats: &async_nats::Client) -> Result<Self, async_nats::SubscribeError> {
+        let prefix: Arc<str> = format!("{}.", nats.new_inbox()).into();
+        let mut subscription = nats.subscribe(format!("{prefix}*")).await?;
+        let replies =
+            Replies { prefix: prefix.clone(), waiting: Default::default(), next: Default::default() };
+        let waiting = replies.waiting.clone();
+        tokio::spawn(async move {
+            while let Some(reply) = subscription.next().await {
+                let token = reply.subject.strip_prefix(&*prefix).and_then(|t| t.parse::<u64>().ok());
+                let waiter = token.and_then(|t| waiting.lock().expect("not poisoned").get(&t).cloned());
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(reply);
+                }
+            }
+        });
+        Ok(replies)
+    }
+
+    fn wait(&self) -> Waiting {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.waiting.lock().expect("not poisoned").insert(token, tx);
+        Waiting { subject: format!("{}{token}", self.prefix), token, replies: rx, all: self.clone() }
     }
 }
 
@@ -197,12 +337,17 @@ async fn locate(nats: &async_nats::Client, subject: String) -> Result<InstanceId
 pub async fn answer_locates(
     mut subscriber: async_nats::Subscriber,
     nats: async_nats::Client,
-    located: Bytes,
+    seal: Seal,
+    me: InstanceId,
 ) {
+    let located = wire::Located { instance: me }.encode_to_vec();
     while let Some(request) = subscriber.next().await {
-        if let Some(reply) = request.reply {
-            let _ = nats.publish(reply, located.clone()).await;
+        let Some(reply) = request.reply.clone() else { continue };
+        if open(&seal, Kind::Locate, request).is_none() {
+            continue;
         }
+        let sealed = seal.seal(Kind::Located, reply.as_str(), &located, now_ms());
+        let _ = nats.publish(reply, sealed).await;
     }
 }
 

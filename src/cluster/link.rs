@@ -118,6 +118,9 @@ pub enum Arrival {
     Duplicate,
     /// A frame after a gap: drop it and ask for a resend from [`InLink::next`].
     Gap,
+    /// A frame of an older epoch than the link's: a replay, or a straggler of a link the
+    /// sender has since replaced. Dropped.
+    Stale,
 }
 
 /// The receiving half of a link from one instance.
@@ -135,8 +138,11 @@ impl InLink {
     }
 
     pub fn arrive(&mut self, epoch: u64, seq: u64) -> Arrival {
-        if epoch != self.epoch {
-            *self = InLink::new(epoch);
+        // A sender numbers its links' epochs upwards: only a newer one replaces this one.
+        match epoch.cmp(&self.epoch) {
+            std::cmp::Ordering::Less => return Arrival::Stale,
+            std::cmp::Ordering::Greater => *self = InLink::new(epoch),
+            std::cmp::Ordering::Equal => {}
         }
         match seq.cmp(&self.next) {
             std::cmp::Ordering::Equal => {
@@ -209,5 +215,8 @@ mod tests {
         // A new epoch (the sender restarted its link) starts again at 1.
         assert_eq!(inl.arrive(6, 2), Arrival::Gap);
         assert_eq!(inl.arrive(6, 1), Arrival::Next);
+        // An old epoch never resets the link again: a replayed frame of it is dropped.
+        assert_eq!(inl.arrive(5, 4), Arrival::Stale);
+        assert_eq!(inl.arrive(6, 2), Arrival::Next);
     }
 }

@@ -6,13 +6,13 @@
 //! [`Links::receive`], which returns their records once, in order. `now` is an argument.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use metrics::{Counter, Histogram};
 use prost::Message;
 
-use super::link::{Arrival, InLink, OutLink};
+use super::link::{Arrival, InFlight, InLink, OutLink};
 use super::wire::{self, record::Kind};
 use crate::core::InstanceId;
 use crate::metrics as names;
@@ -20,6 +20,11 @@ use crate::metrics as names;
 /// Records are packed into frames of at most about this many bytes (NATS' default max payload
 /// is 1 MiB).
 pub const FRAME_BYTES: usize = 256 * 1024;
+
+/// How long the receiving half of a forgotten link is kept, so that a replay of its old frames
+/// (which the seal lets through for [`FRESH_FOR`](super::seal::FRESH_FOR)) is still recognised
+/// as stale, and a sender that did not forget this instance goes on where it was.
+pub const RETIRED_FOR: Duration = Duration::from_secs(60);
 
 /// Records pushed since the last flush, with what each owes its sender if it is lost.
 struct Outgoing<O> {
@@ -40,6 +45,8 @@ pub struct Links<O> {
     out: HashMap<InstanceId, OutLink<O>>,
     building: HashMap<InstanceId, Outgoing<O>>,
     inbound: HashMap<InstanceId, InLink>,
+    /// Receiving halves of forgotten links, and when they were forgotten.
+    retired: HashMap<InstanceId, (InLink, Instant)>,
     ack_due: HashSet<InstanceId>,
     nak_due: HashSet<InstanceId>,
     /// The epoch of the last link opened: each new link to an instance takes the next one, so
@@ -55,6 +62,7 @@ impl<O> Links<O> {
             out: HashMap::new(),
             building: HashMap::new(),
             inbound: HashMap::new(),
+            retired: HashMap::new(),
             ack_due: HashSet::new(),
             nak_due: HashSet::new(),
             last_epoch: 0,
@@ -127,20 +135,35 @@ impl<O> Links<O> {
 
     /// Takes one frame from another instance: applies the acknowledgement it carries, and
     /// returns its records if it is the next frame of its link (nothing for a resend already
-    /// taken, or a frame after a gap, which is asked for again).
-    pub fn receive(&mut self, frame: wire::Frame, now: Instant) -> Vec<wire::Record> {
+    /// taken, or a frame after a gap, which is asked for again), and the frames it
+    /// acknowledged. Drop those after handing the records on: an answer in this frame to a
+    /// message in one of them is then delivered before that message's reserved answer slot is
+    /// given back.
+    pub fn receive(&mut self, frame: wire::Frame, now: Instant) -> (Vec<wire::Record>, Vec<InFlight<O>>) {
         let from = frame.from;
+        let mut acked = Vec::new();
         if frame.ack_epoch != 0
             && let Some(link) = self.out.get_mut(&from)
         {
-            for done in link.acknowledged(frame.ack_epoch, frame.ack_next, frame.nak, now) {
+            acked = link.acknowledged(frame.ack_epoch, frame.ack_next, frame.nak, now);
+            for done in &acked {
                 self.metrics.ack_seconds.record(now.saturating_duration_since(done.sent_at).as_secs_f64());
             }
         }
+        (self.take(frame), acked)
+    }
+
+    /// The records of `frame` if it is the next of its link.
+    fn take(&mut self, frame: wire::Frame) -> Vec<wire::Record> {
+        let from = frame.from;
         if frame.seq == 0 {
             return Vec::new();
         }
-        let link = self.inbound.entry(from).or_insert_with(|| InLink::new(frame.epoch));
+        let retired = &mut self.retired;
+        let link = self
+            .inbound
+            .entry(from)
+            .or_insert_with(|| retired.remove(&from).map_or_else(|| InLink::new(frame.epoch), |(l, _)| l));
         match link.arrive(frame.epoch, frame.seq) {
             Arrival::Next => {
                 self.ack_due.insert(from);
@@ -153,6 +176,10 @@ impl<O> Links<O> {
             }
             Arrival::Gap => {
                 self.nak_due.insert(from);
+                Vec::new()
+            }
+            Arrival::Stale => {
+                self.metrics.stale.increment(1);
                 Vec::new()
             }
         }
@@ -174,17 +201,24 @@ impl<O> Links<O> {
     }
 
     /// Forgets both links with `instance`; returns what their unacknowledged and unsent records
-    /// owe their senders, oldest first.
-    pub fn forget(&mut self, instance: InstanceId) -> Vec<O> {
+    /// owe their senders, oldest first. The receiving half is kept for [`RETIRED_FOR`].
+    pub fn forget(&mut self, instance: InstanceId, now: Instant) -> Vec<O> {
         let mut lost: Vec<O> = match self.out.remove(&instance) {
             Some(mut link) => link.drain().flat_map(|f| f.origins).collect(),
             None => Vec::new(),
         };
         lost.extend(self.building.remove(&instance).into_iter().flat_map(|o| o.origins));
-        self.inbound.remove(&instance);
+        if let Some(inbound) = self.inbound.remove(&instance) {
+            self.retired.insert(instance, (inbound, now));
+        }
         self.ack_due.remove(&instance);
         self.nak_due.remove(&instance);
         lost
+    }
+
+    /// Drops the receiving halves retired for longer than [`RETIRED_FOR`].
+    pub fn prune(&mut self, now: Instant) {
+        self.retired.retain(|_, (_, at)| now.saturating_duration_since(*at) < RETIRED_FOR);
     }
 
     /// Everything pushed since the last flush, taken back unsent (NATS is down): what it owes.
@@ -204,6 +238,8 @@ struct LinkMetrics {
     frames_resent: Counter,
     records_out: Counter,
     records_in: Counter,
+    /// Frames of an older link epoch (counted with the frames the seal rejects).
+    stale: Counter,
     ack_seconds: Histogram,
 }
 
@@ -215,6 +251,7 @@ impl LinkMetrics {
             frames_resent: metrics::counter!(names::CLUSTER_FRAMES, "kind" => "resent"),
             records_out: metrics::counter!(names::CLUSTER_RECORDS, "direction" => "out"),
             records_in: metrics::counter!(names::CLUSTER_RECORDS, "direction" => "in"),
+            stale: metrics::counter!(names::CLUSTER_REJECTED, "kind" => "frame"),
             ack_seconds: metrics::histogram!(names::CLUSTER_ACK),
         }
     }
@@ -262,15 +299,15 @@ mod tests {
         a.push(B, gone(2), 2);
         let frames = flush(&mut a, t0);
         assert_eq!(frames.len(), 1, "one frame per flush when the records fit");
-        assert_eq!(clients(&b.receive(frames[0].clone(), t0)), [1, 2]);
-        assert!(b.receive(frames[0].clone(), t0).is_empty(), "a resend is not handed on again");
+        assert_eq!(clients(&b.receive(frames[0].clone(), t0).0), [1, 2]);
+        assert!(b.receive(frames[0].clone(), t0).0.is_empty(), "a resend is not handed on again");
         assert!(!a.is_quiet(), "unacknowledged");
         // B owes an acknowledgement; it carries it back on its next frame or alone.
         let mut acks = Vec::new();
         b.flush(t0, |to, bytes| acks.push((to, wire::Frame::decode(bytes).unwrap())));
         assert_eq!(acks.len(), 1);
         assert_eq!((acks[0].0, acks[0].1.seq, acks[0].1.ack_next), (A, 0, 2));
-        assert!(a.receive(acks[0].1.clone(), t0).is_empty());
+        assert!(a.receive(acks[0].1.clone(), t0).0.is_empty());
         assert!(a.is_quiet());
     }
 
@@ -284,7 +321,7 @@ mod tests {
         let second = flush(&mut a, t0);
         assert_eq!((lost[0].seq, second[0].seq), (1, 2));
         // The second arrives alone: a gap, nothing handed on, a NAK owed.
-        assert!(b.receive(second[0].clone(), t0).is_empty());
+        assert!(b.receive(second[0].clone(), t0).0.is_empty());
         let mut nak = Vec::new();
         b.flush(t0, |_, bytes| nak.push(wire::Frame::decode(bytes).unwrap()));
         assert!(nak[0].nak && nak[0].ack_next == 1, "{:?}", nak[0]);
@@ -292,7 +329,7 @@ mod tests {
         let mut resent = Vec::new();
         a.resend(t0, |_, bytes| resent.push(wire::Frame::decode(bytes).unwrap()));
         assert_eq!(resent.iter().map(|f| f.seq).collect::<Vec<_>>(), [1, 2], "go-back-N from the gap");
-        let got: Vec<i64> = resent.into_iter().flat_map(|f| clients(&b.receive(f, t0))).collect();
+        let got: Vec<i64> = resent.into_iter().flat_map(|f| clients(&b.receive(f, t0).0)).collect();
         assert_eq!(got, [1, 2]);
 
         // Silence: without any acknowledgement, everything is resent after RESEND_AFTER.
@@ -315,12 +352,32 @@ mod tests {
         a.push(B, gone(2), 2);
         assert!(a.dead(t0 + GIVE_UP_AFTER - Duration::from_millis(1)).is_empty());
         assert_eq!(a.dead(t0 + GIVE_UP_AFTER), [B]);
-        assert_eq!(a.forget(B), [1, 2], "in flight, then not yet sent");
+        assert_eq!(a.forget(B, t0), [1, 2], "in flight, then not yet sent");
         assert!(a.is_quiet());
         // A new link to the same instance is a new epoch: the receiver starts it afresh.
         a.push(B, gone(3), 3);
         let frames = flush(&mut a, t0 + GIVE_UP_AFTER);
         assert_eq!((frames[0].epoch, frames[0].seq), (2, 1));
+    }
+
+    #[test]
+    fn a_forgotten_link_still_refuses_its_old_frames_and_takes_a_new_epoch() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (Links::<i64>::new(A), Links::<i64>::new(B));
+        a.push(B, gone(1), 1);
+        let first = flush(&mut a, t0);
+        assert_eq!(clients(&b.receive(first[0].clone(), t0).0), [1]);
+        // B gives A up (a partition), A too; A's next link is a new epoch.
+        b.forget(A, t0);
+        a.forget(B, t0);
+        a.push(B, gone(2), 2);
+        let second = flush(&mut a, t0);
+        assert_eq!(clients(&b.receive(second[0].clone(), t0).0), [2]);
+        // A replay of the old epoch's frame, even after B forgot A, is not handed on again.
+        b.forget(A, t0);
+        assert!(b.receive(first[0].clone(), t0).0.is_empty(), "stale epoch");
+        b.prune(t0 + RETIRED_FOR);
+        assert!(b.retired.is_empty());
     }
 
     #[test]

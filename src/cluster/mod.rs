@@ -32,11 +32,11 @@ mod driver;
 pub mod link;
 pub mod links;
 pub mod liveness;
+pub mod seal;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinHandle};
@@ -47,6 +47,7 @@ use crate::peer::{ClusterQueue, Departure, Peer, PeerReply, ToCluster};
 use crate::shards::Shards;
 use bridge::Bridge;
 use driver::{Control, Driver};
+use seal::{Kind, Seal};
 
 /// Generated from `proto/distributor/cluster/v1/link.proto`.
 pub mod wire {
@@ -96,6 +97,24 @@ pub struct NatsConfig {
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
     pub require_tls: bool,
+}
+
+impl NatsConfig {
+    /// Whether every server URL names this machine (loopback), where no one else can reach.
+    pub fn is_loopback(&self) -> bool {
+        self.url.split(',').all(|url| {
+            let url = url.trim();
+            let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+            let authority = authority.split('/').next().unwrap_or_default();
+            let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+            let host = match host_port.strip_prefix('[') {
+                Some(v6) => v6.split(']').next().unwrap_or_default(),
+                None => host_port.rsplit_once(':').map_or(host_port, |(h, _)| h),
+            };
+            host.eq_ignore_ascii_case("localhost")
+                || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        })
+    }
 }
 
 /// The subjects of one deployment.
@@ -151,6 +170,7 @@ pub struct Cluster {
     pub instance: InstanceId,
     nats: async_nats::Client,
     subjects: Subjects,
+    seal: Seal,
     queue: ClusterQueue,
     control: mpsc::UnboundedSender<Control>,
 }
@@ -250,25 +270,32 @@ impl Cluster {
         Ok(client)
     }
 
-    /// Starts the bridge task on `queue`, feeding `shards`.
-    pub fn start(
+    /// Starts the bridge task on `queue`, feeding `shards`; `seal` authenticates what instances
+    /// say to each other; a local client may hold `max_sessions` sessions (0: no cap).
+    pub async fn start(
         instance: InstanceId,
         nats: async_nats::Client,
         prefix: &str,
+        seal: Seal,
+        max_sessions: usize,
         queue: Queue,
         shards: Arc<Shards<Peer>>,
-    ) -> (Self, JoinHandle<Result<(), ClusterError>>) {
+    ) -> Result<(Self, JoinHandle<()>), ClusterError> {
         let subjects = Subjects::new(prefix);
+        let replies = driver::Replies::start(&nats).await?;
         let (control, control_rx) = mpsc::unbounded_channel();
         let driver = Driver {
-            bridge: Bridge::new(instance, shards, queue.tx.clone()),
+            bridge: Bridge::new(instance, shards, queue.tx.clone(), max_sessions),
             me: instance,
             nats: nats.clone(),
             subjects: subjects.clone(),
+            seal: seal.clone(),
+            replies,
             control: control.clone(),
         };
-        let task = tokio::spawn(async move { Ok(driver.run(queue.rx, control_rx).await?) });
-        (Cluster { instance, nats, subjects, queue: queue.tx, control }, task)
+        let subscriptions = driver.subscribe().await?;
+        let task = tokio::spawn(driver.run(subscriptions, queue.rx, control_rx));
+        Ok((Cluster { instance, nats, subjects, seal, queue: queue.tx, control }, task))
     }
 
     pub fn is_connected(&self) -> bool {
@@ -292,8 +319,8 @@ impl Cluster {
                 return None;
             }
         };
-        let located = Bytes::from(wire::Located { instance: self.instance }.encode_to_vec());
-        let responder = tokio::spawn(driver::answer_locates(subscriber, self.nats.clone(), located));
+        let (nats, seal) = (self.nats.clone(), self.seal.clone());
+        let responder = tokio::spawn(driver::answer_locates(subscriber, nats, seal, self.instance));
         self.claim(Role::Worker, worker, conn).await;
         if self.is_connected() {
             let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.flush()).await;
@@ -304,7 +331,9 @@ impl Cluster {
     /// Announces that `conn` is now the stream of this id: older streams of it elsewhere end.
     pub async fn claim(&self, role: Role, id: PeerId, conn: ConnId) {
         let claim = wire::Claim { worker: role == Role::Worker, id, conn: Some(bridge::wire_conn(conn)) };
-        if let Err(e) = self.nats.publish(self.subjects.claim(), claim.encode_to_vec().into()).await {
+        let subject = self.subjects.claim();
+        let sealed = self.seal.seal(Kind::Claim, &subject, &claim.encode_to_vec(), driver::now_ms());
+        if let Err(e) = self.nats.publish(subject, sealed).await {
             tracing::warn!(id, "cannot publish a claim: {e}");
         }
     }
@@ -312,16 +341,16 @@ impl Cluster {
     /// Leaves the cluster: once this instance's departures are acknowledged (or `within`
     /// passes), says `leaving`, so that the other instances end its sessions at once; then
     /// drains the NATS connection.
-    pub async fn leave(&self, task: JoinHandle<Result<(), ClusterError>>, within: Duration) {
+    pub async fn leave(&self, task: JoinHandle<()>, within: Duration) {
         let (done, left) = oneshot::channel();
         if self.control.send(Control::Shutdown { done }).is_ok() {
             let _ = tokio::time::timeout(within, left).await;
         }
         task.abort();
-        match task.await {
-            Ok(Err(e)) => tracing::warn!("cluster bridge failed: {e}"),
-            Err(e) if e.is_panic() => tracing::error!("cluster bridge panicked: {e}"),
-            _ => {}
+        if let Err(e) = task.await
+            && e.is_panic()
+        {
+            tracing::error!("cluster bridge panicked: {e}");
         }
         let _ = self.nats.drain().await;
     }

@@ -162,4 +162,12 @@ pub trait PeerSink: Clone {
     fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError>;
     /// Ends the stream with `reason`.
     fn close(&self, reason: CloseReason);
+    /// Counts one more session held by this client stream, unless it holds `max` already
+    /// (0: no cap). A client on another instance is counted there, so `true` by default.
+    fn open_session(&self, max: usize) -> bool {
+        let _ = max;
+        true
+    }
+    /// One session counted by [`Self::open_session`] ended.
+    fn close_session(&self) {}
 }

@@ -105,6 +105,8 @@ pub struct Router<P: PeerSink> {
     /// For each client, the workers on this shard it holds a session with.
     client_sessions: HashMap<PeerId, Vec<PeerId>>,
     elsewhere: Option<Box<dyn Elsewhere<P>>>,
+    /// Sessions one client stream may hold (0: no cap), counted by its sink across shards.
+    max_sessions: usize,
     metrics: RouterMetrics,
 }
 
@@ -122,8 +124,16 @@ impl<P: PeerSink> Router<P> {
             clients: HashMap::default(),
             client_sessions: HashMap::default(),
             elsewhere,
+            max_sessions: 0,
             metrics: RouterMetrics::new(),
         }
+    }
+
+    /// Caps the sessions one client stream may hold at `max` (0: no cap): the OFFER that
+    /// would open one more is refused with `TOO_MANY_SESSIONS`.
+    pub fn with_session_cap(mut self, max: usize) -> Self {
+        self.max_sessions = max;
+        self
     }
 
     /// Number of sessions this shard owns.
@@ -240,14 +250,22 @@ impl<P: PeerSink> Router<P> {
             Ok(next) => next,
             Err(reason) => return refuse(reply, ErrorCode::InvalidTransition, worker, client, reason),
         };
+        let opens = state.is_none();
+        if opens && !sink.open_session(self.max_sessions) {
+            let reason = format!("this client already holds {} sessions, the most it may", self.max_sessions);
+            return refuse(reply, ErrorCode::TooManySessions, worker, client, reason);
+        }
         if superseded {
             // The session belonged to an older stream of this client: it ended with that stream.
             let old = entry.sessions.remove(&client).expect("just looked up");
-            m.sessions(old.state).decrement(1.0);
+            m.ended(&old);
             notify(m, &entry.sink, Outbound::peer_gone(worker, client));
         }
         let forwarded = session::forwarded(event);
         if let Err(e) = entry.sink.try_deliver(Outbound::relay(forwarded, worker, client, payload)) {
+            if opens {
+                sink.close_session();
+            }
             return reply.send(e.refusal(Role::Worker, worker, client));
         }
         match entry.sessions.get_mut(&client) {
@@ -326,7 +344,7 @@ impl<P: PeerSink> Router<P> {
                 };
                 match entry.sessions.entry(client) {
                     Entry::Occupied(s) if s.get().client.conn() == conn => {
-                        m.sessions(s.remove().state).decrement(1.0);
+                        m.ended(&s.remove());
                         notify(m, &entry.sink, Outbound::peer_gone(*worker, client));
                         false
                     }
@@ -358,7 +376,7 @@ impl<P: PeerSink> Router<P> {
                 if session.client.remote() != Some(instance) {
                     return true;
                 }
-                m.sessions(session.state).decrement(1.0);
+                m.ended(session);
                 notify(m, &entry.sink, Outbound::peer_gone(*worker, *client));
                 unlink(&mut self.client_sessions, *client, *worker);
                 false
@@ -369,7 +387,7 @@ impl<P: PeerSink> Router<P> {
     /// Tells every client of a departed worker stream that it is gone.
     fn end_worker_sessions(&mut self, worker: PeerId, entry: WorkerEntry<P>) {
         for (client, session) in entry.sessions {
-            self.metrics.sessions(session.state).decrement(1.0);
+            self.metrics.ended(&session);
             notify(&self.metrics, &session.client, Outbound::peer_gone(worker, client));
             unlink(&mut self.client_sessions, client, worker);
         }
@@ -415,6 +433,12 @@ impl RouterMetrics {
 
     fn sessions(&self, state: State) -> &Gauge {
         &self.sessions[state as usize]
+    }
+
+    /// A session ended: its gauge and its client's count go down.
+    fn ended<P: PeerSink>(&self, session: &Session<P>) {
+        self.sessions(session.state).decrement(1.0);
+        session.client.close_session();
     }
 
     /// Moves a session to `next`, keeping the gauges by state in step.

@@ -6,6 +6,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Status, Streaming};
 
 use super::{Edge, Reader, connected};
+use crate::auth::Granted;
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::ClientRtcMessage;
 use crate::peer::conn::shutting_down;
@@ -40,21 +41,27 @@ pub fn encode(msg: Outbound) -> ClientRtcMessage {
     }
 }
 
-pub async fn serve(edge: Arc<Edge>, sink: Sink, client: PeerId, inbound: Streaming<ClientRtcMessage>) {
+pub async fn serve(
+    edge: Arc<Edge>,
+    sink: Sink,
+    client: PeerId,
+    granted: Option<Granted>,
+    inbound: Streaming<ClientRtcMessage>,
+) {
     let shards = &edge.shards;
     let gauge = connected(Role::Client);
     gauge.increment(1.0);
     tracing::debug!(client, conn = %sink.id(), "client connected");
-    let mut reader = Reader::new(&edge, inbound, sink.clone());
+    let mut reader = Reader::new(&edge, inbound, sink.clone(), granted);
     if let Some(cluster) = &edge.cluster {
         cluster.claim(Role::Client, client, sink.id()).await;
     }
     let register = Command::RegisterClient { client, sink: Peer::Local(sink.clone()) };
     let registered = shards.send(shards.of_client(client), register).await;
     while registered.is_ok() {
-        let Some((msg, permit)) = reader.message_with_reply().await else { break };
+        let Some((msg, admitted)) = reader.message_with_reply().await else { break };
         let worker = msg.worker_machine_id;
-        let Some((event, payload, permit)) = edge.triage(permit, msg.event, msg.message, worker, client)
+        let Some((event, payload, permit)) = edge.triage(admitted, msg.event, msg.message, worker, client)
         else {
             continue;
         };

@@ -6,20 +6,25 @@
 //! of the stream: it gets an `ERROR` message and the stream goes on.
 
 mod client;
+pub mod rate;
 mod worker;
 
 use futures::FutureExt;
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+use tokio::time::Sleep;
 use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::{AuthError, Authenticator, Granted};
 use crate::cluster::Cluster;
+use crate::config::Limits;
 use crate::core::{ConnId, InstanceId, Outbound, PeerId, Role};
 use crate::metrics as names;
 use crate::pb::{self, ClientRtcMessage, ErrorCode, RtcEvent, WorkerRtcMessage};
@@ -33,6 +38,7 @@ pub struct Edge {
     /// Present in cluster mode.
     pub cluster: Option<Arc<Cluster>>,
     pub auth: Option<Authenticator>,
+    pub limits: Limits,
     pub max_message_bytes: usize,
     pub peer_queue: usize,
     pub instance: InstanceId,
@@ -69,8 +75,8 @@ impl Edge {
         }
     }
 
-    /// The id a token grants, when auth is on.
-    fn authenticate(&self, metadata: &MetadataMap, role: Role) -> Result<Option<PeerId>, Status> {
+    /// What a token grants, when auth is on.
+    fn authenticate(&self, metadata: &MetadataMap, role: Role) -> Result<Option<Granted>, Status> {
         let Some(auth) = &self.auth else { return Ok(None) };
         let header = metadata.get("authorization").and_then(|v| v.to_str().ok());
         auth.verify(header, role).map(Some).map_err(|e| match e {
@@ -91,16 +97,29 @@ impl Edge {
         Ok(event)
     }
 
-    /// Answers what needs no routing (`PING`, and refusals that need no session state) on the
-    /// sender's stream; gives back what is for the other side of a session.
+    /// Answers what needs no routing (`PING`, and refusals that need no session state, a
+    /// message over the stream's rate among them) on the sender's stream; gives back what is for
+    /// the other side of a session.
     fn triage(
         &self,
-        permit: Permit,
+        admitted: Admitted,
         event: i32,
         payload: Bytes,
         worker: PeerId,
         client: PeerId,
     ) -> Option<(RtcEvent, Bytes, Permit)> {
+        let permit = match admitted {
+            Admitted::Yes(permit) => permit,
+            Admitted::OverRate(permit) => {
+                let limits = &self.limits;
+                let reason = format!(
+                    "this stream sends faster than {} messages/s (burst {}); the message was not relayed",
+                    limits.peer_rate, limits.peer_burst
+                );
+                permit.send(Outbound::error(ErrorCode::RateLimited, worker, client, reason));
+                return None;
+            }
+        };
         match self.check(event, &payload) {
             Ok(RtcEvent::Ping) => {
                 permit.send(Outbound::relay(RtcEvent::Ping, worker, client, payload));
@@ -133,6 +152,26 @@ struct Reader<M> {
     inbound: Streaming<M>,
     sink: Sink,
     edge: Arc<Edge>,
+    /// How fast the peer may send (`None`: no limit).
+    bucket: Option<rate::Bucket>,
+    /// The end of the token's validity, when auth is on: the stream ends then.
+    expiry: Option<Expiry>,
+}
+
+/// When a stream's token expires: checked on every message, and waited for while idle.
+struct Expiry {
+    at: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+/// A message read, with room reserved for its answer; over the stream's rate or not.
+enum Admitted {
+    Yes(Permit),
+    OverRate(Permit),
+}
+
+fn expired() -> Close {
+    Close::Now(Status::unauthenticated("the token expired: reconnect with a fresh one"))
 }
 
 impl<M> Drop for Reader<M> {
@@ -142,8 +181,14 @@ impl<M> Drop for Reader<M> {
 }
 
 impl<M> Reader<M> {
-    fn new(edge: &Arc<Edge>, inbound: Streaming<M>, sink: Sink) -> Self {
-        Reader { inbound, sink, edge: edge.clone() }
+    fn new(edge: &Arc<Edge>, inbound: Streaming<M>, sink: Sink, granted: Option<Granted>) -> Self {
+        let now = Instant::now();
+        let bucket = rate::Bucket::new(edge.limits.peer_rate, edge.limits.peer_burst, now);
+        let expiry = granted.map(|g| {
+            let left = g.expires.duration_since(SystemTime::now()).unwrap_or_default();
+            Expiry { at: now + left, timer: Box::pin(tokio::time::sleep_until((now + left).into())) }
+        });
+        Reader { inbound, sink, edge: edge.clone(), bucket, expiry }
     }
 
     /// The next message, or `None` once the stream ends (how it ends is recorded on the sink).
@@ -157,6 +202,10 @@ impl<M> Reader<M> {
             None => tokio::select! {
                 biased;
                 _ = self.sink.ended() => return None,
+                _ = async { self.expiry.as_mut().expect("guarded").timer.as_mut().await }, if self.expiry.is_some() => {
+                    self.sink.end(expired());
+                    return None;
+                }
                 next = self.inbound.message() => next,
             },
         };
@@ -173,14 +222,24 @@ impl<M> Reader<M> {
         }
     }
 
-    /// The next message with room reserved in the peer's own queue for its answer.
-    async fn message_with_reply(&mut self) -> Option<(M, Permit)> {
+    /// The next message with room reserved in the peer's own queue for its answer, and
+    /// whether it is within the stream's rate.
+    async fn message_with_reply(&mut self) -> Option<(M, Admitted)> {
         let msg = self.message().await?;
         let permit = match self.sink.try_reserve() {
             Some(permit) => permit,
             None => self.sink.reserve().await?,
         };
-        Some((msg, permit))
+        if self.bucket.is_none() && self.expiry.is_none() {
+            return Some((msg, Admitted::Yes(permit)));
+        }
+        let now = Instant::now();
+        if self.expiry.as_ref().is_some_and(|e| now >= e.at) {
+            self.sink.end(expired());
+            return None;
+        }
+        let within = self.bucket.as_mut().is_none_or(|bucket| bucket.take(now));
+        Some((msg, if within { Admitted::Yes(permit) } else { Admitted::OverRate(permit) }))
     }
 }
 
@@ -203,12 +262,13 @@ impl pb::client_service_server::ClientService for ClientEdge {
         request: Request<Streaming<ClientRtcMessage>>,
     ) -> Result<Response<Self::NegotiatePeerConnectionStream>, Status> {
         let edge = &self.0;
-        let client = match edge.authenticate(request.metadata(), Role::Client)? {
-            Some(id) => id,
+        let granted = edge.authenticate(request.metadata(), Role::Client)?;
+        let client = match granted {
+            Some(granted) => granted.id,
             None => client::id_from_metadata(request.metadata())?,
         };
         let (sink, outbound) = edge.open(client::encode);
-        edge.tasks.spawn(client::serve(edge.clone(), sink, client, request.into_inner()));
+        edge.tasks.spawn(client::serve(edge.clone(), sink, client, granted, request.into_inner()));
         Ok(Response::new(outbound))
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Status, Streaming};
 
 use super::{Edge, Reader, connected};
+use crate::auth::Granted;
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{RtcEvent, WorkerRtcMessage};
 use crate::peer::conn::shutting_down;
@@ -21,14 +22,14 @@ pub fn encode(msg: Outbound) -> WorkerRtcMessage {
 }
 
 /// Checks the registration: `BLANK` with a non-zero id, matching the token's id in auth mode.
-fn registration(first: &WorkerRtcMessage, granted: Option<PeerId>) -> Result<PeerId, Status> {
+fn registration(first: &WorkerRtcMessage, granted: Option<Granted>) -> Result<PeerId, Status> {
     if first.event != RtcEvent::Blank as i32 || first.worker_machine_id == 0 {
         return Err(Status::invalid_argument(
             "a worker's first message must be BLANK with its non-zero worker_machine_id",
         ));
     }
     let worker = first.worker_machine_id;
-    match granted {
+    match granted.map(|g| g.id) {
         Some(id) if id != worker => {
             Err(Status::permission_denied(format!("the token is for worker {id}, not {worker}")))
         }
@@ -39,12 +40,20 @@ fn registration(first: &WorkerRtcMessage, granted: Option<PeerId>) -> Result<Pee
 pub async fn serve(
     edge: Arc<Edge>,
     sink: Sink,
-    granted: Option<PeerId>,
+    granted: Option<Granted>,
     inbound: Streaming<WorkerRtcMessage>,
 ) {
     let shards = &edge.shards;
-    let mut reader = Reader::new(&edge, inbound, sink.clone());
-    let Some(first) = reader.message().await else { return };
+    let mut reader = Reader::new(&edge, inbound, sink.clone(), granted);
+    let within = edge.limits.register_timeout;
+    let first = match tokio::time::timeout(within, reader.message()).await {
+        Ok(Some(first)) => first,
+        Ok(None) => return,
+        Err(_) => {
+            let status = Status::invalid_argument(format!("no registration BLANK within {within:?}"));
+            return sink.end(Close::Now(status));
+        }
+    };
     let worker = match registration(&first, granted) {
         Ok(worker) => worker,
         Err(status) => return sink.end(Close::Now(status)),
@@ -62,7 +71,7 @@ pub async fn serve(
     let gauge = connected(Role::Worker);
     gauge.increment(1.0);
     tracing::debug!(worker, conn = %sink.id(), "worker registered");
-    while let Some((msg, permit)) = reader.message_with_reply().await {
+    while let Some((msg, admitted)) = reader.message_with_reply().await {
         if msg.worker_machine_id != 0 && msg.worker_machine_id != worker {
             sink.end(Close::Now(Status::permission_denied(format!(
                 "this stream is registered as worker {worker}, not {}",
@@ -71,7 +80,7 @@ pub async fn serve(
             break;
         }
         let client = msg.client_id;
-        let Some((event, payload, permit)) = edge.triage(permit, msg.event, msg.message, worker, client)
+        let Some((event, payload, permit)) = edge.triage(admitted, msg.event, msg.message, worker, client)
         else {
             continue;
         };

@@ -65,6 +65,8 @@ pub struct Conn {
     close: OnceLock<Close>,
     /// Set when the stream ends, for any reason; read on every message, so a plain flag.
     ended: AtomicBool,
+    /// Sessions this stream holds as a client, on every shard and across instances.
+    sessions: AtomicUsize,
     /// The stream's reading task, woken when the stream ends and when a slot frees up in a full
     /// queue; and its response writer, woken when the stream ends.
     reader: AtomicWaker,
@@ -83,6 +85,7 @@ impl Conn {
             capacity: queue,
             close: OnceLock::new(),
             ended: AtomicBool::new(false),
+            sessions: AtomicUsize::new(0),
             reader: AtomicWaker::new(),
             writer: AtomicWaker::new(),
         });
@@ -173,6 +176,24 @@ impl Conn {
         self.tx.send(msg).map_err(|_| DeliverError::Closed)
     }
 
+    /// Counts one more session held by this (client) stream, unless it holds `max` already
+    /// (0: no cap).
+    pub fn open_session(&self, max: usize) -> bool {
+        self.sessions
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (max == 0 || n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// One session counted by [`Self::open_session`] ended.
+    pub fn close_session(&self) {
+        let _ = self.sessions.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Sessions this stream holds.
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Acquire)
+    }
+
     /// Ends the stream for a reason of the routing core's.
     pub fn close(&self, reason: CloseReason) {
         let status = match reason {
@@ -206,6 +227,10 @@ impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(conn) = &self.conn {
             conn.free_slot();
+            // A draining stream waits for the answers it owes; this one is not needed.
+            if conn.is_ended() {
+                conn.writer.wake();
+            }
         }
     }
 }
@@ -216,7 +241,9 @@ enum Phase {
     Done,
 }
 
-/// The response stream of one peer: its queued messages, then the status it ends with.
+/// The response stream of one peer: its queued messages, then the status it ends with. Drained
+/// (a clean end, a shutdown), it also writes the answers still owed to messages the peer sent
+/// before the end, which hold reserved slots until they are sent or found not needed.
 /// Dropping it (the peer went away) ends the stream's reading side too.
 pub struct OutboundStream<M> {
     rx: mpsc::UnboundedReceiver<Outbound>,
@@ -266,14 +293,22 @@ impl<M> Stream for OutboundStream<M> {
                         Close::Drain(status) => this.phase = Phase::Draining(status),
                     }
                 }
-                Phase::Draining(status) => match this.rx.try_recv() {
-                    Ok(msg) => return Poll::Ready(Some(Ok(this.write(msg)))),
-                    Err(_) => {
-                        let status = status.take();
-                        this.phase = Phase::Done;
-                        return Poll::Ready(status.map(Err));
+                Phase::Draining(status) => {
+                    // Registered before looking, so an answer sent or given up in between
+                    // wakes this writer.
+                    this.conn.writer.register(cx.waker());
+                    match this.rx.poll_recv(cx) {
+                        Poll::Ready(Some(msg)) => return Poll::Ready(Some(Ok(this.write(msg)))),
+                        // Nothing queued: every slot still taken is an answer still owed to a
+                        // message the peer sent before it left. It is written before the end.
+                        Poll::Pending if this.conn.taken.load(Ordering::Acquire) > 0 => return Poll::Pending,
+                        _ => {
+                            let status = status.take();
+                            this.phase = Phase::Done;
+                            return Poll::Ready(status.map(Err));
+                        }
                     }
-                },
+                }
                 Phase::Done => return Poll::Ready(None),
             }
         }
@@ -326,6 +361,28 @@ mod tests {
         }
         assert_eq!(got, [1, 2, 9]);
         conn.try_deliver(msg(5)).expect("room again once written");
+    }
+
+    #[tokio::test]
+    async fn a_drained_stream_writes_the_answers_it_still_owes() {
+        let (conn, mut out) = open(4);
+        let owed = conn.try_reserve().unwrap();
+        let unneeded = conn.try_reserve().unwrap();
+        conn.try_deliver(msg(1)).unwrap();
+        conn.end(Close::Drain(None));
+        assert_eq!(out.next().await.unwrap().unwrap().payload[0], 1);
+        let waiting = tokio::spawn(async move {
+            let next = out.next().await;
+            (next.map(|m| m.unwrap().payload[0]), out.next().await.is_none())
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "two answers still owed");
+        drop(unneeded);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "one answer still owed");
+        owed.send(msg(2));
+        let (answer, ended) = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        assert_eq!((answer, ended), (Some(2), true), "the answer, then the end");
     }
 
     #[tokio::test]

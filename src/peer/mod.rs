@@ -76,4 +76,18 @@ impl PeerSink for Peer {
             Peer::Remote(client) => Some(client.conn().instance),
         }
     }
+
+    fn open_session(&self, max: usize) -> bool {
+        match self {
+            Peer::Local(conn) => conn.open_session(max),
+            // Counted on its own instance, by the bridge, when the OFFER left.
+            Peer::Remote(_) => true,
+        }
+    }
+
+    fn close_session(&self) {
+        if let Peer::Local(conn) = self {
+            conn.close_session();
+        }
+    }
 }

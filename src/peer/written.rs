@@ -28,7 +28,7 @@ fn handles() -> &'static Written {
             let event = RtcEvent::try_from(e).expect("dense enum").as_str_name();
             metrics::counter!(names::MESSAGES_RELAYED, "event" => event)
         }),
-        errors: dense(ErrorCode::ClusterUnavailable as i32, |c| {
+        errors: dense(ErrorCode::TooManySessions as i32, |c| {
             let code = ErrorCode::try_from(c).expect("dense enum").as_str_name();
             metrics::counter!(names::ERRORS, "code" => code)
         }),

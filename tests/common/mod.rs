@@ -230,6 +230,8 @@ fn reason_words(code: ErrorCode) -> &'static [&'static str] {
         ErrorCode::PeerNotConnected => &["not connected", "disconnecting"],
         ErrorCode::PeerOverloaded => &["not reading"],
         ErrorCode::PayloadTooLarge => &["limit"],
+        ErrorCode::RateLimited => &["faster than"],
+        ErrorCode::TooManySessions => &["sessions"],
         ErrorCode::ClusterUnavailable => &["reach", "saturated", "did not answer", "queue is full"],
         ErrorCode::InvalidTransition => &[
             "offer",
@@ -348,6 +350,22 @@ pub fn wait_for_port(addr: &str, within: Duration) {
         assert!(Instant::now() < deadline, "nothing listens on {addr} after {within:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The Prometheus text a `--metrics-listen` address serves.
+pub fn metrics_text(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics listener");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// The value of the metric line that starts with `series` (name and labels), 0 if absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
 }
 
 /// A child process, stopped by its PID (SIGKILL) when dropped, passing or failing.

@@ -1,4 +1,5 @@
-//! A real 3-node nats-server cluster on free loopback ports, killed on drop.
+//! A real 3-node nats-server cluster on free loopback ports, killed on drop. It runs with the
+//! shipped users and permissions (`nats/auth.conf`), unless started with a token instead.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -29,6 +30,10 @@ struct Node {
     child: Option<Child>,
 }
 
+/// The user of `nats/auth.conf` a distributor connects as.
+pub const USER: &str = "distributor";
+pub const PASSWORD: &str = "local-only-not-a-secret";
+
 pub struct NatsCluster {
     binary: PathBuf,
     dir: PathBuf,
@@ -45,9 +50,13 @@ impl NatsCluster {
     /// Like [`Self::start`]; with `token`, clients must present it.
     pub async fn start_with_token(token: Option<&str>) -> Self {
         let binary = server_binary();
-        let dir =
-            std::env::temp_dir().join(format!("distributor-nats-{}-{}", std::process::id(), free_port()));
+        // One folder per cluster: the tests of one binary start clusters at once.
+        static CLUSTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("distributor-nats-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/nats/auth.conf");
+        std::fs::copy(shipped, dir.join("auth.conf")).expect("the shipped nats/auth.conf");
         let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut nodes = Vec::new();
         for (i, cluster_port) in cluster_ports.iter().enumerate() {
@@ -59,7 +68,10 @@ impl NatsCluster {
                 .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
                 .collect();
             let config = dir.join(format!("n{i}.conf"));
-            let auth = token.map(|t| format!("authorization {{ token: \"{t}\" }}\n")).unwrap_or_default();
+            let auth = match token {
+                Some(t) => format!("authorization {{ token: \"{t}\" }}\n"),
+                None => "include ./auth.conf\n".to_owned(),
+            };
             std::fs::write(
                 &config,
                 format!(
@@ -91,6 +103,11 @@ impl NatsCluster {
             .spawn()
             .expect("start nats-server");
         self.nodes[i].child = Some(child);
+    }
+
+    /// The `nats://` URL of node `i` alone.
+    pub fn node_url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].client_port)
     }
 
     /// `nats://` URLs of the nodes, starting with node `first`.
@@ -132,10 +149,12 @@ impl NatsCluster {
             let token = token.clone();
             async move {
                 loop {
-                    let mut options = async_nats::ConnectOptions::new();
-                    if let Some(token) = &token {
-                        options = options.token(token.clone());
-                    }
+                    let options = match &token {
+                        Some(token) => async_nats::ConnectOptions::with_token(token.clone()),
+                        None => {
+                            async_nats::ConnectOptions::with_user_and_password(USER.into(), PASSWORD.into())
+                        }
+                    };
                     if let Ok(client) = options.connect(format!("nats://127.0.0.1:{port}")).await {
                         return client;
                     }
@@ -147,10 +166,11 @@ impl NatsCluster {
         let first = connect(self.nodes[0].client_port).await;
         let _middle = connect(self.nodes[1].client_port).await;
         let last = connect(self.nodes[2].client_port).await;
-        let mut sub = first.subscribe("ready").await.unwrap();
+        // Under `distributor.`, which the shipped user may use.
+        let mut sub = first.subscribe("distributor.ready").await.unwrap();
         first.flush().await.unwrap();
         loop {
-            last.publish("ready", "?".into()).await.unwrap();
+            last.publish("distributor.ready", "?".into()).await.unwrap();
             last.flush().await.unwrap();
             if tokio::time::timeout(Duration::from_millis(100), sub.next()).await.is_ok() {
                 return;

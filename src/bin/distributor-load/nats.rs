@@ -20,15 +20,28 @@ pub struct NatsLoad {
     /// Where the "worker side" connects [default: --nats-url].
     #[arg(long)]
     pub nats_url_b: Option<String>,
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "DISTRIBUTOR_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "DISTRIBUTOR_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
     #[command(flatten)]
     pub load: Load,
 }
 
 pub async fn ceiling(args: NatsLoad) -> anyhow::Result<Report> {
     let load = args.load;
-    let a = async_nats::connect(&args.nats_url).await?;
-    let b = async_nats::connect(args.nats_url_b.as_deref().unwrap_or(&args.nats_url)).await?;
-    let prefix = format!("ceiling{}", rand::random::<u32>());
+    let options = || match (&args.nats_user, &args.nats_password) {
+        (Some(user), Some(password)) => {
+            async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+        }
+        _ => async_nats::ConnectOptions::new(),
+    };
+    let a = options().connect(&args.nats_url).await?;
+    let b = options().connect(args.nats_url_b.as_deref().unwrap_or(&args.nats_url)).await?;
+    // Under `distributor.`, which the local cluster's user may use.
+    let prefix = format!("distributor.ceiling{}", rand::random::<u32>());
     // Side B sends every message straight back; side A counts, times, and keeps the window.
     let mut b_in = b.subscribe(format!("{prefix}.b.>")).await?;
     let mut a_in = a.subscribe(format!("{prefix}.a.>")).await?;

@@ -17,6 +17,7 @@ use crate::peer::{Conn, Departure, OutboundStream};
 
 const A: InstanceId = 0xa;
 const B: InstanceId = 0xb;
+const MAX_SESSIONS: usize = 2;
 
 /// One instance: its bridge, its routers, and the bridge's queue, pumped by hand.
 struct Instance {
@@ -26,6 +27,8 @@ struct Instance {
     queue: ClusterQueue,
     commands: mpsc::Receiver<ToCluster>,
     next_conn: u64,
+    /// The time commands are handed to the bridge at.
+    clock: Instant,
 }
 
 /// A peer's stream on an instance: what the edge holds, and what its peer reads.
@@ -65,9 +68,9 @@ impl Instance {
         let Queue { tx, rx } = Queue::new();
         let queue = Queue { tx: tx.clone(), rx: mpsc::channel(1).1 };
         // Inline shards: routing happens on the caller, so every step is synchronous.
-        let shards = Arc::new(Shards::start(0, 64, || Some(queue.elsewhere())).unwrap());
-        let bridge = Bridge::new(me, shards.clone(), tx.clone());
-        Instance { me, bridge, shards, queue: tx, commands: rx, next_conn: 0 }
+        let shards = Arc::new(Shards::start(0, 64, MAX_SESSIONS, || Some(queue.elsewhere())).unwrap());
+        let bridge = Bridge::new(me, shards.clone(), tx.clone(), MAX_SESSIONS);
+        Instance { me, bridge, shards, queue: tx, commands: rx, next_conn: 0, clock: Instant::now() }
     }
 
     fn open(&mut self, id: PeerId) -> Stream {
@@ -129,7 +132,7 @@ impl Instance {
     /// Hands the bridge what its queue holds.
     fn pump(&mut self) {
         while let Ok(command) = self.commands.try_recv() {
-            self.bridge.command(command);
+            self.bridge.command(command, self.clock);
         }
     }
 
@@ -141,6 +144,12 @@ impl Instance {
     }
 }
 
+/// A sender's clock for heartbeats: later at every call.
+fn sent_at() -> u64 {
+    static CLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    CLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Hands `to` every frame and heartbeat in `outputs`; returns the locates asked for.
 fn carry(outputs: Vec<Output>, to: &mut Instance, now: Instant) -> Vec<PeerId> {
     let mut locates = Vec::new();
@@ -150,7 +159,7 @@ fn carry(outputs: Vec<Output>, to: &mut Instance, now: Instant) -> Vec<PeerId> {
                 assert_eq!(instance, to.me, "a frame for another instance");
                 to.bridge.frame(frame, now);
             }
-            Output::Heartbeat(beat) => to.bridge.heartbeat(beat, now),
+            Output::Heartbeat(beat) => to.bridge.heartbeat(beat, sent_at(), now),
             Output::Locate(worker) => locates.push(worker),
         }
     }
@@ -181,7 +190,7 @@ fn offered(t0: Instant) -> (Instance, Instance, Stream, Stream) {
     let c = a.client(100);
     a.client_sends(&c, 7, RtcEvent::Offer, b"offer");
     assert_eq!(carry(a.outputs(t0), &mut b, t0), [7], "the worker is looked up");
-    a.bridge.located(7, Ok(B));
+    a.bridge.located(7, Ok(B), t0);
     settle(&mut a, &mut b, t0);
     let offer = w.expect(RtcEvent::Offer);
     assert_eq!((offer.client, &offer.payload[..]), (100, &b"offer"[..]));
@@ -197,7 +206,7 @@ fn a_negotiation_crosses_both_ways() {
     a.client_sends(&c, 7, RtcEvent::Offer, b"offer");
     let outputs = a.outputs(t0);
     assert_eq!(outputs, [Output::Locate(7)], "the worker is looked up first");
-    a.bridge.located(7, Ok(B));
+    a.bridge.located(7, Ok(B), t0);
     settle(&mut a, &mut b, t0);
     assert_eq!(&w.expect(RtcEvent::Offer).payload[..], b"offer");
     b.worker_sends(&w, 100, RtcEvent::Answer, b"answer");
@@ -294,6 +303,47 @@ fn a_leaving_instance_ends_its_sessions_at_once() {
 }
 
 #[test]
+fn a_replayed_older_heartbeat_is_not_believed() {
+    let t0 = Instant::now();
+    let (mut a, _b, mut c, _w) = offered(t0);
+    let beat = |leaving| Bytes::from(wire::Heartbeat { instance: B, leaving }.encode_to_vec());
+    a.bridge.heartbeat(beat(false), 2_000, t0);
+    // A `leaving` heartbeat older than the last one believed: a replay.
+    a.bridge.heartbeat(beat(true), 1_000, t0);
+    c.expect_nothing();
+    a.bridge.heartbeat(beat(true), 2_001, t0);
+    assert_eq!(c.expect(RtcEvent::PeerGone).worker, 7);
+}
+
+#[test]
+fn offers_across_count_against_the_clients_session_cap() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = (Instance::new(A), Instance::new(B));
+    let mut workers: Vec<Stream> = (1..=3).map(|id| b.worker(id)).collect();
+    let mut c = a.client(100);
+    for id in 1..=3 {
+        a.client_sends(&c, id, RtcEvent::Offer, b"offer");
+        let locates = carry(a.outputs(t0), &mut b, t0);
+        assert_eq!(locates, [id]);
+        a.bridge.located(id, Ok(B), t0);
+        settle(&mut a, &mut b, t0);
+    }
+    workers[0].expect(RtcEvent::Offer);
+    workers[1].expect(RtcEvent::Offer);
+    workers[2].expect_nothing();
+    c.expect_error(ErrorCode::TooManySessions);
+    // A session ends (its worker leaves): the third OFFER goes through.
+    drop(workers.remove(0));
+    let gone = Command::WorkerGone { worker: 1, conn: ConnId { at: 1, instance: B } };
+    b.route(b.shards.of_worker(1), gone);
+    settle(&mut a, &mut b, t0);
+    assert_eq!(c.expect(RtcEvent::PeerGone).worker, 1);
+    a.client_sends(&c, 3, RtcEvent::Offer, b"offer");
+    settle(&mut a, &mut b, t0);
+    workers[1].expect(RtcEvent::Offer);
+}
+
+#[test]
 fn a_locate_is_answered_by_the_workers_claim() {
     let t0 = Instant::now();
     let (mut a, mut b) = (Instance::new(A), Instance::new(B));
@@ -307,7 +357,7 @@ fn a_locate_is_answered_by_the_workers_claim() {
     settle(&mut a, &mut b, t0);
     assert_eq!(&w.expect(RtcEvent::Offer).payload[..], b"offer");
     // The locate's own late answer changes nothing.
-    a.bridge.located(7, Err(Lookup::NotFound));
+    a.bridge.located(7, Err(Lookup::NotFound), t0);
     settle(&mut a, &mut b, t0);
     w.expect_nothing();
 }
@@ -320,7 +370,7 @@ fn a_worker_found_nowhere_is_refused() {
     a.client_sends(&c, 404, RtcEvent::Offer, b"offer");
     a.client_sends(&c, 404, RtcEvent::LocalIceCandidate, b"cand");
     assert_eq!(a.outputs(t0), [Output::Locate(404)], "one locate for both");
-    a.bridge.located(404, Err(Lookup::NotFound));
+    a.bridge.located(404, Err(Lookup::NotFound), t0);
     for _ in 0..2 {
         let refused = c.expect_error(ErrorCode::PeerNotConnected);
         assert_eq!(refused.worker, 404);
@@ -329,18 +379,46 @@ fn a_worker_found_nowhere_is_refused() {
 }
 
 #[test]
-fn a_departure_racing_the_first_signal_sends_nothing() {
+fn a_departure_racing_the_first_signal_comes_after_it() {
     let t0 = Instant::now();
     let (mut a, mut b) = (Instance::new(A), Instance::new(B));
     let mut w = b.worker(7);
     let c = a.client(100);
     a.client_sends(&c, 7, RtcEvent::Offer, b"offer");
     assert_eq!(a.outputs(t0), [Output::Locate(7)]);
-    // The client leaves while its first message waits for the locate.
+    // The client leaves while its first message waits for the locate: the message is handled
+    // as if it had stayed, then the worker hears of the departure.
     a.client_leaves(c);
-    a.bridge.located(7, Ok(B));
-    assert!(a.outputs(t0).is_empty(), "nothing forwarded, nothing to tell");
+    assert!(a.outputs(t0).is_empty(), "the departure waits for the locate");
+    a.bridge.located(7, Ok(B), t0);
+    let outputs = a.outputs(t0);
+    assert_eq!(frames(&outputs), 1);
+    carry(outputs, &mut b, t0);
+    assert_eq!(&w.expect(RtcEvent::Offer).payload[..], b"offer");
+    assert_eq!(w.expect(RtcEvent::PeerGone).client, 100);
     w.expect_nothing();
+}
+
+#[test]
+fn a_departure_racing_a_failed_locate_still_answers_the_message() {
+    let t0 = Instant::now();
+    let mut a = Instance::new(A);
+    let mut c = a.client(100);
+    a.client_sends(&c, 404, RtcEvent::Offer, b"offer");
+    a.outputs(t0);
+    // The stream is half-closed (it still reads what it is owed), and its departure reaches
+    // the bridge before the locate's answer.
+    let departure = Arc::new(Departure::new(c.id, c.sink.id(), a.queue.clone()));
+    for shard in 0..a.shards.len() {
+        let gone =
+            Command::ClientGone { client: c.id, conn: c.sink.id(), departure: Some(departure.clone()) };
+        a.route(shard, gone);
+    }
+    drop(departure);
+    a.pump();
+    a.bridge.located(404, Err(Lookup::NotFound), t0);
+    c.expect_error(ErrorCode::PeerNotConnected);
+    assert!(a.outputs(t0).is_empty(), "no session anywhere: nothing to tell");
 }
 
 #[test]

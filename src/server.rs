@@ -89,7 +89,7 @@ pub async fn run(
             .map_err(ServerError::Shards)?;
             let shards = Arc::new(shards);
             let seal = match (&config.cluster_key, &config.auth_secret) {
-                (Some(key), _) => Seal::with_key(key.as_bytes()),
+                (Some(key), _) => Seal::derived(key.as_bytes(), &nats.prefix),
                 (None, Some(secret)) => Seal::derived(secret.as_bytes(), &nats.prefix),
                 (None, None) => {
                     tracing::warn!(

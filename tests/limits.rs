@@ -115,3 +115,53 @@ async fn a_worker_that_does_not_read_gets_nothing_lost() {
     assert!(delivered.windows(2).all(|p| p[0] < p[1]), "delivered in order");
     assert!(w.is_open().await, "a slow reader is refused messages, not cut off");
 }
+
+/// Fills worker 64's queue from a new client `id` (x-client-id), until refused, and returns it.
+async fn fill_the_workers_queue(server: &TestServer, id: i64) -> ClientStream {
+    let (mut c, _) = client_with(server, &[("x-client-id", id.to_string())]).await;
+    c.send(to_worker(64, RtcEvent::Offer, b"offer")).await;
+    let payload = vec![7u8; 16 * 1024];
+    for _ in 0..200 {
+        c.send(to_worker(64, RtcEvent::LocalIceCandidate, &payload)).await;
+    }
+    // Wait for the first refusal: the worker's queue is full.
+    loop {
+        let msg = c.recv().await;
+        if msg.event() == RtcEvent::Error {
+            assert_client_error(&msg, ErrorCode::PeerOverloaded, 64);
+            return c;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_cannot_disconnect_a_busy_worker() {
+    let server = TestServer::with(Config { peer_queue: 4, ..Config::default() }).await;
+    let mut w = worker(&server, 64).await;
+    let (mut bystander, bid) = client(&server).await;
+    negotiate(&mut bystander, bid, &mut w, 64).await;
+    // A client fills the slow worker's queue and leaves; another does, and is replaced by a
+    // newer stream of its own id. Each ends a session whose PEER_GONE finds the queue full.
+    let leaving = fill_the_workers_queue(&server, 7001).await;
+    drop(leaving);
+    let replaced = fill_the_workers_queue(&server, 7002).await;
+    let (_newer, _) = client_with(&server, &[("x-client-id", "7002".to_string())]).await;
+    // The worker is not ended: it reads what was queued, then both PEER_GONEs.
+    let mut gone = Vec::new();
+    while gone.len() < 2 {
+        let msg = w.recv().await;
+        match msg.event() {
+            RtcEvent::PeerGone => gone.push(msg.client_id),
+            RtcEvent::Offer | RtcEvent::IceCandidate => {}
+            other => panic!("unexpected {other:?}: {msg:?}"),
+        }
+    }
+    gone.sort();
+    assert_eq!(gone, [7001, 7002]);
+    drop(replaced);
+    // Its other session goes on.
+    bystander.send(to_worker(64, RtcEvent::LocalIceCandidate, b"still here")).await;
+    assert_eq!(&w.recv().await.message[..], b"still here");
+    w.send(to_client(bid, RtcEvent::LocalIceCandidate, b"and here")).await;
+    assert_eq!(&bystander.recv().await.message[..], b"and here");
+}

@@ -436,10 +436,7 @@ impl Bridge {
         }
         self.liveness.forget(instance);
         self.directory.instance_gone(instance);
-        for not_reading in self.clients.instance_gone(instance) {
-            metrics::counter!(names::QUEUE_DROPS).increment(1);
-            not_reading.0.close(CloseReason::NotReading);
-        }
+        self.clients.instance_gone(instance);
         self.remote.retain(|conn, _| conn.instance != instance);
         for shard in 0..self.shards.len() {
             self.dispatch(shard, Command::InstanceGone { instance });

@@ -24,9 +24,6 @@ pub struct LocalClients {
     by_conn: HashMap<ConnId, LocalClient>,
 }
 
-/// A `PEER_GONE` owed to a local client found its queue full.
-pub struct NotReading(pub Sink);
-
 /// An `OFFER` would open one session more than the client may hold.
 #[derive(Debug, PartialEq, Eq)]
 pub struct TooManySessions;
@@ -90,6 +87,11 @@ impl LocalClients {
             local.workers.remove(&msg.worker);
             local.sink.close_session();
         }
+        if msg.event == RtcEvent::PeerGone {
+            // Owed, whatever the client's queue holds.
+            local.sink.deliver_owed(msg);
+            return Ok(());
+        }
         local.sink.try_deliver(msg)
     }
 
@@ -98,24 +100,18 @@ impl LocalClients {
         self.by_conn.get(&conn).map(|local| &local.sink)
     }
 
-    /// `instance` is gone: every session with a worker there ends with `PEER_GONE`. Returns
-    /// the streams whose full queue could not take it.
-    pub fn instance_gone(&mut self, instance: InstanceId) -> Vec<NotReading> {
-        let mut not_reading = Vec::new();
+    /// `instance` is gone: every session with a worker there ends with `PEER_GONE`.
+    pub fn instance_gone(&mut self, instance: InstanceId) {
         for local in self.by_conn.values_mut() {
             local.workers.retain(|worker, i| {
                 if *i != instance {
                     return true;
                 }
                 local.sink.close_session();
-                let gone = Outbound::peer_gone(*worker, local.client);
-                if local.sink.try_deliver(gone) == Err(DeliverError::Full) {
-                    not_reading.push(NotReading(local.sink.clone()));
-                }
+                local.sink.deliver_owed(Outbound::peer_gone(*worker, local.client));
                 false
             });
         }
-        not_reading
     }
 }
 
@@ -176,7 +172,7 @@ mod tests {
         clients.open(5, &sink);
         clients.send(sink.id(), 70, 0xb, RtcEvent::Offer, 0).unwrap();
         clients.send(sink.id(), 72, 0xc, RtcEvent::Offer, 0).unwrap();
-        assert!(clients.instance_gone(0xb).is_empty());
+        clients.instance_gone(0xb);
         let gone = next(&mut out).expect("PEER_GONE");
         assert_eq!((gone.event, gone.worker, gone.client), (RtcEvent::PeerGone, 70, 5));
         assert!(next(&mut out).is_none(), "only the sessions on that instance");
@@ -184,7 +180,7 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_that_left_is_forgotten_and_a_full_queue_is_reported() {
+    fn a_worker_that_left_is_forgotten_and_peer_gone_is_owed_whatever_the_queue_holds() {
         let mut clients = LocalClients::default();
         let (sink, mut out) = stream(1, 1);
         clients.open(5, &sink);
@@ -194,9 +190,10 @@ mod tests {
         assert_eq!(clients.deliver(sink.id(), 0xb, refused), Ok(()));
         assert_eq!(next(&mut out).unwrap().error, ErrorCode::PeerNotConnected);
         clients.deliver(sink.id(), 0xb, Outbound::peer_gone(99, 5)).unwrap();
-        // The queue (one slot) is now full.
-        let not_reading = clients.instance_gone(0xb);
-        assert_eq!(not_reading.len(), 1, "PEER_GONE for 71 found the queue full");
+        // The queue (one slot) is now full; the PEER_GONE for 71 is queued all the same.
+        clients.instance_gone(0xb);
+        assert_eq!(next(&mut out).unwrap().worker, 99);
+        assert_eq!((next(&mut out).unwrap().event, sink.is_ended()), (RtcEvent::PeerGone, false));
         assert_eq!(clients.gone(sink.id()), Vec::<InstanceId>::new());
         assert_eq!(clients.deliver(sink.id(), 0xb, Outbound::peer_gone(71, 5)), Err(DeliverError::Closed));
     }

@@ -136,7 +136,7 @@ impl DeliverError {
 pub enum CloseReason {
     /// A newer stream registered the same id (`ABORTED`).
     Superseded,
-    /// The peer's outbound queue stayed full even for a message the distributor owes it
+    /// The peer's outbound queue stayed full for the answers to its own messages
     /// (`RESOURCE_EXHAUSTED`): it does not read, and would otherwise lose messages silently.
     NotReading,
 }
@@ -160,6 +160,11 @@ pub trait PeerSink: Clone {
     fn conn(&self) -> ConnId;
     /// Queues `msg` without blocking.
     fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError>;
+    /// Queues a message the distributor owes the peer unasked (a `PEER_GONE`, the
+    /// acknowledgement of its registration), above the queue's bound if need be: a peer is
+    /// never ended, nor such a message lost, because of what another peer did. Each is owed
+    /// once per session or registration, so the excess is bounded by what the peer held.
+    fn deliver_owed(&self, msg: Outbound);
     /// Ends the stream with `reason`.
     fn close(&self, reason: CloseReason);
     /// Counts one more session held by this client stream, unless it holds `max` already

@@ -5,7 +5,7 @@ use std::collections::hash_map::Entry;
 use std::time::Instant;
 
 use bytes::Bytes;
-use metrics::{Counter, Gauge, Histogram};
+use metrics::{Gauge, Histogram};
 
 use super::session::{self, State};
 use super::{CloseReason, ConnId, DeliverError, InstanceId, Outbound, PeerId, PeerSink, Reply, Role, refuse};
@@ -158,7 +158,7 @@ impl<P: PeerSink> Router<P> {
             Command::WorkerGone { worker, conn } => self.worker_gone(worker, conn),
             Command::ToWorker { worker, msg } => {
                 if let Some(entry) = self.workers.get(&worker) {
-                    notify(&self.metrics, &entry.sink, msg);
+                    answer_late(&entry.sink, msg);
                 }
             }
             Command::Evict { role: Role::Worker, id, newer } => {
@@ -193,7 +193,7 @@ impl<P: PeerSink> Router<P> {
             self.end_worker_sessions(worker, old);
         }
         self.workers.insert(worker, WorkerEntry { sink: sink.clone(), sessions: HashMap::default() });
-        notify(&self.metrics, &sink, Outbound::relay(RtcEvent::Blank, worker, 0, Bytes::new()));
+        sink.deliver_owed(Outbound::relay(RtcEvent::Blank, worker, 0, Bytes::new()));
     }
 
     fn register_client(&mut self, client: PeerId, sink: P) {
@@ -211,7 +211,7 @@ impl<P: PeerSink> Router<P> {
                 slot.insert(sink.clone());
             }
         }
-        notify(&self.metrics, &sink, Outbound::relay(RtcEvent::Blank, 0, client, Bytes::new()));
+        sink.deliver_owed(Outbound::relay(RtcEvent::Blank, 0, client, Bytes::new()));
     }
 
     fn client_message(
@@ -259,7 +259,7 @@ impl<P: PeerSink> Router<P> {
             // The session belonged to an older stream of this client: it ended with that stream.
             let old = entry.sessions.remove(&client).expect("just looked up");
             m.ended(&old);
-            notify(m, &entry.sink, Outbound::peer_gone(worker, client));
+            entry.sink.deliver_owed(Outbound::peer_gone(worker, client));
         }
         let forwarded = session::forwarded(event);
         if let Err(e) = entry.sink.try_deliver(Outbound::relay(forwarded, worker, client, payload)) {
@@ -345,7 +345,7 @@ impl<P: PeerSink> Router<P> {
                 match entry.sessions.entry(client) {
                     Entry::Occupied(s) if s.get().client.conn() == conn => {
                         m.ended(&s.remove());
-                        notify(m, &entry.sink, Outbound::peer_gone(*worker, client));
+                        entry.sink.deliver_owed(Outbound::peer_gone(*worker, client));
                         false
                     }
                     Entry::Occupied(_) => true,
@@ -377,7 +377,7 @@ impl<P: PeerSink> Router<P> {
                     return true;
                 }
                 m.ended(session);
-                notify(m, &entry.sink, Outbound::peer_gone(*worker, *client));
+                entry.sink.deliver_owed(Outbound::peer_gone(*worker, *client));
                 unlink(&mut self.client_sessions, *client, *worker);
                 false
             });
@@ -388,7 +388,7 @@ impl<P: PeerSink> Router<P> {
     fn end_worker_sessions(&mut self, worker: PeerId, entry: WorkerEntry<P>) {
         for (client, session) in entry.sessions {
             self.metrics.ended(&session);
-            notify(&self.metrics, &session.client, Outbound::peer_gone(worker, client));
+            session.client.deliver_owed(Outbound::peer_gone(worker, client));
             unlink(&mut self.client_sessions, client, worker);
         }
     }
@@ -404,12 +404,12 @@ fn unlink(client_sessions: &mut HashMap<PeerId, Vec<PeerId>>, client: PeerId, wo
     }
 }
 
-/// Delivers a message the distributor owes a peer unasked (an acknowledgement, a `PEER_GONE`).
-/// If the peer's queue is full it is not reading, and rather than lose the message
-/// silently its stream is ended.
-fn notify<P: PeerSink>(m: &RouterMetrics, peer: &P, msg: Outbound) {
+/// Delivers the answer to one of the peer's own messages decided on another instance, after the
+/// slot reserved for it was given back. If the peer's queue is full it does not read its own
+/// answers, and rather than lose one silently its stream is ended (its own doing).
+pub(crate) fn answer_late<P: PeerSink>(peer: &P, msg: Outbound) {
     if let Err(DeliverError::Full) = peer.try_deliver(msg) {
-        m.queue_drops.increment(1);
+        metrics::counter!(names::QUEUE_DROPS).increment(1);
         peer.close(CloseReason::NotReading);
     }
 }
@@ -418,7 +418,6 @@ fn notify<P: PeerSink>(m: &RouterMetrics, peer: &P, msg: Outbound) {
 /// written to peers is counted where it is written (`peer::written`), not here.
 struct RouterMetrics {
     sessions: [Gauge; 3],
-    queue_drops: Counter,
     offer_to_answer: Histogram,
 }
 
@@ -426,7 +425,6 @@ impl RouterMetrics {
     fn new() -> Self {
         RouterMetrics {
             sessions: State::ALL.map(|s| metrics::gauge!(names::SESSIONS, "state" => s.as_str())),
-            queue_drops: metrics::counter!(names::QUEUE_DROPS),
             offer_to_answer: metrics::histogram!(names::OFFER_TO_ANSWER),
         }
     }

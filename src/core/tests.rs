@@ -49,6 +49,13 @@ impl PeerSink for TestSink {
         Ok(())
     }
 
+    fn deliver_owed(&self, msg: Outbound) {
+        let mut peer = self.peer.lock().unwrap();
+        if peer.closed.is_none() {
+            peer.queue.push(msg);
+        }
+    }
+
     fn close(&self, reason: CloseReason) {
         self.peer.lock().unwrap().closed.get_or_insert(reason);
     }
@@ -221,14 +228,18 @@ fn a_newer_client_stream_takes_over_its_sessions() {
 }
 
 #[test]
-fn a_peer_that_does_not_read_what_it_is_owed_is_closed() {
+fn what_a_peer_is_owed_reaches_it_even_when_its_queue_is_full() {
     let mut h = Harness::new();
     let w = h.worker(1, 1);
     let c = h.client(100, 2);
     h.client_sends(100, &c, 1, RtcEvent::Offer);
+    w.take();
+    // The worker reads nothing more; another peer's departure must not end its stream.
     w.peer.lock().unwrap().capacity = 0;
     h.run(Command::ClientGone { client: 100, conn: cid(2), departure: () });
-    assert_eq!(w.closed(), Some(CloseReason::NotReading), "PEER_GONE could not be queued");
+    assert_eq!(w.closed(), None, "not ended for what another peer did");
+    let [gone] = w.take().try_into().unwrap();
+    assert_eq!((gone.event, gone.client), (RtcEvent::PeerGone, 100));
 }
 
 #[test]

@@ -138,6 +138,7 @@ impl Conn {
     /// Gives a slot back (its message was written, or its answer was not needed), waking the
     /// reading task if it waits for room.
     fn free_slot(&self) {
+        // From full to one free (also when owed messages had taken it past full).
         if self.taken.fetch_sub(1, Ordering::AcqRel) == self.capacity {
             self.reader.wake();
         }
@@ -174,6 +175,18 @@ impl Conn {
             return Err(DeliverError::Full);
         }
         self.tx.send(msg).map_err(|_| DeliverError::Closed)
+    }
+
+    /// Queues a message owed to the peer unasked, above the bound if the queue is full (see
+    /// `PeerSink::deliver_owed`). Not written if the stream has ended.
+    pub fn deliver_owed(&self, msg: Outbound) {
+        if self.is_ended() {
+            return;
+        }
+        // Taken even past the capacity: until the peer reads below it again, its queue refuses
+        // other deliveries as full.
+        self.taken.fetch_add(1, Ordering::AcqRel);
+        let _ = self.tx.send(msg);
     }
 
     /// Counts one more session held by this (client) stream, unless it holds `max` already
@@ -361,6 +374,22 @@ mod tests {
         }
         assert_eq!(got, [1, 2, 9]);
         conn.try_deliver(msg(5)).expect("room again once written");
+    }
+
+    #[tokio::test]
+    async fn owed_messages_are_queued_past_the_bound_and_the_bound_holds_for_the_rest() {
+        let (conn, mut out) = open(2);
+        conn.try_deliver(msg(1)).unwrap();
+        conn.try_deliver(msg(2)).unwrap();
+        conn.deliver_owed(msg(3));
+        assert_eq!(conn.try_deliver(msg(4)), Err(DeliverError::Full), "still full for the rest");
+        assert!(conn.try_reserve().is_none());
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(out.next().await.unwrap().unwrap().payload[0]);
+        }
+        assert_eq!(got, [1, 2, 3], "nothing lost, in order");
+        conn.try_deliver(msg(5)).expect("room again once read");
     }
 
     #[tokio::test]

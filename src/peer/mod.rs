@@ -61,6 +61,13 @@ impl PeerSink for Peer {
         }
     }
 
+    fn deliver_owed(&self, msg: Outbound) {
+        match self {
+            Peer::Local(conn) => conn.deliver_owed(msg),
+            Peer::Remote(client) => client.deliver_owed(msg),
+        }
+    }
+
     fn close(&self, reason: CloseReason) {
         match self {
             Peer::Local(conn) => conn.close(reason),

@@ -43,6 +43,16 @@ impl RemoteClient {
             .map_err(|_| DeliverError::Unavailable)
     }
 
+    /// Hands a message owed to the client unasked (a `PEER_GONE`) to the link towards its
+    /// instance. The bridge's queue is bounded; if it is full the message is lost, and counted
+    /// (a loss path still open: README, "No silent loss").
+    pub fn deliver_owed(&self, msg: Outbound) {
+        if self.try_deliver(msg).is_err() {
+            metrics::counter!(names::QUEUE_DROPS).increment(1);
+            tracing::warn!(conn = %self.conn, "cross-instance queue full: a PEER_GONE for a remote client was dropped");
+        }
+    }
+
     /// Sends the answer to one of the client's own messages back to its instance.
     pub fn reply(&self, msg: Outbound) {
         if self.try_deliver(msg).is_err() {

@@ -425,3 +425,36 @@ async fn nats_token_auth() {
     let (mut c, cid) = client(&a).await;
     negotiate(&mut c, cid, &mut w, 101).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_registrations_go_on_while_nats_is_down_and_its_queue_is_full() {
+    let mut nats = NatsCluster::start().await;
+    let a = instance(&nats, 0, "t14").await;
+    for i in 0..3 {
+        nats.kill(i);
+    }
+    wait_for_health(&a, ServingStatus::NotServing).await;
+    // Enough registrations to fill async-nats' command queue (16,384 commands; each takes a
+    // subscribe and a publish), over 12 connections of at most 1,000 streams each.
+    const WORKERS: i64 = 10_000;
+    let channels: Vec<_> = futures::future::join_all((0..12).map(|_| a.channel())).await;
+    let started = Instant::now();
+    let registrations = futures::future::join_all((0..WORKERS).map(|i| {
+        let channel = channels[i as usize % channels.len()].clone();
+        async move {
+            let mut w = open_worker(channel, &[], blank(1_000 + i)).await.expect("a worker stream opens");
+            let ack = w.recv().await;
+            assert_eq!(ack.event(), RtcEvent::Blank, "registered");
+            w
+        }
+    }))
+    .await;
+    eprintln!("{WORKERS} registrations with NATS down took {:?}", started.elapsed());
+    // Same-instance relay goes on, as for a fresh pair.
+    let asked = Instant::now();
+    let mut w = worker(&a, 77).await;
+    let (mut c, cid) = client(&a).await;
+    negotiate(&mut c, cid, &mut w, 77).await;
+    assert!(asked.elapsed() < Duration::from_secs(5), "a local pair took {:?}", asked.elapsed());
+    drop(registrations);
+}

@@ -55,6 +55,9 @@ pub mod wire {
     tonic::include_proto!("distributor.cluster.v1");
 }
 
+/// How long a registration or a claim waits for NATS before the stream goes on without it.
+pub const REGISTER_WAIT: Duration = Duration::from_secs(1);
+
 /// How long startup waits for a first NATS connection before serving without one.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
@@ -309,33 +312,57 @@ impl Cluster {
 
     /// Registers a worker cluster-wide: older streams of it anywhere end, and requests locating
     /// it are answered here. Returns once the NATS server has the subscription, so that an
-    /// instance asking right after finds it; at once while NATS is unreachable (the
-    /// subscription is made when it comes back).
-    pub async fn register_worker(&self, worker: PeerId, conn: ConnId) -> Option<Registration> {
-        let subscriber = match self.nats.subscribe(self.subjects.worker(worker)).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(worker, "cannot subscribe the worker's subject: {e}");
-                return None;
+    /// instance asking right after finds it; or after [`REGISTER_WAIT`] at most: while NATS is
+    /// unreachable, async-nats stops taking commands once its queue is full, and a local
+    /// registration must not wait for that. The subscription and the claim go on in the
+    /// background and reach NATS when it is back.
+    pub async fn register_worker(&self, worker: PeerId, conn: ConnId) -> Registration {
+        let (ready, registered) = oneshot::channel();
+        let (nats, seal, me) = (self.nats.clone(), self.seal.clone(), self.instance);
+        let (subject, claim) = (self.subjects.worker(worker), self.sealed_claim(Role::Worker, worker, conn));
+        let claims = self.subjects.claim();
+        let task = tokio::spawn(async move {
+            let subscriber = match nats.subscribe(subject).await {
+                Ok(s) => s,
+                Err(e) => return tracing::warn!(worker, "cannot subscribe the worker's subject: {e}"),
+            };
+            if let Err(e) = nats.publish(claims, claim).await {
+                tracing::warn!(worker, "cannot publish a claim: {e}");
             }
-        };
-        let (nats, seal) = (self.nats.clone(), self.seal.clone());
-        let responder = tokio::spawn(driver::answer_locates(subscriber, nats, seal, self.instance));
-        self.claim(Role::Worker, worker, conn).await;
-        if self.is_connected() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.flush()).await;
+            if nats.connection_state() == async_nats::connection::State::Connected {
+                let _ = tokio::time::timeout(Duration::from_secs(2), nats.flush()).await;
+            }
+            let _ = ready.send(());
+            driver::answer_locates(subscriber, nats, seal, me).await;
+        });
+        if tokio::time::timeout(REGISTER_WAIT, registered).await.is_err() {
+            crate::warn_throttled!(
+                worker,
+                "NATS does not take the registration: registered here; other instances find the worker once NATS is back"
+            );
         }
-        Some(Registration(responder.abort_handle()))
+        Registration(task.abort_handle())
     }
 
     /// Announces that `conn` is now the stream of this id: older streams of it elsewhere end.
+    /// Waits [`REGISTER_WAIT`] at most (see [`Self::register_worker`]); the claim goes out
+    /// when NATS takes it.
     pub async fn claim(&self, role: Role, id: PeerId, conn: ConnId) {
-        let claim = wire::Claim { worker: role == Role::Worker, id, conn: Some(bridge::wire_conn(conn)) };
-        let subject = self.subjects.claim();
-        let sealed = self.seal.seal(Kind::Claim, &subject, &claim.encode_to_vec(), driver::now_ms());
-        if let Err(e) = self.nats.publish(subject, sealed).await {
-            tracing::warn!(id, "cannot publish a claim: {e}");
+        let (nats, subject, claim) =
+            (self.nats.clone(), self.subjects.claim(), self.sealed_claim(role, id, conn));
+        let publish = tokio::spawn(async move {
+            if let Err(e) = nats.publish(subject, claim).await {
+                tracing::warn!(id, "cannot publish a claim: {e}");
+            }
+        });
+        if tokio::time::timeout(REGISTER_WAIT, publish).await.is_err() {
+            crate::warn_throttled!(id, "NATS does not take the claim: it goes out once NATS is back");
         }
+    }
+
+    fn sealed_claim(&self, role: Role, id: PeerId, conn: ConnId) -> bytes::Bytes {
+        let claim = wire::Claim { worker: role == Role::Worker, id, conn: Some(bridge::wire_conn(conn)) };
+        self.seal.seal(Kind::Claim, &self.subjects.claim(), &claim.encode_to_vec(), driver::now_ms())
     }
 
     /// Leaves the cluster: once this instance's departures are acknowledged (or `within`

@@ -61,7 +61,7 @@ pub async fn serve(
     let shard = shards.of_worker(worker);
     // In a cluster, the registration is acknowledged only once other instances can find it.
     let _registration = match &edge.cluster {
-        Some(cluster) => cluster.register_worker(worker, sink.id()).await,
+        Some(cluster) => Some(cluster.register_worker(worker, sink.id()).await),
         None => None,
     };
     let register = Command::RegisterWorker { worker, sink: Peer::Local(sink.clone()) };

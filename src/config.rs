@@ -1,4 +1,8 @@
 //! Command-line flags and their environment fallbacks, checked before anything binds.
+//!
+//! Over 500 lines because every setting is here, each with its doc line, default and
+//! environment variable, beside the checks that refuse a bad combination: one place to find
+//! what a flag does.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -317,6 +321,11 @@ pub enum ConfigError {
     MaxMessageBytes(usize),
     #[error("--{0} must be at least 1")]
     Zero(&'static str),
+    #[error(
+        "--max-message-bytes {max_message_bytes} cannot cross NATS, whose max_payload is {max_payload}: \
+         at most {most} fits a cross-instance frame"
+    )]
+    OverNatsPayload { max_message_bytes: usize, max_payload: usize, most: usize },
     #[error("PORT must be a port number, got {0:?}")]
     Port(String),
     #[error("--auth-secret is {0} bytes; at least {MIN_SECRET_BYTES} are required")]

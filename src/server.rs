@@ -79,6 +79,18 @@ pub async fn run(
         Some(nats) => {
             health.set_service_status(cluster::HEALTH_SERVICE, tonic_health::ServingStatus::NotServing).await;
             let client = Cluster::connect(nats, instance, health.clone()).await?;
+            // Every message a peer may send must fit one cross-instance frame.
+            let max_payload = client.max_payload();
+            if !cluster::links::fits(config.max_message_bytes, max_payload) {
+                let most =
+                    cluster::links::frame_limit(max_payload).saturating_sub(cluster::links::RECORD_OVERHEAD);
+                return Err(ConfigError::OverNatsPayload {
+                    max_message_bytes: config.max_message_bytes,
+                    max_payload,
+                    most,
+                }
+                .into());
+            }
             let queue = Queue::new();
             let shards = Shards::start(
                 config.shards,

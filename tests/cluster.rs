@@ -458,3 +458,39 @@ async fn local_registrations_go_on_while_nats_is_down_and_its_queue_is_full() {
     assert!(asked.elapsed() < Duration::from_secs(5), "a local pair took {:?}", asked.elapsed());
     drop(registrations);
 }
+
+#[tokio::test]
+async fn frames_fit_a_small_nats_max_payload() {
+    let nats = NatsCluster::start_with(None, "64KB").await;
+    // A message limit that cannot cross NATS is refused at start, saying why.
+    let too_big = Config {
+        max_message_bytes: 64 * 1024,
+        nats: Some(nats_config(&nats, 0, "t15")),
+        ..Config::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let run = distributor::server::run(listener, too_big, std::future::pending());
+    let refused = tokio::time::timeout(WAIT, run).await.expect("refused at start").unwrap_err().to_string();
+    assert!(refused.contains("max_payload is 65536"), "{refused}");
+    // Within the limit, a burst of large messages crosses in frames that fit, in order.
+    let config = Config { max_message_bytes: 16 * 1024, ..Config::default() };
+    let (a, b) =
+        (instance_with(&nats, 0, "t15", config.clone()).await, instance_with(&nats, 1, "t15", config).await);
+    let mut w = worker(&b, 151).await;
+    let (mut c, cid) = client(&a).await;
+    negotiate(&mut c, cid, &mut w, 151).await;
+    const SENT: u32 = 200;
+    let mut payload = vec![0u8; 16 * 1024];
+    for i in 0..SENT {
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        c.send(to_worker(151, RtcEvent::LocalIceCandidate, &payload)).await;
+    }
+    for i in 0..SENT {
+        let got = w.recv().await;
+        assert_eq!(
+            (got.event(), number(&got.message), got.message.len()),
+            (RtcEvent::IceCandidate, i, 16 * 1024)
+        );
+    }
+    c.expect_quiet().await;
+}

@@ -12,6 +12,10 @@
 //! reading the inbox ([`Bridge::is_backlogged`]; the senders' links resend later). So the
 //! shards may wait for room in the bridge's queue (a departure must not be dropped) without a
 //! deadlock.
+//!
+//! Over 500 lines because this is where the rooms meet: every input is routed here to the room
+//! that owns it, and what one room's outcome means for another (a dead link for the directory,
+//! the clients and the shards) is decided here; the logic of each room lives in its own file.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -97,7 +101,15 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    pub fn new(me: InstanceId, shards: Arc<Shards<Peer>>, queue: ClusterQueue, max_sessions: usize) -> Self {
+    /// A bridge whose frames carry at most `frame_limit` bytes of records (see
+    /// [`links::frame_limit`](super::links::frame_limit)).
+    pub fn new(
+        me: InstanceId,
+        shards: Arc<Shards<Peer>>,
+        queue: ClusterQueue,
+        max_sessions: usize,
+        frame_limit: usize,
+    ) -> Self {
         let parked = (0..shards.len()).map(|_| VecDeque::new()).collect();
         Bridge {
             me,
@@ -105,7 +117,7 @@ impl Bridge {
             queue,
             max_sessions,
             connected: true,
-            links: Links::new(me),
+            links: Links::new(me).with_frame_limit(frame_limit),
             directory: Directory::default(),
             liveness: Liveness::default(),
             clients: LocalClients::default(),
@@ -277,7 +289,7 @@ impl Bridge {
     pub fn frame(&mut self, payload: Bytes, now: Instant) {
         let frame = match wire::Frame::decode(payload) {
             Ok(frame) => frame,
-            Err(e) => return tracing::warn!("undecodable frame on the inbox: {e}"),
+            Err(e) => return crate::warn_throttled!("undecodable frame on the inbox: {e}"),
         };
         let from = frame.from;
         if from == self.me || from == 0 {
@@ -299,7 +311,7 @@ impl Bridge {
         match kind {
             Kind::ClientSignal(s) => {
                 let (Some(conn), Ok(event)) = (s.conn.map(conn_id), RtcEvent::try_from(s.event)) else {
-                    return tracing::warn!("malformed client signal from instance {from:x}");
+                    return crate::warn_throttled!("malformed client signal from instance {from:x}");
                 };
                 let remote = self
                     .remote
@@ -317,7 +329,7 @@ impl Bridge {
             }
             Kind::ToClient(m) => {
                 let (Some(conn), Ok(event)) = (m.conn.map(conn_id), RtcEvent::try_from(m.event)) else {
-                    return tracing::warn!("malformed client message from instance {from:x}");
+                    return crate::warn_throttled!("malformed client message from instance {from:x}");
                 };
                 let error = ErrorCode::try_from(m.error_code).unwrap_or(ErrorCode::Unspecified);
                 let msg = Outbound { event, worker: m.worker, client: m.client, payload: m.payload, error };
@@ -441,6 +453,18 @@ impl Bridge {
         for shard in 0..self.shards.len() {
             self.dispatch(shard, Command::InstanceGone { instance });
         }
+    }
+
+    /// NATS refused a frame for `instance` outright (larger than its `max_payload`, which a
+    /// server reached after a reconnect may have made smaller): resending it would fail
+    /// forever, so the link is given up, as for a dead instance: what it carried is refused and
+    /// its sessions end; the next message starts a new link.
+    pub fn publish_refused(&mut self, instance: InstanceId, now: Instant) {
+        crate::warn_throttled!(
+            instance = format!("{instance:x}"),
+            "NATS refused a frame: giving up the link"
+        );
+        self.instance_gone(instance, now);
     }
 
     /// A claim from `<prefix>.claim`: a stream elsewhere is now the newest of its id.

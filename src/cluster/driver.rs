@@ -213,8 +213,13 @@ impl Driver {
                 Output::ToInstance(instance, frame) => {
                     let subject = self.subjects.inbox(instance);
                     let sealed = self.seal.seal(Kind::Frame, &subject, &frame, now_ms());
-                    if let Err(e) = self.nats.publish(subject, sealed).await {
-                        tracing::debug!("publish failed, the link will resend: {e}");
+                    match self.nats.publish(subject, sealed).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                            self.bridge.publish_refused(instance, Instant::now())
+                        }
+                        // Not sent now (a connection being re-established): the link resends.
+                        Err(e) => tracing::debug!("publish failed, the link will resend: {e}"),
                     }
                 }
                 Output::Heartbeat(beat) => {

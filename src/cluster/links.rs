@@ -17,9 +17,25 @@ use super::wire::{self, record::Kind};
 use crate::core::InstanceId;
 use crate::metrics as names;
 
-/// Records are packed into frames of at most about this many bytes (NATS' default max payload
-/// is 1 MiB).
+/// Records are packed into frames of at most this many bytes of records, or less when NATS' own
+/// `max_payload` is smaller (see [`frame_limit`]).
 pub const FRAME_BYTES: usize = 256 * 1024;
+/// What a frame adds to its records, at most: its own fields (`from`, `epoch`, `seq`, the
+/// acknowledgement), and the seal's trailer.
+pub const FRAME_OVERHEAD: usize = 64 + super::seal::TRAILER;
+/// What a record adds to its message's payload, at most: its kind, the client, its stream, the
+/// worker, the event, the error code, and the lengths of each.
+pub const RECORD_OVERHEAD: usize = 96;
+
+/// The bytes of records one frame may carry when NATS takes payloads of `max_payload` bytes.
+pub fn frame_limit(max_payload: usize) -> usize {
+    FRAME_BYTES.min(max_payload.saturating_sub(FRAME_OVERHEAD))
+}
+
+/// Whether a message of `payload` bytes fits one frame under `max_payload`.
+pub fn fits(payload: usize, max_payload: usize) -> bool {
+    payload + RECORD_OVERHEAD <= frame_limit(max_payload)
+}
 
 /// How long the receiving half of a forgotten link is kept, so that a replay of its old frames
 /// (which the seal lets through for [`FRESH_FOR`](super::seal::FRESH_FOR)) is still recognised
@@ -52,6 +68,8 @@ pub struct Links<O> {
     /// The epoch of the last link opened: each new link to an instance takes the next one, so
     /// that the receiver tells a new link from an old one.
     last_epoch: u64,
+    /// Bytes of records a frame may carry.
+    frame_limit: usize,
     metrics: LinkMetrics,
 }
 
@@ -66,8 +84,15 @@ impl<O> Links<O> {
             ack_due: HashSet::new(),
             nak_due: HashSet::new(),
             last_epoch: 0,
+            frame_limit: FRAME_BYTES,
             metrics: LinkMetrics::new(),
         }
+    }
+
+    /// Frames carry at most `limit` bytes of records (a record alone may exceed it).
+    pub fn with_frame_limit(mut self, limit: usize) -> Self {
+        self.frame_limit = limit;
+        self
     }
 
     /// Whether the link to `to` holds as many unacknowledged frames as it may.
@@ -88,8 +113,11 @@ impl<O> Links<O> {
             let mut records = outgoing.records.into_iter().zip(outgoing.origins).peekable();
             while records.peek().is_some() {
                 let (mut chunk, mut origins, mut bytes) = (Vec::new(), Vec::new(), 0);
-                while let Some((record, origin)) = records.next_if(|_| bytes < FRAME_BYTES) {
-                    bytes += record.encoded_len();
+                let limit = self.frame_limit;
+                while let Some((record, origin)) =
+                    records.next_if(|(r, _)| chunk.is_empty() || bytes + framed_len(r) <= limit)
+                {
+                    bytes += framed_len(&record);
                     chunk.push(record);
                     origins.push(origin);
                 }
@@ -230,6 +258,12 @@ impl<O> Links<O> {
     pub fn is_quiet(&self) -> bool {
         self.building.is_empty() && self.out.values().all(|l| l.in_flight() == 0)
     }
+}
+
+/// A record's bytes in its frame: its encoding, its field tag and its length.
+fn framed_len(record: &wire::Record) -> usize {
+    let len = record.encoded_len();
+    1 + prost::length_delimiter_len(len) + len
 }
 
 struct LinkMetrics {
@@ -390,9 +424,25 @@ mod tests {
             a.push(B, Kind::ClientSignal(signal), i);
         }
         let frames = flush(&mut a, t0);
-        assert_eq!(frames.len(), 2, "three records of 100 KiB reach FRAME_BYTES");
-        assert!(frames.iter().all(|f| f.encoded_len() < FRAME_BYTES + 101 * 1024));
-        assert_eq!(frames.iter().map(|f| f.seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(frames.len(), 3, "two records of 100 KiB fit FRAME_BYTES, three do not");
+        assert!(frames.iter().all(|f| f.encoded_len() <= FRAME_BYTES + FRAME_OVERHEAD));
+        assert_eq!(frames.iter().map(|f| f.seq).collect::<Vec<_>>(), [1, 2, 3]);
+
+        // Under a small NATS max_payload, every frame (sealed) fits it.
+        let max_payload = 64 * 1024;
+        let mut small = Links::<i64>::new(A).with_frame_limit(frame_limit(max_payload));
+        let payload = bytes::Bytes::from(vec![0u8; 16 * 1024]);
+        assert!(fits(payload.len(), max_payload));
+        for i in 0..20 {
+            let signal = wire::ClientSignal { client: i, payload: payload.clone(), ..Default::default() };
+            small.push(B, Kind::ClientSignal(signal), i);
+        }
+        let frames = flush(&mut small, t0);
+        assert_eq!(frames.len(), 7, "3 records a frame");
+        for f in &frames {
+            assert!(f.encoded_len() + crate::cluster::seal::TRAILER <= max_payload, "{}", f.encoded_len());
+        }
+        assert!(!fits(max_payload, max_payload), "a message as large as max_payload cannot cross");
     }
 
     #[test]

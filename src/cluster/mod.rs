@@ -288,7 +288,13 @@ impl Cluster {
         let replies = driver::Replies::start(&nats).await?;
         let (control, control_rx) = mpsc::unbounded_channel();
         let driver = Driver {
-            bridge: Bridge::new(instance, shards, queue.tx.clone(), max_sessions),
+            bridge: Bridge::new(
+                instance,
+                shards,
+                queue.tx.clone(),
+                max_sessions,
+                links::frame_limit(nats.max_payload()),
+            ),
             me: instance,
             nats: nats.clone(),
             subjects: subjects.clone(),
@@ -324,10 +330,12 @@ impl Cluster {
         let task = tokio::spawn(async move {
             let subscriber = match nats.subscribe(subject).await {
                 Ok(s) => s,
-                Err(e) => return tracing::warn!(worker, "cannot subscribe the worker's subject: {e}"),
+                Err(e) => {
+                    return crate::warn_throttled!(worker, "cannot subscribe the worker's subject: {e}");
+                }
             };
             if let Err(e) = nats.publish(claims, claim).await {
-                tracing::warn!(worker, "cannot publish a claim: {e}");
+                crate::warn_throttled!(worker, "cannot publish a claim: {e}");
             }
             if nats.connection_state() == async_nats::connection::State::Connected {
                 let _ = tokio::time::timeout(Duration::from_secs(2), nats.flush()).await;
@@ -352,7 +360,7 @@ impl Cluster {
             (self.nats.clone(), self.subjects.claim(), self.sealed_claim(role, id, conn));
         let publish = tokio::spawn(async move {
             if let Err(e) = nats.publish(subject, claim).await {
-                tracing::warn!(id, "cannot publish a claim: {e}");
+                crate::warn_throttled!(id, "cannot publish a claim: {e}");
             }
         });
         if tokio::time::timeout(REGISTER_WAIT, publish).await.is_err() {

@@ -36,7 +36,8 @@ pub const FRESH_FOR: Duration = Duration::from_secs(30);
 /// The HKDF salt of a key derived from the auth secret.
 pub const DERIVE_SALT: &[u8] = b"distributor cluster key v1";
 const TAG: usize = 32;
-const TRAILER: usize = 8 + 1 + 1 + TAG;
+/// The bytes a seal adds to a message.
+pub const TRAILER: usize = 8 + 1 + 1 + TAG;
 
 /// What a sealed message is; a message sealed as one kind does not open as another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

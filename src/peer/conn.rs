@@ -212,7 +212,7 @@ impl Conn {
         let status = match reason {
             CloseReason::Superseded => Status::aborted("this peer id was claimed by a newer stream"),
             CloseReason::NotReading => {
-                tracing::warn!(conn = %self.id, "ending a stream that does not read its messages");
+                crate::warn_throttled!(conn = %self.id, "ending a stream that does not read its messages");
                 Status::resource_exhausted("the outbound queue is full: this stream does not read")
             }
         };

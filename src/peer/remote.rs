@@ -49,7 +49,7 @@ impl RemoteClient {
     pub fn deliver_owed(&self, msg: Outbound) {
         if self.try_deliver(msg).is_err() {
             metrics::counter!(names::QUEUE_DROPS).increment(1);
-            tracing::warn!(conn = %self.conn, "cross-instance queue full: a PEER_GONE for a remote client was dropped");
+            crate::warn_throttled!(conn = %self.conn, "cross-instance queue full: a PEER_GONE for a remote client was dropped");
         }
     }
 
@@ -57,7 +57,7 @@ impl RemoteClient {
     pub fn reply(&self, msg: Outbound) {
         if self.try_deliver(msg).is_err() {
             metrics::counter!(names::QUEUE_DROPS).increment(1);
-            tracing::warn!(conn = %self.conn, "cross-instance queue full: a reply to a remote client was dropped");
+            crate::warn_throttled!(conn = %self.conn, "cross-instance queue full: a reply to a remote client was dropped");
         }
     }
 }

@@ -44,11 +44,16 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts three routed nodes and waits until a message crosses from the last to the first.
     pub async fn start() -> Self {
-        Self::start_with_token(None).await
+        Self::start_with(None, "1MB").await
     }
 
     /// Like [`Self::start`]; with `token`, clients must present it.
     pub async fn start_with_token(token: Option<&str>) -> Self {
+        Self::start_with(token, "1MB").await
+    }
+
+    /// Like [`Self::start`], with a token if given, taking payloads of `max_payload` at most.
+    pub async fn start_with(token: Option<&str>, max_payload: &str) -> Self {
         let binary = server_binary();
         // One folder per cluster: the tests of one binary start clusters at once.
         static CLUSTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -75,7 +80,7 @@ impl NatsCluster {
             std::fs::write(
                 &config,
                 format!(
-                    "server_name: n{i}\nhost: 127.0.0.1\nport: {client_port}\nmax_payload: 1MB\n{auth}\
+                    "server_name: n{i}\nhost: 127.0.0.1\nport: {client_port}\nmax_payload: {max_payload}\n{auth}\
                      cluster {{\n  name: test\n  host: 127.0.0.1\n  port: {cluster_port}\n  routes: [{}]\n}}\n",
                     routes.join(", ")
                 ),

@@ -69,7 +69,8 @@ impl Instance {
         let queue = Queue { tx: tx.clone(), rx: mpsc::channel(1).1 };
         // Inline shards: routing happens on the caller, so every step is synchronous.
         let shards = Arc::new(Shards::start(0, 64, MAX_SESSIONS, || Some(queue.elsewhere())).unwrap());
-        let bridge = Bridge::new(me, shards.clone(), tx.clone(), MAX_SESSIONS);
+        let bridge =
+            Bridge::new(me, shards.clone(), tx.clone(), MAX_SESSIONS, crate::cluster::links::FRAME_BYTES);
         Instance { me, bridge, shards, queue: tx, commands: rx, next_conn: 0, clock: Instant::now() }
     }
 
@@ -116,8 +117,9 @@ impl Instance {
         self.pump();
     }
 
-    /// What the edge does when a client stream ends: every shard hears of it, then the cluster.
-    fn client_leaves(&mut self, c: Stream) {
+    /// What the edge does when a client stream ends (or half-closes: the stream still reads
+    /// what it is owed): every shard hears of it, then the cluster.
+    fn depart(&mut self, c: &Stream) {
         let departure = Arc::new(Departure::new(c.id, c.sink.id(), self.queue.clone()));
         for shard in 0..self.shards.len() {
             let gone =
@@ -125,8 +127,12 @@ impl Instance {
             self.route(shard, gone);
         }
         drop(departure);
-        drop(c);
         self.pump();
+    }
+
+    /// A client stream ends for good.
+    fn client_leaves(&mut self, c: Stream) {
+        self.depart(&c);
     }
 
     /// Hands the bridge what its queue holds.

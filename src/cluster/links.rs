@@ -113,11 +113,14 @@ impl<O> Links<O> {
             let mut records = outgoing.records.into_iter().zip(outgoing.origins).peekable();
             while records.peek().is_some() {
                 let (mut chunk, mut origins, mut bytes) = (Vec::new(), Vec::new(), 0);
-                let limit = self.frame_limit;
-                while let Some((record, origin)) =
-                    records.next_if(|(r, _)| chunk.is_empty() || bytes + framed_len(r) <= limit)
-                {
-                    bytes += framed_len(&record);
+                // Records join the frame while they fit (a record alone always goes).
+                while let Some((record, _)) = records.peek() {
+                    let len = framed_len(record);
+                    if !chunk.is_empty() && bytes + len > self.frame_limit {
+                        break;
+                    }
+                    let (record, origin) = records.next().expect("peeked");
+                    bytes += len;
                     chunk.push(record);
                     origins.push(origin);
                 }

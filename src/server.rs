@@ -100,10 +100,10 @@ pub async fn run(
             )
             .map_err(ServerError::Shards)?;
             let shards = Arc::new(shards);
-            let seal = match (&config.cluster_key, &config.auth_secret) {
-                (Some(key), _) => Seal::derived(key.as_bytes(), &nats.prefix),
-                (None, Some(secret)) => Seal::derived(secret.as_bytes(), &nats.prefix),
-                (None, None) => {
+            // The key comes from the cluster key, else from the auth secret.
+            let seal = match config.cluster_key.as_ref().or(config.auth_secret.as_ref()) {
+                Some(secret) => Seal::derived(secret.as_bytes(), &nats.prefix),
+                None => {
                     tracing::warn!(
                         "cluster mode without a key: anyone on the NATS cluster can steer this instance (development only)"
                     );

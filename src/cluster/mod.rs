@@ -15,7 +15,7 @@
 //! - [`clients`]: local clients that talk across; [`liveness`]: which instances are alive;
 //! - [`bridge`]: all of the above together, fed events and returning what to publish;
 //! - `driver`: the NATS task around the bridge; this module: the connection, registrations and
-//!   claims, and the shards' way in ([`Cluster::elsewhere`]).
+//!   claims, and the shards' way in ([`Queue::elsewhere`]).
 //!
 //! Subjects, under `--nats-prefix` (default `distributor`); ids are decimal numbers, so nothing a
 //! peer sends can name another subject:
@@ -334,9 +334,7 @@ impl Cluster {
                     return crate::warn_throttled!(worker, "cannot subscribe the worker's subject: {e}");
                 }
             };
-            if let Err(e) = nats.publish(claims, claim).await {
-                crate::warn_throttled!(worker, "cannot publish a claim: {e}");
-            }
+            publish_claim(&nats, claims, claim, worker).await;
             if nats.connection_state() == async_nats::connection::State::Connected {
                 let _ = tokio::time::timeout(Duration::from_secs(2), nats.flush()).await;
             }
@@ -358,11 +356,7 @@ impl Cluster {
     pub async fn claim(&self, role: Role, id: PeerId, conn: ConnId) {
         let (nats, subject, claim) =
             (self.nats.clone(), self.subjects.claim(), self.sealed_claim(role, id, conn));
-        let publish = tokio::spawn(async move {
-            if let Err(e) = nats.publish(subject, claim).await {
-                crate::warn_throttled!(id, "cannot publish a claim: {e}");
-            }
-        });
+        let publish = tokio::spawn(async move { publish_claim(&nats, subject, claim, id).await });
         if tokio::time::timeout(REGISTER_WAIT, publish).await.is_err() {
             crate::warn_throttled!(id, "NATS does not take the claim: it goes out once NATS is back");
         }
@@ -388,5 +382,12 @@ impl Cluster {
             tracing::error!("cluster bridge panicked: {e}");
         }
         let _ = self.nats.drain().await;
+    }
+}
+
+/// Publishes a sealed claim of `id` on `subject`.
+async fn publish_claim(nats: &async_nats::Client, subject: String, claim: bytes::Bytes, id: PeerId) {
+    if let Err(e) = nats.publish(subject, claim).await {
+        crate::warn_throttled!(id, "cannot publish a claim: {e}");
     }
 }

@@ -1,7 +1,7 @@
 //! The gRPC edge: the two services peers call, each stream served by one task that decodes,
 //! checks what needs no session state, and hands the rest to the owning shard.
 //!
-//! Responses are written by tonic from each stream's bounded queue ([`conn::OutboundStream`]).
+//! Responses are written by tonic from each stream's bounded queue ([`crate::peer::OutboundStream`]).
 //! Errors at this edge are `tonic::Status`: they end a stream. A refused message is not an error
 //! of the stream: it gets an `ERROR` message and the stream goes on.
 

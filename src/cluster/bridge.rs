@@ -30,11 +30,11 @@ use super::links::{Links, RETIRED_FOR};
 use super::liveness::{HEARTBEAT_EVERY, Liveness};
 use super::wire::{self, record::Kind};
 use crate::core::{
-    CloseReason, Command, ConnId, DeliverError, InstanceId, Outbound, PeerId, Role, Signal, refuse, session,
+    Command, ConnId, DeliverError, InstanceId, Outbound, PeerId, Role, Signal, refuse, session,
 };
 use crate::metrics as names;
 use crate::pb::{ErrorCode, RtcEvent};
-use crate::peer::{ClusterQueue, Peer, PeerReply, RemoteClient, Sink, ToCluster};
+use crate::peer::{Peer, PeerReply, RemoteClient, Sink, ToClients, ToCluster};
 use crate::shards::Shards;
 
 /// Commands parked for full shard queues before the inbox is no longer read.
@@ -53,20 +53,17 @@ pub enum Output {
     Locate(PeerId),
 }
 
-/// What a record in flight owes its sender if the link dies.
+/// What a record in flight owes its sender if it cannot be sent.
 enum Origin {
-    None,
+    /// Owed to the other side (a departure, an answer, a `PEER_GONE`), with nothing to refuse:
+    /// it goes past a full window, waits while NATS is down, and is dropped only with its link,
+    /// when the other instance is given up (which, hearing nothing from this one, ends the
+    /// sessions across itself).
+    Owed,
     /// A local client's message: refused through the room reserved for its answer.
-    Client {
-        reply: PeerReply,
-        worker: PeerId,
-        client: PeerId,
-    },
+    Client { reply: PeerReply, worker: PeerId, client: PeerId },
     /// A local worker's relay to a remote client: refused on the worker's stream.
-    Worker {
-        worker: PeerId,
-        client: PeerId,
-    },
+    Worker { worker: PeerId, client: PeerId },
 }
 
 /// A local client's message waiting for its worker to be located.
@@ -79,8 +76,8 @@ struct Waiting {
 pub struct Bridge {
     me: InstanceId,
     shards: Arc<Shards<Peer>>,
-    /// The bridge's own queue, for the remote clients it creates.
-    queue: ClusterQueue,
+    /// The way back to the bridge for the remote clients it creates.
+    to_clients: ToClients,
     /// Sessions a local client may hold, here and across (0: no cap).
     max_sessions: usize,
     connected: bool,
@@ -106,7 +103,7 @@ impl Bridge {
     pub fn new(
         me: InstanceId,
         shards: Arc<Shards<Peer>>,
-        queue: ClusterQueue,
+        to_clients: ToClients,
         max_sessions: usize,
         frame_limit: usize,
     ) -> Self {
@@ -114,7 +111,7 @@ impl Bridge {
         Bridge {
             me,
             shards,
-            queue,
+            to_clients,
             max_sessions,
             connected: true,
             links: Links::new(me).with_frame_limit(frame_limit),
@@ -152,7 +149,6 @@ impl Bridge {
                 self.client_signal(client, &sink, worker, signal, now)
             }
             ToCluster::ClientGone { client, conn } => self.client_gone(client, conn),
-            ToCluster::ToClient { conn, msg } => self.for_remote_client(conn, msg),
         }
     }
 
@@ -236,7 +232,7 @@ impl Bridge {
         }
         for instance in self.clients.gone(conn) {
             let record = Kind::ClientGone(wire::ClientGone { client, conn: Some(wire_conn(conn)) });
-            self.links.push(instance, record, Origin::None);
+            self.links.push(instance, record, Origin::Owed);
         }
     }
 
@@ -251,32 +247,26 @@ impl Bridge {
         }
     }
 
-    /// A message from a local worker's shard for a client on another instance.
-    fn for_remote_client(&mut self, conn: ConnId, msg: Outbound) {
+    /// A message from a local worker's shard for a client on another instance: a relay, which
+    /// is refused to the worker if it cannot leave now, or what is owed to the client, which
+    /// always goes (see [`Origin::Owed`]).
+    pub fn to_client(&mut self, conn: ConnId, msg: Outbound) {
         let origin = if session::is_relay(msg.event) {
+            if !self.connected || self.links.is_full(conn.instance) {
+                return self.fail(Origin::Worker { worker: msg.worker, client: msg.client });
+            }
             Origin::Worker { worker: msg.worker, client: msg.client }
         } else {
-            Origin::None
+            Origin::Owed
         };
-        if !self.connected || self.links.is_full(conn.instance) {
-            return self.fail(origin);
-        }
-        let record = Kind::ToClient(wire::ToClient {
-            client: msg.client,
-            conn: Some(wire_conn(conn)),
-            worker: msg.worker,
-            event: msg.event as i32,
-            payload: msg.payload,
-            error_code: msg.error as i32,
-        });
-        self.links.push(conn.instance, record, origin);
+        self.links.push(conn.instance, to_client_record(conn, msg), origin);
     }
 
     /// Sends what the last commands and frames produced, then the acknowledgements owed.
     pub fn flush(&mut self, now: Instant) {
         if !self.connected {
-            let lost = self.links.unsend();
-            return lost.into_iter().for_each(|o| self.fail(o));
+            let refused = self.links.unsend(|origin| !matches!(origin, Origin::Owed));
+            return refused.into_iter().for_each(|o| self.fail(o));
         }
         let (out, liveness) = (&mut self.out, &mut self.liveness);
         self.links.flush(now, |instance, frame| {
@@ -310,13 +300,20 @@ impl Bridge {
     fn record(&mut self, from: InstanceId, kind: Kind) {
         match kind {
             Kind::ClientSignal(s) => {
-                let (Some(conn), Ok(event)) = (s.conn.map(conn_id), RtcEvent::try_from(s.event)) else {
-                    return crate::warn_throttled!("malformed client signal from instance {from:x}");
+                let Some(conn) = s.conn.map(conn_id) else {
+                    return malformed(from, "a client signal names no stream");
+                };
+                let Ok(event) = RtcEvent::try_from(s.event) else {
+                    // Sent by an instance that knows more events than this one: refused to the
+                    // client, as its own instance refuses an event it does not know.
+                    let reason = format!("unknown event {}", s.event);
+                    let refusal = Outbound::error(ErrorCode::InvalidTransition, s.worker, s.client, reason);
+                    return self.links.push(from, to_client_record(conn, refusal), Origin::Owed);
                 };
                 let remote = self
                     .remote
                     .entry(conn)
-                    .or_insert_with(|| Arc::new(RemoteClient::new(conn, self.queue.clone())))
+                    .or_insert_with(|| Arc::new(RemoteClient::new(conn, self.to_clients.clone())))
                     .clone();
                 let signal = Signal { event, payload: s.payload, reply: PeerReply::Remote(remote.clone()) };
                 let command = Command::FromClient {
@@ -328,21 +325,32 @@ impl Bridge {
                 self.dispatch(self.shards.of_worker(s.worker), command);
             }
             Kind::ToClient(m) => {
-                let (Some(conn), Ok(event)) = (m.conn.map(conn_id), RtcEvent::try_from(m.event)) else {
-                    return crate::warn_throttled!("malformed client message from instance {from:x}");
+                let Some(conn) = m.conn.map(conn_id) else {
+                    return malformed(from, "a message for a client names no stream");
+                };
+                let Ok(event) = RtcEvent::try_from(m.event) else {
+                    // The worker's message cannot be delivered here: it hears so.
+                    let reason = format!("the client's instance does not know event {}", m.event);
+                    let refusal = Outbound::error(ErrorCode::InvalidTransition, m.worker, m.client, reason);
+                    self.links.push(from, to_worker_record(refusal), Origin::Owed);
+                    return malformed(from, "a message for a client has an unknown event");
                 };
                 let error = ErrorCode::try_from(m.error_code).unwrap_or(ErrorCode::Unspecified);
                 let msg = Outbound { event, worker: m.worker, client: m.client, payload: m.payload, error };
                 self.for_local_client(from, conn, msg);
             }
             Kind::ToWorker(m) => {
-                let Ok(event) = RtcEvent::try_from(m.event) else { return };
+                let Ok(event) = RtcEvent::try_from(m.event) else {
+                    return malformed(from, "a message for a worker has an unknown event");
+                };
                 let error = ErrorCode::try_from(m.error_code).unwrap_or(ErrorCode::Unspecified);
                 let msg = Outbound { event, worker: m.worker, client: m.client, payload: m.payload, error };
                 self.dispatch(self.shards.of_worker(m.worker), Command::ToWorker { worker: m.worker, msg });
             }
             Kind::ClientGone(g) => {
-                let Some(conn) = g.conn.map(conn_id) else { return };
+                let Some(conn) = g.conn.map(conn_id) else {
+                    return malformed(from, "a departure names no stream");
+                };
                 self.remote.remove(&conn);
                 for shard in 0..self.shards.len() {
                     self.dispatch(shard, Command::ClientGone { client: g.client, conn, departure: None });
@@ -361,14 +369,9 @@ impl Bridge {
             Ok(()) => {}
             Err(e) if session::is_relay(event) => {
                 let refusal = e.refusal(Role::Client, worker, client);
-                self.links.push(from, to_worker_record(refusal), Origin::None);
+                self.links.push(from, to_worker_record(refusal), Origin::Owed);
             }
-            Err(DeliverError::Full) => {
-                metrics::counter!(names::QUEUE_DROPS).increment(1);
-                if let Some(sink) = self.clients.sink(conn) {
-                    sink.close(CloseReason::NotReading);
-                }
-            }
+            // Owed to a stream that ended: nobody is left to tell.
             Err(_) => {}
         }
     }
@@ -376,7 +379,7 @@ impl Bridge {
     /// Refuses what a lost record owed its sender.
     fn fail(&mut self, origin: Origin) {
         match origin {
-            Origin::None => {}
+            Origin::Owed => {}
             Origin::Client { reply, worker, client } => {
                 let reason = "the worker's instance cannot be reached";
                 refuse(reply, ErrorCode::ClusterUnavailable, worker, client, reason)
@@ -525,6 +528,24 @@ impl Bridge {
             self.beat(true);
         }
     }
+}
+
+/// Counts and reports a record this instance cannot act on. Records come only from instances
+/// that hold the cluster's key, so this is a version mismatch or a bug, never a peer's doing.
+fn malformed(from: InstanceId, what: &str) {
+    metrics::counter!(names::CLUSTER_REJECTED, "kind" => "record").increment(1);
+    crate::warn_throttled!(instance = format!("{from:x}"), "record dropped: {what}");
+}
+
+fn to_client_record(conn: ConnId, msg: Outbound) -> Kind {
+    Kind::ToClient(wire::ToClient {
+        client: msg.client,
+        conn: Some(wire_conn(conn)),
+        worker: msg.worker,
+        event: msg.event as i32,
+        payload: msg.payload,
+        error_code: msg.error as i32,
+    })
 }
 
 fn to_worker_record(msg: Outbound) -> Kind {

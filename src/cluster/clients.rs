@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::core::{ConnId, DeliverError, InstanceId, Outbound, PeerId};
+use crate::core::{ConnId, DeliverError, InstanceId, Outbound, PeerId, session};
 use crate::pb::RtcEvent;
 use crate::peer::Sink;
 
@@ -87,17 +87,13 @@ impl LocalClients {
             local.workers.remove(&msg.worker);
             local.sink.close_session();
         }
-        if msg.event == RtcEvent::PeerGone {
-            // Owed, whatever the client's queue holds.
+        if !session::is_relay(msg.event) {
+            // Owed, whatever the client's queue holds: a `PEER_GONE`, or the answer to one of
+            // the client's messages, whose reserved slot is given back right after.
             local.sink.deliver_owed(msg);
             return Ok(());
         }
         local.sink.try_deliver(msg)
-    }
-
-    /// The stream `conn`, if it is a local client that sent across.
-    pub fn sink(&self, conn: ConnId) -> Option<&Sink> {
-        self.by_conn.get(&conn).map(|local| &local.sink)
     }
 
     /// `instance` is gone: every session with a worker there ends with `PEER_GONE`.
@@ -190,9 +186,13 @@ mod tests {
         assert_eq!(clients.deliver(sink.id(), 0xb, refused), Ok(()));
         assert_eq!(next(&mut out).unwrap().error, ErrorCode::PeerNotConnected);
         clients.deliver(sink.id(), 0xb, Outbound::peer_gone(99, 5)).unwrap();
-        // The queue (one slot) is now full; the PEER_GONE for 71 is queued all the same.
+        // The queue (one slot) is now full; an answer to the client's own message, and the
+        // PEER_GONE for 71, are queued all the same, and the stream goes on.
+        let answer = Outbound::error(ErrorCode::InvalidTransition, 71, 5, "not now");
+        assert_eq!(clients.deliver(sink.id(), 0xb, answer), Ok(()));
         clients.instance_gone(0xb);
         assert_eq!(next(&mut out).unwrap().worker, 99);
+        assert_eq!(next(&mut out).unwrap().error, ErrorCode::InvalidTransition);
         assert_eq!((next(&mut out).unwrap().event, sink.is_ended()), (RtcEvent::PeerGone, false));
         assert_eq!(clients.gone(sink.id()), Vec::<InstanceId>::new());
         assert_eq!(clients.deliver(sink.id(), 0xb, Outbound::peer_gone(71, 5)), Err(DeliverError::Closed));

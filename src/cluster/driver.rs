@@ -17,9 +17,9 @@ use super::bridge::{Bridge, Output};
 use super::directory::Lookup;
 use super::seal::{Kind, Opened, Seal};
 use super::{Subjects, wire};
-use crate::core::{InstanceId, PeerId};
+use crate::core::{ConnId, InstanceId, Outbound, PeerId};
 use crate::metrics as names;
-use crate::peer::ToCluster;
+use crate::peer::{ForClients, ToCluster};
 use crate::warn_throttled;
 
 /// Commands queued for the bridge before shards refuse cross-instance messages.
@@ -49,6 +49,7 @@ pub enum Control {
 /// One thing that happened, for the bridge to handle.
 enum Event {
     Command(Option<ToCluster>),
+    ToClient(Option<(ConnId, Outbound)>),
     Frame(Option<async_nats::Message>),
     Control(Control),
     Claim(async_nats::Message),
@@ -118,6 +119,7 @@ impl Driver {
         mut self,
         subscriptions: Subscriptions,
         mut queue: mpsc::Receiver<ToCluster>,
+        mut for_clients: ForClients,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
         let Subscriptions { mut inbox, mut claims, mut beats } = subscriptions;
@@ -131,6 +133,7 @@ impl Driver {
             // (acknowledgements arrive in the inbox).
             let event = tokio::select! {
                 command = queue.recv() => Event::Command(command),
+                msg = for_clients.recv() => Event::ToClient(msg),
                 msg = inbox.next(), if !backlogged => Event::Frame(msg),
                 Some(control) = control.recv() => Event::Control(control),
                 Some(msg) = claims.next() => Event::Claim(msg),
@@ -141,13 +144,23 @@ impl Driver {
             self.bridge.set_connected(self.connected());
             let now = Instant::now();
             match event {
-                Event::Command(None) | Event::Frame(None) => break,
+                Event::Command(None) | Event::ToClient(None) | Event::Frame(None) => break,
                 Event::Command(Some(command)) => {
                     self.bridge.command(command, now);
                     for _ in 1..BATCH {
                         match queue.try_recv() {
                             Ok(command) => self.bridge.command(command, now),
                             Err(_) => break,
+                        }
+                    }
+                    self.bridge.flush(now);
+                }
+                Event::ToClient(Some((conn, msg))) => {
+                    self.bridge.to_client(conn, msg);
+                    for _ in 1..BATCH {
+                        match for_clients.try_recv() {
+                            Some((conn, msg)) => self.bridge.to_client(conn, msg),
+                            None => break,
                         }
                     }
                     self.bridge.flush(now);

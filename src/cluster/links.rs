@@ -252,9 +252,25 @@ impl<O> Links<O> {
         self.retired.retain(|_, (_, at)| now.saturating_duration_since(*at) < RETIRED_FOR);
     }
 
-    /// Everything pushed since the last flush, taken back unsent (NATS is down): what it owes.
-    pub fn unsend(&mut self) -> Vec<O> {
-        std::mem::take(&mut self.building).into_values().flat_map(|o| o.origins).collect()
+    /// Takes back, unsent, the records pushed since the last flush whose origin is
+    /// `refusable` (NATS is down: they are refused now), and returns what they owe; the others
+    /// wait for the next flush.
+    pub fn unsend(&mut self, refusable: impl Fn(&O) -> bool) -> Vec<O> {
+        let mut refused = Vec::new();
+        for outgoing in self.building.values_mut() {
+            let (mut records, mut origins) = (Vec::new(), Vec::new());
+            for (record, origin) in outgoing.records.drain(..).zip(outgoing.origins.drain(..)) {
+                if refusable(&origin) {
+                    refused.push(origin);
+                } else {
+                    records.push(record);
+                    origins.push(origin);
+                }
+            }
+            (outgoing.records, outgoing.origins) = (records, origins);
+        }
+        self.building.retain(|_, outgoing| !outgoing.records.is_empty());
+        refused
     }
 
     /// Whether nothing is waiting to leave or to be acknowledged.
@@ -449,11 +465,21 @@ mod tests {
     }
 
     #[test]
-    fn unsent_records_are_given_back_when_nats_is_down() {
-        let mut a = Links::<i64>::new(A);
-        a.push(B, gone(1), 1);
-        assert_eq!(a.unsend(), [1]);
-        assert!(a.is_quiet());
+    fn while_nats_is_down_refusable_records_are_given_back_and_the_others_wait() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (Links::<i64>::new(A), Links::<i64>::new(B));
+        for client in 1..=4 {
+            a.push(B, gone(client), client);
+        }
+        let odd = |origin: &i64| origin % 2 == 1;
+        assert_eq!(a.unsend(odd), [1, 3]);
+        assert!(!a.is_quiet(), "2 and 4 wait");
+        assert!(a.unsend(odd).is_empty());
+        let frames = flush(&mut a, t0);
+        assert_eq!(clients(&b.receive(frames[0].clone(), t0).0), [2, 4]);
+        a.push(B, gone(5), 5);
+        assert_eq!(a.unsend(odd), [5]);
+        assert!(flush(&mut a, t0).is_empty(), "nothing left to send");
     }
 }
 

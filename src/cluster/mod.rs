@@ -43,7 +43,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::core::{ConnId, Elsewhere, InstanceId, PeerId, Role, Signal, refuse};
 use crate::pb::ErrorCode;
-use crate::peer::{ClusterQueue, Departure, Peer, PeerReply, ToCluster};
+use crate::peer::{ClusterQueue, Departure, ForClients, Peer, PeerReply, ToClients, ToCluster};
 use crate::shards::Shards;
 use bridge::Bridge;
 use driver::{Control, Driver};
@@ -188,16 +188,19 @@ impl Drop for Registration {
     }
 }
 
-/// The bridge's queue, before the bridge runs: the shards are made with its sending end.
+/// The bridge's queues, before the bridge runs: the shards are made with their sending ends.
 pub struct Queue {
     tx: ClusterQueue,
     rx: mpsc::Receiver<ToCluster>,
+    to_clients: ToClients,
+    for_clients: ForClients,
 }
 
 impl Queue {
     pub fn new() -> Self {
         let (tx, rx) = mpsc::channel(driver::QUEUE);
-        Queue { tx, rx }
+        let (to_clients, for_clients) = crate::peer::to_clients();
+        Queue { tx, rx, to_clients, for_clients }
     }
 
     /// What a shard hands messages for workers on other instances to.
@@ -291,7 +294,7 @@ impl Cluster {
             bridge: Bridge::new(
                 instance,
                 shards,
-                queue.tx.clone(),
+                queue.to_clients,
                 max_sessions,
                 links::frame_limit(nats.max_payload()),
             ),
@@ -303,7 +306,7 @@ impl Cluster {
             control: control.clone(),
         };
         let subscriptions = driver.subscribe().await?;
-        let task = tokio::spawn(driver.run(subscriptions, queue.rx, control_rx));
+        let task = tokio::spawn(driver.run(subscriptions, queue.rx, queue.for_clients, control_rx));
         Ok((Cluster { instance, nats, subjects, seal, queue: queue.tx, control }, task))
     }
 

@@ -13,7 +13,9 @@ pub(crate) mod written;
 use std::sync::Arc;
 
 pub use conn::{Close, Conn, ConnClock, OutboundStream, Permit, Sink};
-pub use remote::{ClusterQueue, Departure, RemoteClient, ToCluster};
+pub use remote::{
+    ClusterQueue, Departure, ForClients, RELAYS_WAITING, RemoteClient, ToClients, ToCluster, to_clients,
+};
 
 use crate::core::{CloseReason, ConnId, DeliverError, InstanceId, Outbound, PeerSink, Reply};
 

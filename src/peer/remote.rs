@@ -1,34 +1,107 @@
-//! The routing side's view of other instances: a client stream there, and the one queue through
-//! which everything bound for other instances reaches the cluster bridge.
+//! The routing side's view of other instances: a client stream there, and the two queues through
+//! which everything bound for other instances reaches the cluster bridge: [`ToCluster`] for
+//! local clients' messages and departures, [`ToClients`] for what local workers' sessions send
+//! to remote clients.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 
 use super::{PeerReply, Sink};
 use crate::core::{ConnId, DeliverError, Outbound, PeerId, Signal};
-use crate::metrics as names;
 
-/// What the shards and the edge hand to the cluster bridge. One queue for all of it, so that
-/// what one sender hands over stays in its order: a client's messages, then its departure.
+/// What the shards and the edge hand to the cluster bridge for workers on other instances. One
+/// queue for all of it, so that what one sender hands over stays in its order: a client's
+/// messages, then its departure.
 pub enum ToCluster {
     /// A local client's message for a worker not registered on this instance.
     ClientSignal { client: PeerId, sink: Sink, worker: PeerId, signal: Signal<PeerReply> },
     /// A local client stream ended, after every message it sent was routed (see [`Departure`]).
     ClientGone { client: PeerId, conn: ConnId },
-    /// A message for a client stream on another instance.
-    ToClient { conn: ConnId, msg: Outbound },
 }
 
 /// The sending end of the bridge's queue.
 pub type ClusterQueue = mpsc::Sender<ToCluster>;
 
+/// Relays for client streams on other instances that may wait for the bridge before more are
+/// refused (`CLUSTER_UNAVAILABLE` to the worker).
+pub const RELAYS_WAITING: usize = 65_536;
+
+/// The way from the shards to the bridge for messages to client streams on other instances:
+/// relays, answers to the clients' messages, `PEER_GONE`s, in one queue so that they keep their
+/// order. Like a stream's own queue ([`super::conn`]), relays are bounded
+/// ([`RELAYS_WAITING`]) and what is owed always goes in: it is bounded by what caused it (one
+/// answer per message taken off a link, which the bridge does not read while it is behind; one
+/// `PEER_GONE` per session).
+#[derive(Clone)]
+pub struct ToClients {
+    tx: mpsc::UnboundedSender<(ConnId, Outbound)>,
+    waiting: Arc<AtomicUsize>,
+}
+
+/// The bridge's end of [`ToClients`].
+pub struct ForClients {
+    rx: mpsc::UnboundedReceiver<(ConnId, Outbound)>,
+    waiting: Arc<AtomicUsize>,
+}
+
+/// A new way to the bridge for messages to remote clients.
+pub fn to_clients() -> (ToClients, ForClients) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let waiting = Arc::new(AtomicUsize::new(0));
+    (ToClients { tx, waiting: waiting.clone() }, ForClients { rx, waiting })
+}
+
+impl ToClients {
+    /// Queues a relay, unless [`RELAYS_WAITING`] messages already wait.
+    fn relay(&self, conn: ConnId, msg: Outbound) -> Result<(), DeliverError> {
+        if self.waiting.load(Ordering::Relaxed) >= RELAYS_WAITING {
+            return Err(DeliverError::Unavailable);
+        }
+        self.owed(conn, msg);
+        Ok(())
+    }
+
+    /// Queues what is owed, whatever waits. Fails only once the bridge has stopped (the
+    /// instance is shutting down, and its links with it).
+    fn owed(&self, conn: ConnId, msg: Outbound) {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send((conn, msg)).is_err() {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl ForClients {
+    /// The next message, once one is queued; `None` once every sender is gone.
+    pub async fn recv(&mut self) -> Option<(ConnId, Outbound)> {
+        let next = self.rx.recv().await;
+        self.taken(next)
+    }
+
+    /// The next message, if one is queued.
+    pub fn try_recv(&mut self) -> Option<(ConnId, Outbound)> {
+        let next = self.rx.try_recv().ok();
+        self.taken(next)
+    }
+
+    fn taken(&self, next: Option<(ConnId, Outbound)>) -> Option<(ConnId, Outbound)> {
+        if next.is_some() {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        next
+    }
+}
+
 /// A client stream on another instance, as a session's owner sees it.
 pub struct RemoteClient {
     conn: ConnId,
-    cluster: ClusterQueue,
+    cluster: ToClients,
 }
 
 impl RemoteClient {
-    pub fn new(conn: ConnId, cluster: ClusterQueue) -> Self {
+    pub fn new(conn: ConnId, cluster: ToClients) -> Self {
         RemoteClient { conn, cluster }
     }
 
@@ -36,29 +109,21 @@ impl RemoteClient {
         self.conn
     }
 
-    /// Hands `msg` to the link towards the client's instance.
+    /// Hands a relay to the link towards the client's instance, unless too many wait.
     pub fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError> {
-        self.cluster
-            .try_send(ToCluster::ToClient { conn: self.conn, msg })
-            .map_err(|_| DeliverError::Unavailable)
+        self.cluster.relay(self.conn, msg)
     }
 
     /// Hands a message owed to the client unasked (a `PEER_GONE`) to the link towards its
-    /// instance. The bridge's queue is bounded; if it is full the message is lost, and counted
-    /// (a loss path still open: README, "No silent loss").
+    /// instance: it always goes in.
     pub fn deliver_owed(&self, msg: Outbound) {
-        if self.try_deliver(msg).is_err() {
-            metrics::counter!(names::QUEUE_DROPS).increment(1);
-            crate::warn_throttled!(conn = %self.conn, "cross-instance queue full: a PEER_GONE for a remote client was dropped");
-        }
+        self.cluster.owed(self.conn, msg)
     }
 
-    /// Sends the answer to one of the client's own messages back to its instance.
+    /// Sends the answer to one of the client's own messages back to its instance: it always
+    /// goes in.
     pub fn reply(&self, msg: Outbound) {
-        if self.try_deliver(msg).is_err() {
-            metrics::counter!(names::QUEUE_DROPS).increment(1);
-            crate::warn_throttled!(conn = %self.conn, "cross-instance queue full: a reply to a remote client was dropped");
-        }
+        self.cluster.owed(self.conn, msg)
     }
 }
 
@@ -101,5 +166,40 @@ impl Drop for Departure {
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::ErrorCode;
+
+    #[test]
+    fn relays_are_bounded_and_what_is_owed_always_goes_in() {
+        let (to, mut from) = to_clients();
+        let client = RemoteClient::new(ConnId { at: 1, instance: 0xa }, to);
+        let candidate = || Outbound::relay(crate::pb::RtcEvent::IceCandidate, 7, 100, bytes::Bytes::new());
+        for _ in 0..RELAYS_WAITING {
+            client.try_deliver(candidate()).unwrap();
+        }
+        assert_eq!(client.try_deliver(candidate()), Err(DeliverError::Unavailable));
+        client.reply(Outbound::error(ErrorCode::InvalidTransition, 7, 100, "no"));
+        client.deliver_owed(Outbound::peer_gone(7, 100));
+        // What is owed counts too: room for a relay once the bridge took three.
+        for _ in 0..3 {
+            assert!(from.try_recv().is_some());
+        }
+        client.try_deliver(candidate()).expect("room again");
+        let taken = std::iter::from_fn(|| from.try_recv()).map(|(_, m)| m.event).collect::<Vec<_>>();
+        assert_eq!(taken.len(), RELAYS_WAITING);
+        assert_eq!(
+            taken[RELAYS_WAITING - 4..],
+            [
+                crate::pb::RtcEvent::IceCandidate,
+                crate::pb::RtcEvent::Error,
+                crate::pb::RtcEvent::PeerGone,
+                crate::pb::RtcEvent::IceCandidate,
+            ]
+        );
     }
 }

@@ -13,7 +13,7 @@ use super::*;
 use crate::cluster::link::{GIVE_UP_AFTER, RESEND_AFTER};
 use crate::cluster::liveness::DEAD_AFTER;
 use crate::cluster::{Queue, Subjects};
-use crate::peer::{Conn, Departure, OutboundStream};
+use crate::peer::{ClusterQueue, Conn, Departure, ForClients, OutboundStream};
 
 const A: InstanceId = 0xa;
 const B: InstanceId = 0xb;
@@ -26,6 +26,7 @@ struct Instance {
     shards: Arc<Shards<Peer>>,
     queue: ClusterQueue,
     commands: mpsc::Receiver<ToCluster>,
+    for_clients: ForClients,
     next_conn: u64,
     /// The time commands are handed to the bridge at.
     clock: Instant,
@@ -65,13 +66,23 @@ impl Stream {
 
 impl Instance {
     fn new(me: InstanceId) -> Self {
-        let Queue { tx, rx } = Queue::new();
-        let queue = Queue { tx: tx.clone(), rx: mpsc::channel(1).1 };
+        let Queue { tx, rx, to_clients, for_clients } = Queue::new();
+        let elsewhere = Queue::new();
+        let elsewhere = Queue { tx: tx.clone(), ..elsewhere };
         // Inline shards: routing happens on the caller, so every step is synchronous.
-        let shards = Arc::new(Shards::start(0, 64, MAX_SESSIONS, || Some(queue.elsewhere())).unwrap());
+        let shards = Arc::new(Shards::start(0, 64, MAX_SESSIONS, || Some(elsewhere.elsewhere())).unwrap());
         let bridge =
-            Bridge::new(me, shards.clone(), tx.clone(), MAX_SESSIONS, crate::cluster::links::FRAME_BYTES);
-        Instance { me, bridge, shards, queue: tx, commands: rx, next_conn: 0, clock: Instant::now() }
+            Bridge::new(me, shards.clone(), to_clients, MAX_SESSIONS, crate::cluster::links::FRAME_BYTES);
+        Instance {
+            me,
+            bridge,
+            shards,
+            queue: tx,
+            commands: rx,
+            for_clients,
+            next_conn: 0,
+            clock: Instant::now(),
+        }
     }
 
     fn open(&mut self, id: PeerId) -> Stream {
@@ -137,8 +148,14 @@ impl Instance {
 
     /// Hands the bridge what its queue holds.
     fn pump(&mut self) {
-        while let Ok(command) = self.commands.try_recv() {
-            self.bridge.command(command, self.clock);
+        loop {
+            if let Ok(command) = self.commands.try_recv() {
+                self.bridge.command(command, self.clock);
+            } else if let Some((conn, msg)) = self.for_clients.try_recv() {
+                self.bridge.to_client(conn, msg);
+            } else {
+                break;
+            }
         }
     }
 
@@ -482,4 +499,93 @@ fn subjects_name_instances_and_workers_by_number() {
         (s.inbox(10), s.worker(7), s.claim(), s.heartbeat()),
         ("p.i.10".into(), "p.w.7".into(), "p.claim".into(), "p.hb".into())
     );
+}
+
+#[test]
+fn what_is_owed_across_waits_while_nats_is_down_and_goes_when_it_is_back() {
+    let t0 = Instant::now();
+    let (mut a, mut b, c, mut w) = offered(t0);
+    let w8 = b.worker(8);
+    let mut c2 = a.client(101);
+    a.client_sends(&c2, 8, RtcEvent::Offer, b"offer");
+    assert_eq!(carry(a.outputs(t0), &mut b, t0), [8]);
+    a.bridge.located(8, Ok(B), t0);
+    settle(&mut a, &mut b, t0);
+    // A blip on both sides: client 100 leaves on A, worker 8 leaves on B. Neither PEER_GONE
+    // can leave now, and neither is lost.
+    a.bridge.set_connected(false);
+    b.bridge.set_connected(false);
+    a.client_leaves(c);
+    b.route(b.shards.of_worker(8), Command::WorkerGone { worker: 8, conn: w8.sink.id() });
+    assert!(a.outputs(t0).is_empty() && b.outputs(t0).is_empty(), "NATS is down");
+    a.bridge.set_connected(true);
+    b.bridge.set_connected(true);
+    settle(&mut a, &mut b, t0);
+    assert_eq!(w.expect(RtcEvent::PeerGone).client, 100);
+    assert_eq!(c2.expect(RtcEvent::PeerGone).worker, 8);
+    w.expect_nothing();
+    c2.expect_nothing();
+}
+
+#[test]
+fn a_peer_gone_passes_a_full_window_when_relays_do_not() {
+    let t0 = Instant::now();
+    let (mut a, mut b, mut c, mut w) = offered(t0);
+    b.worker_sends(&w, 100, RtcEvent::Answer, b"answer");
+    settle(&mut a, &mut b, t0);
+    c.expect(RtcEvent::Answer);
+    // A stops acknowledging: B's link to A fills with the worker's candidates, one frame each.
+    let mut in_flight = Vec::new();
+    for _ in 0..crate::cluster::link::WINDOW {
+        b.worker_sends(&w, 100, RtcEvent::LocalIceCandidate, b"c");
+        in_flight.extend(b.outputs(t0));
+    }
+    assert!(b.bridge.links.is_full(A));
+    b.worker_sends(&w, 100, RtcEvent::LocalIceCandidate, b"one too many");
+    assert_eq!(w.expect_error(ErrorCode::ClusterUnavailable).client, 100);
+    // The worker leaves: the PEER_GONE owed to the client goes all the same.
+    b.route(b.shards.of_worker(7), Command::WorkerGone { worker: 7, conn: w.sink.id() });
+    in_flight.extend(b.outputs(t0));
+    assert_eq!(frames(&in_flight), crate::cluster::link::WINDOW + 1);
+    carry(in_flight, &mut a, t0);
+    // The client's queue (64) took what it could, the rest is refused back to the worker; the
+    // PEER_GONE came last, past the queue's bound.
+    for _ in 0..64 {
+        c.expect(RtcEvent::IceCandidate);
+    }
+    assert_eq!(c.expect(RtcEvent::PeerGone).worker, 7);
+    c.expect_nothing();
+}
+
+#[test]
+fn a_client_signal_with_an_event_this_instance_does_not_know_is_refused_to_the_client() {
+    let t0 = Instant::now();
+    let (mut a, mut b, mut c, mut w) = offered(t0);
+    // What an instance of a newer version may send: an event unknown here.
+    let signal = wire::ClientSignal {
+        client: 100,
+        conn: Some(wire_conn(c.sink.id())),
+        worker: 7,
+        event: 99,
+        payload: Bytes::from_static(b"?"),
+    };
+    a.bridge.links.push(B, Kind::ClientSignal(signal), Origin::Owed);
+    settle(&mut a, &mut b, t0);
+    let refused = c.expect_error(ErrorCode::InvalidTransition);
+    assert_eq!(refused.worker, 7);
+    assert!(std::str::from_utf8(&refused.payload).unwrap().contains("unknown event 99"));
+    w.expect_nothing();
+    // And the other way: a message for the client with an unknown event is refused to the worker.
+    let msg = wire::ToClient {
+        client: 100,
+        conn: Some(wire_conn(c.sink.id())),
+        worker: 7,
+        event: 99,
+        payload: Bytes::new(),
+        error_code: 0,
+    };
+    b.bridge.links.push(A, Kind::ToClient(msg), Origin::Owed);
+    settle(&mut a, &mut b, t0);
+    assert_eq!(w.expect_error(ErrorCode::InvalidTransition).client, 100);
+    c.expect_nothing();
 }

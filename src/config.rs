@@ -166,6 +166,15 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "DISTRIBUTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// For tests only: shifts this instance's clock by this many milliseconds.
+    #[arg(
+        long,
+        hide = true,
+        env = "DISTRIBUTOR_TEST_CLOCK_SKEW_MS",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub test_clock_skew_ms: i64,
     #[command(flatten)]
     pub nats: NatsArgs,
 }
@@ -291,6 +300,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Cluster mode when set.
     pub nats: Option<NatsConfig>,
+    /// For tests only: this instance's clock runs this many milliseconds ahead (behind if
+    /// negative), to show that a skewed clock cannot make an older stream win.
+    pub test_clock_skew_ms: i64,
 }
 
 impl Default for Config {
@@ -311,6 +323,7 @@ impl Default for Config {
             limits: Limits::default(),
             metrics_listen: None,
             nats: None,
+            test_clock_skew_ms: 0,
         }
     }
 }
@@ -383,6 +396,7 @@ impl ServeArgs {
                 max_sessions_per_client: self.max_sessions_per_client,
             },
             metrics_listen: self.metrics_listen,
+            test_clock_skew_ms: self.test_clock_skew_ms,
             nats: self.nats.into_config()?,
         };
         config.check()?;

@@ -65,6 +65,7 @@ pub async fn run(
     health.set_serving::<ClientServiceServer<ClientEdge>>().await;
     health.set_serving::<WorkerServiceServer<WorkerEdge>>().await;
 
+    let conn_clock = Arc::new(ConnClock::skewed(config.test_clock_skew_ms));
     let (shards, cluster) = match &config.nats {
         None => {
             let shards = Shards::start(
@@ -110,9 +111,14 @@ pub async fn run(
                     Seal::none()
                 }
             };
-            let sessions = config.limits.max_sessions_per_client;
-            let (cluster, task) =
-                Cluster::start(instance, client, &nats.prefix, seal, sessions, queue, shards.clone()).await?;
+            let member = cluster::Member {
+                instance,
+                prefix: nats.prefix.clone(),
+                seal,
+                max_sessions: config.limits.max_sessions_per_client,
+                clock: conn_clock.clone(),
+            };
+            let (cluster, task) = Cluster::start(member, client, queue, shards.clone()).await?;
             tracing::info!(url = %nats.url, prefix = %nats.prefix, "cluster mode");
             (shards, Some((Arc::new(cluster), task)))
         }
@@ -127,7 +133,7 @@ pub async fn run(
         max_message_bytes: config.max_message_bytes,
         peer_queue: config.peer_queue,
         instance,
-        conn_clock: ConnClock::default(),
+        conn_clock,
         streams: Default::default(),
         stopping: Default::default(),
         tasks: tasks.clone(),

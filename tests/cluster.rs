@@ -181,6 +181,34 @@ async fn newest_registration_wins_across_instances() {
 }
 
 #[tokio::test]
+async fn a_clock_running_ahead_cannot_make_an_older_stream_win() {
+    let nats = NatsCluster::start().await;
+    // A's clock runs a minute ahead (a test-only knob): by wall clocks, every stream it opens is
+    // newer than any B opens within that minute.
+    let ahead = Config { test_clock_skew_ms: 60_000, ..Config::default() };
+    let (a, b) = (instance_with(&nats, 0, "t16", ahead).await, instance(&nats, 1, "t16").await);
+    reach_each_other(&a, &b, 1600).await;
+    let mut old = worker(&a, 33).await;
+    // A client on B negotiates with it: by then B has A's claim of worker 33.
+    let (mut c, cid) = client(&b).await;
+    negotiate(&mut c, cid, &mut old, 33).await;
+    let mut new = worker(&b, 33).await;
+    assert_eq!(old.ended().await.code(), Code::Aborted, "the newer stream, on B, wins");
+    let gone = c.recv().await;
+    assert_eq!((gone.event(), gone.worker_machine_id), (RtcEvent::PeerGone, 33));
+    negotiate(&mut c, cid, &mut new, 33).await;
+
+    // The same for a client id: first on A, then on B.
+    let id = [("x-client-id", "9016".to_string())];
+    let (mut first, cid) = client_with(&a, &id).await;
+    negotiate(&mut first, cid, &mut new, 33).await;
+    let (mut second, _) = client_with(&b, &id).await;
+    assert_eq!(first.ended().await.code(), Code::Aborted);
+    assert_eq!(new.recv().await.event(), RtcEvent::PeerGone);
+    negotiate(&mut second, cid, &mut new, 33).await;
+}
+
+#[tokio::test]
 async fn an_instance_that_shuts_down_ends_its_sessions_elsewhere() {
     let nats = NatsCluster::start().await;
     let (a, b) = (instance(&nats, 0, "t6").await, instance(&nats, 1, "t6").await);

@@ -34,7 +34,7 @@ use crate::core::{
 };
 use crate::metrics as names;
 use crate::pb::{ErrorCode, RtcEvent};
-use crate::peer::{Peer, PeerReply, RemoteClient, Sink, ToClients, ToCluster};
+use crate::peer::{ConnClock, Peer, PeerReply, RemoteClient, Sink, ToClients, ToCluster};
 use crate::shards::Shards;
 
 /// Commands parked for full shard queues before the inbox is no longer read.
@@ -80,6 +80,8 @@ pub struct Bridge {
     to_clients: ToClients,
     /// Sessions a local client may hold, here and across (0: no cap).
     max_sessions: usize,
+    /// The clock of this instance's streams: claims from other instances move it forward.
+    clock: Arc<ConnClock>,
     connected: bool,
     links: Links<Origin>,
     directory: Directory<Waiting>,
@@ -113,6 +115,7 @@ impl Bridge {
             shards,
             to_clients,
             max_sessions,
+            clock: Arc::default(),
             connected: true,
             links: Links::new(me).with_frame_limit(frame_limit),
             directory: Directory::default(),
@@ -126,6 +129,12 @@ impl Bridge {
             leave_by: None,
             out: VecDeque::new(),
         }
+    }
+
+    /// Shares `clock` with the edge, which numbers this instance's streams with it.
+    pub fn with_clock(mut self, clock: Arc<ConnClock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Whether NATS is connected; while it is not, what would cross is refused at once.
@@ -477,6 +486,8 @@ impl Bridge {
         if conn.instance == self.me {
             return;
         }
+        // Streams opened here from now on are newer than this one, whatever the clocks say.
+        self.clock.observe(conn.at);
         let (role, shard) = if claim.worker {
             let waiting = self.directory.claimed(claim.id, conn.instance);
             self.release(claim.id, Ok(conn.instance), waiting);

@@ -43,7 +43,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::core::{ConnId, Elsewhere, InstanceId, PeerId, Role, Signal, refuse};
 use crate::pb::ErrorCode;
-use crate::peer::{ClusterQueue, Departure, ForClients, Peer, PeerReply, ToClients, ToCluster};
+use crate::peer::{ClusterQueue, ConnClock, Departure, ForClients, Peer, PeerReply, ToClients, ToCluster};
 use crate::shards::Shards;
 use bridge::Bridge;
 use driver::{Control, Driver};
@@ -168,6 +168,19 @@ impl Elsewhere<Peer> for ToOtherInstances {
     }
 }
 
+/// Who this instance is in the cluster.
+pub struct Member {
+    pub instance: InstanceId,
+    /// The subjects' prefix (`--nats-prefix`).
+    pub prefix: String,
+    /// Authenticates what instances say to each other.
+    pub seal: Seal,
+    /// Sessions a local client may hold, here and across (0: no cap).
+    pub max_sessions: usize,
+    /// The clock of this instance's streams, which the claims of others move forward.
+    pub clock: Arc<ConnClock>,
+}
+
 /// This instance's membership of the cluster: the NATS client and the bridge's queues.
 pub struct Cluster {
     pub instance: InstanceId,
@@ -276,18 +289,15 @@ impl Cluster {
         Ok(client)
     }
 
-    /// Starts the bridge task on `queue`, feeding `shards`; `seal` authenticates what instances
-    /// say to each other; a local client may hold `max_sessions` sessions (0: no cap).
+    /// Starts the bridge task on `queue`, feeding `shards`.
     pub async fn start(
-        instance: InstanceId,
+        member: Member,
         nats: async_nats::Client,
-        prefix: &str,
-        seal: Seal,
-        max_sessions: usize,
         queue: Queue,
         shards: Arc<Shards<Peer>>,
     ) -> Result<(Self, JoinHandle<()>), ClusterError> {
-        let subjects = Subjects::new(prefix);
+        let Member { instance, prefix, seal, max_sessions, clock } = member;
+        let subjects = Subjects::new(&prefix);
         let replies = driver::Replies::start(&nats).await?;
         let (control, control_rx) = mpsc::unbounded_channel();
         let driver = Driver {
@@ -297,7 +307,8 @@ impl Cluster {
                 queue.to_clients,
                 max_sessions,
                 links::frame_limit(nats.max_payload()),
-            ),
+            )
+            .with_clock(clock),
             me: instance,
             nats: nats.clone(),
             subjects: subjects.clone(),

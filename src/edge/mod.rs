@@ -42,7 +42,7 @@ pub struct Edge {
     pub max_message_bytes: usize,
     pub peer_queue: usize,
     pub instance: InstanceId,
-    pub conn_clock: ConnClock,
+    pub conn_clock: Arc<ConnClock>,
     /// Open streams, to end them all on shutdown; touched at open and close only.
     pub streams: Mutex<HashMap<ConnId, Weak<Conn>>>,
     /// Set on shutdown: streams opened from then on end at once.

@@ -24,16 +24,36 @@ use tonic::Status;
 use super::written;
 use crate::core::{CloseReason, ConnId, DeliverError, InstanceId, Outbound};
 
-/// Hands out [`ConnId`]s: nanoseconds since the Unix epoch, strictly increasing.
+/// Hands out [`ConnId`]s, which order the streams of one id across the cluster (the newest
+/// wins): a hybrid logical clock, nanoseconds since the Unix epoch, strictly increasing, and
+/// never behind a stream this instance has heard of ([`Self::observe`], fed the claims of
+/// other instances). So a stream opened after the claim of another reached this instance is
+/// newer than it whatever the two wall clocks say; only streams opened within the time a
+/// claim takes to cross (milliseconds) are ordered by wall clock.
 #[derive(Debug, Default)]
-pub struct ConnClock(AtomicU64);
+pub struct ConnClock {
+    last: AtomicU64,
+    /// Nanoseconds added to the wall clock (tests only).
+    skew_ns: i64,
+}
 
 impl ConnClock {
+    /// A clock that runs `skew_ms` ahead of the wall clock (behind if negative): for tests.
+    pub fn skewed(skew_ms: i64) -> Self {
+        ConnClock { last: AtomicU64::new(0), skew_ns: skew_ms.saturating_mul(1_000_000) }
+    }
+
     pub fn next(&self, instance: InstanceId) -> ConnId {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        let previous = self.0.fetch_max(now, Ordering::Relaxed);
-        let at = if previous >= now { self.0.fetch_add(1, Ordering::Relaxed) + 1 } else { now };
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let now = wall.saturating_add_signed(self.skew_ns);
+        let previous = self.last.fetch_max(now, Ordering::Relaxed);
+        let at = if previous >= now { self.last.fetch_add(1, Ordering::Relaxed) + 1 } else { now };
         ConnId { at, instance }
+    }
+
+    /// A stream opened at `at` exists elsewhere: streams opened here from now on are newer.
+    pub fn observe(&self, at: u64) {
+        self.last.fetch_max(at, Ordering::Relaxed);
     }
 }
 
@@ -343,6 +363,23 @@ mod tests {
     use tokio_stream::StreamExt;
 
     use super::*;
+
+    #[test]
+    fn the_clock_never_goes_back_and_is_moved_forward_by_what_it_hears() {
+        let clock = ConnClock::default();
+        let (first, second) = (clock.next(1), clock.next(1));
+        assert!(second > first);
+        // Another instance's clock runs a minute ahead: its stream is heard of here, and the
+        // next stream opened here is newer all the same.
+        let ahead = ConnClock::skewed(60_000).next(2);
+        assert!(ahead > clock.next(1));
+        clock.observe(ahead.at);
+        assert!(clock.next(1).at > ahead.at);
+        // What is heard of the past changes nothing.
+        let before = clock.next(1);
+        clock.observe(first.at);
+        assert!(clock.next(1) > before);
+    }
     use crate::pb::RtcEvent;
 
     fn open(queue: usize) -> (Sink, OutboundStream<Outbound>) {

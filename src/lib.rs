@@ -20,6 +20,8 @@ pub mod codec;
 pub mod config;
 pub mod core;
 pub mod edge;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod listener;
 pub mod metrics;
 pub mod pb;
@@ -28,3 +30,10 @@ pub mod server;
 pub mod shards;
 pub mod shutdown;
 pub mod throttle;
+
+/// Cases each property test runs: `default`, or `DISTRIBUTOR_PROPTEST_CASES` (`scripts/fuzz.sh`
+/// sets it for long runs).
+#[cfg(test)]
+pub(crate) fn proptest_cases(default: u32) -> u32 {
+    std::env::var("DISTRIBUTOR_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}

@@ -22,6 +22,7 @@ pub const CLUSTER_RECORDS: &str = "distributor_cluster_records_total";
 pub const CLUSTER_ACK: &str = "distributor_cluster_ack_seconds";
 pub const CLUSTER_REJECTED: &str = "distributor_cluster_rejected_total";
 pub const CONNECTIONS: &str = "distributor_connections";
+pub const TASKS: &str = "distributor_tasks";
 
 /// Buckets of cross-instance latencies: a round trip through NATS takes 0.1 ms to seconds.
 const LATENCY_BUCKETS: &[f64] =
@@ -41,6 +42,16 @@ pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
         .set_buckets_for_metric(Matcher::Full(CLUSTER_ACK.into()), LATENCY_BUCKETS)?
         .install()?;
     describe();
+    // The runtime's live tasks (one per stream, and a few more), for soak runs to watch.
+    let tasks = metrics::gauge!(TASKS);
+    let runtime = tokio::runtime::Handle::current();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            tasks.set(runtime.metrics().num_alive_tasks() as f64);
+        }
+    });
     Ok(())
 }
 
@@ -66,6 +77,7 @@ fn describe() {
         "NATS messages not believed (no valid seal, stale, replayed), by kind; dropped unread."
     );
     describe_gauge!(CONNECTIONS, "Open TCP connections (at most --max-connections).");
+    describe_gauge!(TASKS, "Tasks alive on the runtime (sampled each second).");
     describe_histogram!(
         CLUSTER_ACK,
         Unit::Seconds,

@@ -263,3 +263,6 @@ fn refusals_name_the_address_and_a_reason() {
 fn cid(at: u64) -> ConnId {
     ConnId { at, instance: 1 }
 }
+
+/// The router against a reference model (property test).
+mod model;

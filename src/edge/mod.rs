@@ -100,7 +100,7 @@ impl Edge {
     /// Answers what needs no routing (`PING`, and refusals that need no session state, a
     /// message over the stream's rate among them) on the sender's stream; gives back what is for
     /// the other side of a session.
-    fn triage(
+    pub(crate) fn triage(
         &self,
         admitted: Admitted,
         event: i32,
@@ -165,7 +165,7 @@ struct Expiry {
 }
 
 /// A message read, with room reserved for its answer; over the stream's rate or not.
-enum Admitted {
+pub(crate) enum Admitted {
     Yes(Permit),
     OverRate(Permit),
 }

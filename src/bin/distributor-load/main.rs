@@ -5,10 +5,12 @@
 //! distributor-load handshake --pairs 100 --clients-at http://A --workers-at http://B
 //! distributor-load echo-server --listen 127.0.0.1:50060      # the tonic ceiling
 //! distributor-load relay --echo --clients-at http://127.0.0.1:50060
+//! distributor-load chaos --pairs 60 --targets http://A,http://B,http://C   # scripts/chaos.sh
 //! distributor-load nats-ceiling --nats-url nats://127.0.0.1:4222 --nats-url-b nats://127.0.0.1:4223
 //! ```
 //! Every run is bounded by `--duration` and `--max-messages`.
 
+mod chaos;
 mod echo;
 mod nats;
 mod peers;
@@ -42,6 +44,9 @@ enum Scenario {
     },
     /// Raw NATS publish to subscribe through a cluster, in the same pattern as `relay`.
     NatsCeiling(nats::NatsLoad),
+    /// Pairs relaying across a cluster's instances while it is hurt (scripts/chaos.sh): an
+    /// exact tally of every message (delivered, refused, ended by PEER_GONE, cut, lost).
+    Chaos(chaos::ChaosLoad),
     /// Connects --pairs idle pairs (2 × pairs peers), then reports the server's memory per peer
     /// and its CPU time while they idle for --duration.
     Idle(Load),
@@ -86,8 +91,8 @@ pub struct Load {
     /// allocator and HTTP/2 windows settle first.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub warmup: Duration,
-    /// Relayed messages per second to hold, over all pairs (relay, window 1); 0: as fast as
-    /// the round trips go.
+    /// Relayed messages (relay, window 1) or handshakes (handshake) per second to hold, over
+    /// all pairs; 0: as fast as they go.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
     /// Stop after this many messages (relay) or handshakes.
@@ -124,6 +129,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Relay(load) => report::print(&peers::relay(load.clone()).await?, load.json),
             Scenario::Handshake(load) => report::print(&peers::handshake(load.clone()).await?, load.json),
             Scenario::Idle(load) => peers::idle(load).await,
+            Scenario::Chaos(load) => chaos::run(load).await,
             Scenario::NatsCeiling(load) => {
                 let json = load.load.json;
                 report::print(&nats::ceiling(load).await?, json)

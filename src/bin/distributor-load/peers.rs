@@ -432,7 +432,16 @@ async fn handshake_pair(
 ) -> anyhow::Result<Stats> {
     let mut stats = Stats { handshake_ns: Some(crate::report::histogram()), ..Stats::default() };
     let mut round = 0i64;
+    // With --rate, each pair starts a handshake every `pairs / rate` seconds, spread evenly.
+    let load = &run.load;
+    let interval = (load.rate > 0).then(|| Duration::from_secs_f64(load.pairs as f64 / load.rate as f64));
+    let mut next_start = tokio::time::Instant::now()
+        + interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 / load.pairs.max(1) as f64));
     while run.take_one() {
+        if let Some(interval) = interval {
+            tokio::time::sleep_until(next_start).await;
+            next_start += interval;
+        }
         round += 1;
         let id = run.load.first_worker + 2_000_000_000 + (index as i64) * 1_000_000 + round;
         let mut c = open_client(&run.load, channel.clone(), id).await?;

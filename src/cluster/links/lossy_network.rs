@@ -107,7 +107,7 @@ impl World {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(256)))]
 
     #[test]
     fn exactly_once_in_order_or_given_back(steps in proptest::collection::vec(step(), 1..200)) {

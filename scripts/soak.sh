@@ -41,7 +41,7 @@ load relay-cluster relay --pairs 100 --window 1 --rate "$relay" --clients-at "$(
 
 echo "seconds,instance,rss_kib,fds,tasks" >"$run/samples.csv"
 start=$(date +%s)
-while (( $(date +%s) - start < total )); do
+while (( $(date +%s) - start < total - 10 )); do
     sleep 10
     t=$(( $(date +%s) - start ))
     for i in 0 1 2; do

@@ -362,6 +362,7 @@ async fn relay(
             outstanding = Some((Way::ToWorker, *seq));
             silent_by = Instant::now() + load.max_silence;
             if c.tx.send(msg).await.is_err() {
+                *tally.stream_ends.entry("client (on sending)".into()).or_default() += 1;
                 tally.cut += 1;
                 return End::Again;
             }
@@ -397,6 +398,7 @@ async fn relay(
                             .await
                             .is_err()
                         {
+                            *tally.stream_ends.entry("worker (on sending)".into()).or_default() += 1;
                             tally.cut += 1;
                             return End::Again;
                         }

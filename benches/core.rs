@@ -60,6 +60,8 @@ fn candidate(worker: PeerId, size: usize) -> ClientRtcMessage {
         message: Bytes::from(vec![b'a'; size]),
         client_id: 0,
         error_code: 0,
+        seq: 0,
+        resumed: false,
     }
 }
 

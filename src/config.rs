@@ -29,7 +29,9 @@ pub mod defaults {
     pub const PEER_QUEUE: usize = 1024;
     pub const SHARD_QUEUE: usize = 65_536;
     pub const KEEPALIVE: Duration = Duration::from_secs(20);
-    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Inside Cloud Run's 10 s between SIGTERM and the end.
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
+    pub const RESUME_GRACE: Duration = Duration::from_secs(15);
     pub const NATS_PREFIX: &str = "distributor";
     /// A front-end proxy (Cloud Run's) multiplexes many peers on one connection: far above
     /// hyper's 200, far below unbounded.
@@ -166,6 +168,10 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "DISTRIBUTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// How long a resumable peer (`x-resume-after`) whose stream was cut stays detached, its
+    /// sessions kept and its messages held, for a new stream to take it over (0: resume off).
+    #[arg(long, env = "DISTRIBUTOR_RESUME_GRACE", default_value_t = defaults::RESUME_GRACE.into())]
+    pub resume_grace: humantime::Duration,
     /// For tests only: shifts this instance's clock by this many milliseconds.
     #[arg(
         long,
@@ -303,6 +309,8 @@ pub struct Config {
     /// For tests only: this instance's clock runs this many milliseconds ahead (behind if
     /// negative), to show that a skewed clock cannot make an older stream win.
     pub test_clock_skew_ms: i64,
+    /// How long a resumable peer whose stream was cut stays detached (zero: resume is off).
+    pub resume_grace: Duration,
 }
 
 impl Default for Config {
@@ -324,6 +332,7 @@ impl Default for Config {
             metrics_listen: None,
             nats: None,
             test_clock_skew_ms: 0,
+            resume_grace: defaults::RESUME_GRACE,
         }
     }
 }
@@ -397,6 +406,7 @@ impl ServeArgs {
             },
             metrics_listen: self.metrics_listen,
             test_clock_skew_ms: self.test_clock_skew_ms,
+            resume_grace: self.resume_grace.into(),
             nats: self.nats.into_config()?,
         };
         config.check()?;

@@ -36,7 +36,7 @@ struct Stream {
 
 impl Stream {
     fn open(at: u64, queue: usize) -> Self {
-        let (sink, out) = Conn::open(ConnId { at, instance: 1 }, queue, |m| m);
+        let (sink, out) = Conn::open(ConnId { at, instance: 1 }, queue, |m, _| m);
         Stream { sink, out }
     }
 
@@ -79,6 +79,11 @@ pub fn peer_messages(data: &[u8]) {
         streams: Default::default(),
         stopping: Default::default(),
         tasks: Default::default(),
+        resume_grace: Duration::ZERO,
+        clients: Default::default(),
+        workers: Default::default(),
+        shutdown: Default::default(),
+        registrations: Default::default(),
     };
     let mut rest = data;
     while let Some((&head, tail)) = rest.split_first() {

@@ -23,6 +23,9 @@ pub const CLUSTER_ACK: &str = "distributor_cluster_ack_seconds";
 pub const CLUSTER_REJECTED: &str = "distributor_cluster_rejected_total";
 pub const CONNECTIONS: &str = "distributor_connections";
 pub const TASKS: &str = "distributor_tasks";
+pub const RESUMES: &str = "distributor_resumes_total";
+pub const DETACHED_PEERS: &str = "distributor_detached_peers";
+pub const HELD_MESSAGES: &str = "distributor_held_messages";
 
 /// Buckets of cross-instance latencies: a round trip through NATS takes 0.1 ms to seconds.
 const LATENCY_BUCKETS: &[f64] =
@@ -78,6 +81,14 @@ fn describe() {
     );
     describe_gauge!(CONNECTIONS, "Open TCP connections (at most --max-connections).");
     describe_gauge!(TASKS, "Tasks alive on the runtime (sampled each second).");
+    describe_counter!(
+        RESUMES,
+        "Resumable streams by outcome: resumed (took a detached or open peer over), unknown \
+         (asked to resume a peer not known here, or whose missed messages are gone), expired \
+         (a detached peer that did not come back in time)."
+    );
+    describe_gauge!(DETACHED_PEERS, "Resumable peers whose stream ended without them leaving (sampled).");
+    describe_gauge!(HELD_MESSAGES, "Messages queued for detached peers (sampled).");
     describe_histogram!(
         CLUSTER_ACK,
         Unit::Seconds,

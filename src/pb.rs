@@ -38,3 +38,20 @@ impl WorkerRtcMessage {
         }
     }
 }
+
+/// A peer's message, which it may number (resumable streams; 0: unnumbered).
+pub trait Numbered {
+    fn seq(&self) -> u64;
+}
+
+impl Numbered for ClientRtcMessage {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl Numbered for WorkerRtcMessage {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+}

@@ -137,7 +137,24 @@ pub async fn run(
         streams: Default::default(),
         stopping: Default::default(),
         tasks: tasks.clone(),
+        resume_grace: config.resume_grace,
+        clients: Default::default(),
+        workers: Default::default(),
+        shutdown: Default::default(),
+        registrations: Default::default(),
     });
+    if config.metrics_listen.is_some() {
+        let edge = Arc::downgrade(&edge);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+            while let Some(edge) = {
+                every.tick().await;
+                edge.upgrade()
+            } {
+                edge.sample_resumes();
+            }
+        });
+    }
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)

@@ -121,7 +121,7 @@ mod tests {
     use crate::peer::{Conn, OutboundStream};
 
     fn stream(at: u64, queue: usize) -> (Sink, OutboundStream<Outbound>) {
-        Conn::open(ConnId { at, instance: 1 }, queue, |m| m)
+        Conn::open(ConnId { at, instance: 1 }, queue, |m, _| m)
     }
 
     fn next(out: &mut OutboundStream<Outbound>) -> Option<Outbound> {

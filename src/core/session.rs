@@ -57,7 +57,9 @@ pub fn step(state: Option<State>, from: Role, event: RtcEvent) -> Result<State, 
         (Role::Worker, Offer, _) => Err("only a client may send OFFER"),
         (Role::Worker, AcceptAnswer, _) => Err("only a client may send ACCEPT_ANSWER"),
         (_, IceCandidate, _) => Err("ICE_CANDIDATE is sent by the distributor; send LOCAL_ICE_CANDIDATE"),
-        (_, Error | PeerGone, _) => Err("ERROR and PEER_GONE are sent by the distributor only"),
+        (_, Error | PeerGone | Reconnect, _) => {
+            Err("ERROR, PEER_GONE and RECONNECT are sent by the distributor only")
+        }
         (_, Blank, _) => Err("BLANK is only a worker's first message"),
         (_, Ping, _) => Err("PING is answered by the distributor, never relayed"),
     }
@@ -95,8 +97,18 @@ mod tests {
     use RtcEvent::*;
     use State::*;
 
-    const EVENTS: [RtcEvent; 9] =
-        [Offer, Answer, AcceptAnswer, IceCandidate, LocalIceCandidate, Blank, Ping, Error, PeerGone];
+    const EVENTS: [RtcEvent; 10] = [
+        Offer,
+        Answer,
+        AcceptAnswer,
+        IceCandidate,
+        LocalIceCandidate,
+        Blank,
+        Ping,
+        Error,
+        PeerGone,
+        Reconnect,
+    ];
     const STATES: [Option<State>; 4] = [None, Some(Offered), Some(Answered), Some(Accepted)];
 
     /// The whole table, written out: every (role, state, event) triple and its outcome.

@@ -5,12 +5,14 @@ use std::sync::Arc;
 use tonic::metadata::MetadataMap;
 use tonic::{Status, Streaming};
 
-use super::{Edge, Reader, connected};
+use bytes::Bytes;
+
+use super::{Edge, Opening, Reader, connected};
 use crate::auth::Granted;
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
-use crate::pb::ClientRtcMessage;
+use crate::pb::{ClientRtcMessage, RtcEvent};
 use crate::peer::conn::shutting_down;
-use crate::peer::{Close, Peer, PeerReply, Sink};
+use crate::peer::{Close, Numbering, Peer, PeerReply, Sink};
 
 /// The client id of an open (no auth) distributor: `x-client-id` if given, else a fresh random
 /// one. Random ids are 63-bit, so two instances practically never hand out the same one.
@@ -31,33 +33,50 @@ pub fn id_from_metadata(metadata: &MetadataMap) -> Result<PeerId, Status> {
     }
 }
 
-pub fn encode(msg: Outbound) -> ClientRtcMessage {
+pub fn encode(msg: Outbound, numbering: Numbering) -> ClientRtcMessage {
     ClientRtcMessage {
         worker_machine_id: msg.worker,
         event: msg.event as i32,
         message: msg.payload,
         client_id: msg.client,
         error_code: msg.error as i32,
+        seq: numbering.seq,
+        resumed: numbering.resumed,
     }
 }
 
 pub async fn serve(
     edge: Arc<Edge>,
-    sink: Sink,
+    opening: Opening<ClientRtcMessage>,
     client: PeerId,
     granted: Option<Granted>,
     inbound: Streaming<ClientRtcMessage>,
 ) {
     let shards = &edge.shards;
+    let (sink, attachment, resumed) = match opening {
+        Opening::Plain(sink) => (sink, None, false),
+        Opening::Resumable { after, attachment } => {
+            let welcome = Outbound::relay(RtcEvent::Blank, 0, client, Bytes::new());
+            let attached = edge.attach(&edge.clients, client, after, &attachment, welcome, encode);
+            if let Some(replaced) = attached.replaced {
+                depart(edge.clone(), client, replaced).await;
+            }
+            (attached.sink, Some(attachment), attached.resumed)
+        }
+    };
     let gauge = connected(Role::Client);
     gauge.increment(1.0);
-    tracing::debug!(client, conn = %sink.id(), "client connected");
-    let mut reader = Reader::new(&edge, inbound, sink.clone(), granted);
-    if let Some(cluster) = &edge.cluster {
-        cluster.claim(Role::Client, client, sink.id()).await;
-    }
-    let register = Command::RegisterClient { client, sink: Peer::Local(sink.clone()) };
-    let registered = shards.send(shards.of_client(client), register).await;
+    tracing::debug!(client, conn = %sink.id(), resumed, "client connected");
+    let mut reader = Reader::new(&edge, inbound, sink.clone(), attachment.clone(), granted);
+    let registered = if resumed {
+        Ok(())
+    } else {
+        if let Some(cluster) = &edge.cluster {
+            cluster.claim(Role::Client, client, sink.id()).await;
+        }
+        let register = Command::RegisterClient { client, sink: Peer::Local(sink.clone()) };
+        shards.send(shards.of_client(client), register).await.map_err(|_| ())
+    };
     while registered.is_ok() {
         let Some((msg, admitted)) = reader.message_with_reply().await else { break };
         let worker = msg.worker_machine_id;
@@ -71,14 +90,22 @@ pub async fn serve(
             break;
         }
     }
-    // Every shard hears of the departure after the stream's last message; in a cluster, the
-    // other instances hear of it once the last shard is done with it (see `peer::Departure`).
+    drop(reader);
+    gauge.decrement(1.0);
+    let depart = move |edge, sink| depart(edge, client, sink);
+    edge.finish(|edge| &edge.clients, client, sink, attachment, depart).await;
+}
+
+/// A client stream is gone for good: every shard hears of it after its last message; in a
+/// cluster, the other instances hear of it once the last shard is done with it (see
+/// `peer::Departure`).
+async fn depart(edge: Arc<Edge>, client: PeerId, sink: Sink) {
+    let shards = &edge.shards;
     let departure = edge.cluster.as_ref().map(|cluster| cluster.departure(client, sink.id()));
     let gone = || Command::ClientGone { client, conn: sink.id(), departure: departure.clone() };
     if shards.send_all(gone).await.is_err() {
         sink.end(Close::Now(shutting_down()));
     }
     drop(departure);
-    gauge.decrement(1.0);
     tracing::debug!(client, conn = %sink.id(), "client stream ended");
 }

@@ -9,27 +9,31 @@ mod client;
 pub mod rate;
 mod worker;
 
+use std::future::Future;
+
 use futures::FutureExt;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{AuthError, Authenticator, Granted};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Registration};
 use crate::config::Limits;
 use crate::core::{ConnId, InstanceId, Outbound, PeerId, Role};
 use crate::metrics as names;
 use crate::pb::{self, ClientRtcMessage, ErrorCode, RtcEvent, WorkerRtcMessage};
 use crate::peer::conn::shutting_down;
-use crate::peer::{Close, Conn, ConnClock, OutboundStream, Peer, Permit, Sink};
+use crate::peer::resume::{Attachment, Resumables, Resume, Resumed};
+use crate::peer::{Close, Conn, ConnClock, Encode, OutboundStream, Peer, Permit, Sink};
 use crate::shards::Shards;
 
 /// What every stream task shares.
@@ -48,17 +52,203 @@ pub struct Edge {
     /// Set on shutdown: streams opened from then on end at once.
     pub stopping: AtomicBool,
     pub tasks: TaskTracker,
+    /// How long a resumable peer stays detached before it is gone (zero: resume is off).
+    pub resume_grace: Duration,
+    /// Resumable peers by id: clients, workers.
+    pub clients: Resumables<ClientRtcMessage>,
+    pub workers: Resumables<WorkerRtcMessage>,
+    /// Cancelled on shutdown: detached peers are then gone at once.
+    pub shutdown: CancellationToken,
+    /// Workers' cluster registrations, held until the worker is gone (a resumable worker's
+    /// across its streams), by the worker's stream.
+    pub registrations: Mutex<HashMap<ConnId, Registration>>,
 }
 
+/// The response stream of one peer's stream: its own queue, or a resumable peer's.
+pub enum PeerStream<M> {
+    Plain(OutboundStream<M>),
+    Resumable(Resumed<M>),
+}
+
+impl<M> tokio_stream::Stream for PeerStream<M> {
+    type Item = Result<M, Status>;
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            PeerStream::Plain(stream) => Pin::new(stream).poll_next(cx),
+            PeerStream::Resumable(stream) => Pin::new(stream).poll_next(cx),
+        }
+    }
+}
+
+/// How a peer's stream was opened.
+pub enum Opening<M> {
+    /// As before resume existed: the stream is the peer.
+    Plain(Sink),
+    /// With `x-resume-after: after`: the peer may outlive this stream, `attachment`.
+    Resumable { after: u64, attachment: Arc<Attachment<M>> },
+}
+
+/// A resumable stream attached to its peer.
+pub struct Attached {
+    pub sink: Sink,
+    /// Whether it took over the peer's earlier stream (else it starts afresh).
+    pub resumed: bool,
+    /// An earlier stream of the peer that could not be resumed (what it missed is gone): it
+    /// must end for good, its sessions' other sides hearing `PEER_GONE`.
+    pub replaced: Option<Sink>,
+}
+
+/// The `x-resume-after` metadata: the last number a peer received, if it asks to resume.
+pub fn resume_after(metadata: &MetadataMap) -> Result<Option<u64>, Status> {
+    let Some(value) = metadata.get(RESUME_AFTER) else { return Ok(None) };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| Status::invalid_argument(format!("{RESUME_AFTER} must be a decimal number")))
+}
+
+/// The metadata that makes a stream resumable.
+pub const RESUME_AFTER: &str = "x-resume-after";
+
 impl Edge {
-    fn open<M>(&self, encode: fn(Outbound) -> M) -> (Sink, OutboundStream<M>) {
+    fn open<M>(&self, encode: Encode<M>) -> (Sink, OutboundStream<M>) {
         let id = self.conn_clock.next(self.instance);
         let (sink, stream) = Conn::open(id, self.peer_queue, encode);
-        self.streams.lock().expect("not poisoned").insert(id, Arc::downgrade(&sink));
+        self.track(&sink);
+        (sink, stream)
+    }
+
+    /// Opens a peer's stream: resumable if it asks (`x-resume-after`) and resume is on.
+    fn opening<M>(
+        &self,
+        metadata: &MetadataMap,
+        encode: Encode<M>,
+    ) -> Result<(Opening<M>, PeerStream<M>), Status> {
+        match resume_after(metadata)? {
+            Some(after) if !self.resume_grace.is_zero() => {
+                let attachment = Attachment::new();
+                let stream = PeerStream::Resumable(Resumed::new(attachment.clone()));
+                Ok((Opening::Resumable { after, attachment }, stream))
+            }
+            _ => {
+                let (sink, outbound) = self.open(encode);
+                Ok((Opening::Plain(sink), PeerStream::Plain(outbound)))
+            }
+        }
+    }
+
+    /// Attaches a resumable stream of `id` (received up to `after`) to its peer: takes the
+    /// peer over if it is known here and what it missed is kept, else opens it afresh.
+    fn attach<M>(
+        &self,
+        peers: &Resumables<M>,
+        id: PeerId,
+        after: u64,
+        attachment: &Arc<Attachment<M>>,
+        welcome: Outbound,
+        encode: Encode<M>,
+    ) -> Attached {
+        let outcome = match peers.take_over(id, after, attachment, welcome) {
+            Resume::Resumed(sink) => {
+                resumes("resumed").increment(1);
+                return Attached { sink, resumed: true, replaced: None };
+            }
+            Resume::Unknown => None,
+            Resume::TooOld(old) => Some(old),
+        };
+        if after > 0 {
+            resumes("unknown").increment(1);
+        }
+        let conn = self.conn_clock.next(self.instance);
+        let (sink, outbound) = Conn::open_numbered(conn, self.peer_queue, encode);
+        self.track(&sink);
+        peers.insert(id, sink.clone(), outbound, attachment);
+        Attached { sink, resumed: false, replaced: outcome }
+    }
+
+    /// A resumable peer's stream ended without the peer leaving: it stays detached for
+    /// `resume_grace`, then `depart` runs, unless a newer stream took it over.
+    fn detach<M: Send + 'static, F: Future<Output = ()> + Send + 'static>(
+        self: &Arc<Self>,
+        peers: fn(&Edge) -> &Resumables<M>,
+        id: PeerId,
+        sink: &Sink,
+        attachment: &Arc<Attachment<M>>,
+        depart: impl FnOnce(Arc<Edge>, Sink) -> F + Send + 'static,
+    ) {
+        let Some(generation) = peers(self).detach(id, attachment) else { return };
+        tracing::debug!(id, conn = %sink.id(), "resumable peer detached");
+        let (edge, sink, grace) = (self.clone(), sink.clone(), self.resume_grace);
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {}
+                _ = edge.shutdown.cancelled() => {}
+                _ = sink.ended() => {}
+            }
+            if let Some(sink) = peers(&edge).expire(id, generation) {
+                resumes("expired").increment(1);
+                sink.end(Close::Now(Status::aborted("the peer did not resume in time")));
+                edge.forget(sink.id());
+                depart(edge.clone(), sink).await;
+            }
+        });
+    }
+
+    /// A peer's stream ended: a resumable peer that did not leave is detached (unless a newer
+    /// stream took it over); any other is gone, and `depart` tells the shards.
+    async fn finish<M: Send + 'static, F: Future<Output = ()> + Send + 'static>(
+        self: &Arc<Self>,
+        peers: fn(&Edge) -> &Resumables<M>,
+        id: PeerId,
+        sink: Sink,
+        attachment: Option<Arc<Attachment<M>>>,
+        depart: impl FnOnce(Arc<Edge>, Sink) -> F + Send + 'static,
+    ) {
+        match attachment {
+            Some(attachment) if !sink.is_ended() => {
+                if !attachment.is_taken_over() {
+                    self.detach(peers, id, &sink, &attachment, depart);
+                }
+            }
+            Some(attachment) => {
+                peers(self).remove(id, &attachment);
+                self.forget(sink.id());
+                depart(self.clone(), sink).await;
+            }
+            None => depart(self.clone(), sink).await,
+        }
+    }
+
+    /// Holds a worker's cluster registration until [`Self::unkeep`].
+    fn keep(&self, _worker: PeerId, sink: &Sink, registration: Registration) {
+        self.registrations.lock().expect("not poisoned").insert(sink.id(), registration);
+    }
+
+    /// The worker is gone: other instances no longer find it here.
+    fn unkeep(&self, _worker: PeerId, sink: &Sink) {
+        self.registrations.lock().expect("not poisoned").remove(&sink.id());
+    }
+
+    /// Tracks a stream, to end it on shutdown.
+    fn track(&self, sink: &Sink) {
+        self.streams.lock().expect("not poisoned").insert(sink.id(), Arc::downgrade(sink));
         if self.stopping.load(Ordering::Acquire) {
             sink.end(Close::Drain(Some(shutting_down())));
         }
-        (sink, stream)
+    }
+
+    /// Samples the resumable peers' gauges: detached peers, messages held for them.
+    pub fn sample_resumes(&self) {
+        let (clients, held_c) = self.clients.detached();
+        let (workers, held_w) = self.workers.detached();
+        metrics::gauge!(names::DETACHED_PEERS).set((clients + workers) as f64);
+        metrics::gauge!(names::HELD_MESSAGES).set((held_c + held_w) as f64);
     }
 
     /// Forgets a stream whose task ended.
@@ -69,6 +259,7 @@ impl Edge {
     /// Ends every stream: what is queued is written, then `UNAVAILABLE`.
     pub fn shut_down(&self) {
         self.stopping.store(true, Ordering::Release);
+        self.shutdown.cancel();
         let streams = std::mem::take(&mut *self.streams.lock().expect("not poisoned"));
         for conn in streams.values().filter_map(Weak::upgrade) {
             conn.end(Close::Drain(Some(shutting_down())));
@@ -147,10 +338,18 @@ fn read_failed(status: Status) -> Close {
     }
 }
 
+/// Whether reading failed because of what the peer sent (a malformed or oversized message),
+/// rather than because its connection went away.
+fn is_peer_fault(status: &Status) -> bool {
+    matches!(status.code(), tonic::Code::Internal | tonic::Code::OutOfRange)
+}
+
 /// Reads one peer's stream until it ends, for whatever reason; forgets it then.
 struct Reader<M> {
     inbound: Streaming<M>,
     sink: Sink,
+    /// A resumable peer's stream: its end is not the peer's unless the peer half-closes.
+    attachment: Option<Arc<Attachment<M>>>,
     edge: Arc<Edge>,
     /// How fast the peer may send (`None`: no limit).
     bucket: Option<rate::Bucket>,
@@ -176,24 +375,33 @@ fn expired() -> Close {
 
 impl<M> Drop for Reader<M> {
     fn drop(&mut self) {
-        self.edge.forget(self.sink.id());
+        // A resumable peer outlives its streams: it is forgotten when it departs.
+        if self.attachment.is_none() {
+            self.edge.forget(self.sink.id());
+        }
     }
 }
 
-impl<M> Reader<M> {
-    fn new(edge: &Arc<Edge>, inbound: Streaming<M>, sink: Sink, granted: Option<Granted>) -> Self {
+impl<M: pb::Numbered> Reader<M> {
+    fn new(
+        edge: &Arc<Edge>,
+        inbound: Streaming<M>,
+        sink: Sink,
+        attachment: Option<Arc<Attachment<M>>>,
+        granted: Option<Granted>,
+    ) -> Self {
         let now = Instant::now();
         let bucket = rate::Bucket::new(edge.limits.peer_rate, edge.limits.peer_burst, now);
         let expiry = granted.map(|g| {
             let left = g.expires.duration_since(SystemTime::now()).unwrap_or_default();
             Expiry { at: now + left, timer: Box::pin(tokio::time::sleep_until((now + left).into())) }
         });
-        Reader { inbound, sink, edge: edge.clone(), bucket, expiry }
+        Reader { inbound, sink, attachment, edge: edge.clone(), bucket, expiry }
     }
 
     /// The next message, or `None` once the stream ends (how it ends is recorded on the sink).
     async fn message(&mut self) -> Option<M> {
-        if self.sink.is_ended() {
+        if self.sink.is_ended() || self.attachment.as_ref().is_some_and(|a| a.is_ended()) {
             return None;
         }
         // Fast path: a message already buffered needs no wait (and `message()` is cancel-safe).
@@ -202,6 +410,9 @@ impl<M> Reader<M> {
             None => tokio::select! {
                 biased;
                 _ = self.sink.ended() => return None,
+                _ = async { self.attachment.as_ref().expect("guarded").ended().await }, if self.attachment.is_some() => {
+                    return None;
+                }
                 _ = async { self.expiry.as_mut().expect("guarded").timer.as_mut().await }, if self.expiry.is_some() => {
                     self.sink.end(expired());
                     return None;
@@ -210,13 +421,23 @@ impl<M> Reader<M> {
             },
         };
         match next {
-            Ok(Some(msg)) => Some(msg),
+            Ok(Some(msg)) => {
+                if self.attachment.is_some() {
+                    self.sink.received(msg.seq());
+                }
+                Some(msg)
+            }
+            // A half-close: the peer leaves.
             Ok(None) => {
                 self.sink.end(Close::Drain(None));
                 None
             }
             Err(status) => {
-                self.sink.end(read_failed(status));
+                match &self.attachment {
+                    // The connection went away: a resumable peer is detached, not gone.
+                    Some(attachment) if !is_peer_fault(&status) => attachment.end(None),
+                    _ => self.sink.end(read_failed(status)),
+                }
                 None
             }
         }
@@ -243,6 +464,10 @@ impl<M> Reader<M> {
     }
 }
 
+fn resumes(outcome: &'static str) -> metrics::Counter {
+    metrics::counter!(names::RESUMES, "outcome" => outcome)
+}
+
 fn connected(role: Role) -> metrics::Gauge {
     metrics::gauge!(names::CONNECTED_PEERS, "role" => role.as_str())
 }
@@ -255,7 +480,7 @@ pub struct WorkerEdge(pub Arc<Edge>);
 
 #[tonic::async_trait]
 impl pb::client_service_server::ClientService for ClientEdge {
-    type NegotiatePeerConnectionStream = OutboundStream<ClientRtcMessage>;
+    type NegotiatePeerConnectionStream = PeerStream<ClientRtcMessage>;
 
     async fn negotiate_peer_connection(
         &self,
@@ -267,15 +492,15 @@ impl pb::client_service_server::ClientService for ClientEdge {
             Some(granted) => granted.id,
             None => client::id_from_metadata(request.metadata())?,
         };
-        let (sink, outbound) = edge.open(client::encode);
-        edge.tasks.spawn(client::serve(edge.clone(), sink, client, granted, request.into_inner()));
-        Ok(Response::new(outbound))
+        let (opening, stream) = edge.opening(request.metadata(), client::encode)?;
+        edge.tasks.spawn(client::serve(edge.clone(), opening, client, granted, request.into_inner()));
+        Ok(Response::new(stream))
     }
 }
 
 #[tonic::async_trait]
 impl pb::worker_service_server::WorkerService for WorkerEdge {
-    type NegotiatePeerConnectionStream = OutboundStream<WorkerRtcMessage>;
+    type NegotiatePeerConnectionStream = PeerStream<WorkerRtcMessage>;
 
     async fn negotiate_peer_connection(
         &self,
@@ -283,8 +508,8 @@ impl pb::worker_service_server::WorkerService for WorkerEdge {
     ) -> Result<Response<Self::NegotiatePeerConnectionStream>, Status> {
         let edge = &self.0;
         let granted = edge.authenticate(request.metadata(), Role::Worker)?;
-        let (sink, outbound) = edge.open(worker::encode);
-        edge.tasks.spawn(worker::serve(edge.clone(), sink, granted, request.into_inner()));
-        Ok(Response::new(outbound))
+        let (opening, stream) = edge.opening(request.metadata(), worker::encode)?;
+        edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, request.into_inner()));
+        Ok(Response::new(stream))
     }
 }

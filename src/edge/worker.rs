@@ -4,20 +4,24 @@ use std::sync::Arc;
 
 use tonic::{Status, Streaming};
 
-use super::{Edge, Reader, connected};
+use bytes::Bytes;
+
+use super::{Edge, Opening, Reader, connected};
 use crate::auth::Granted;
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{RtcEvent, WorkerRtcMessage};
 use crate::peer::conn::shutting_down;
-use crate::peer::{Close, Peer, PeerReply, Sink};
+use crate::peer::{Close, Numbering, Peer, PeerReply, Sink};
 
-pub fn encode(msg: Outbound) -> WorkerRtcMessage {
+pub fn encode(msg: Outbound, numbering: Numbering) -> WorkerRtcMessage {
     WorkerRtcMessage {
         worker_machine_id: msg.worker,
         event: msg.event as i32,
         message: msg.payload,
         client_id: msg.client,
         error_code: msg.error as i32,
+        seq: numbering.seq,
+        resumed: numbering.resumed,
     }
 }
 
@@ -39,38 +43,80 @@ fn registration(first: &WorkerRtcMessage, granted: Option<Granted>) -> Result<Pe
 
 pub async fn serve(
     edge: Arc<Edge>,
-    sink: Sink,
+    opening: Opening<WorkerRtcMessage>,
     granted: Option<Granted>,
     inbound: Streaming<WorkerRtcMessage>,
 ) {
-    let shards = &edge.shards;
-    let mut reader = Reader::new(&edge, inbound, sink.clone(), granted);
+    let mut inbound = Some(inbound);
     let within = edge.limits.register_timeout;
-    let first = match tokio::time::timeout(within, reader.message()).await {
-        Ok(Some(first)) => first,
-        Ok(None) => return,
-        Err(_) => {
-            let status = Status::invalid_argument(format!("no registration BLANK within {within:?}"));
-            return sink.end(Close::Now(status));
+    // The registration, read before the peer is known (a resumable worker is known by it).
+    let (first, plain_reader) = match &opening {
+        Opening::Plain(sink) => {
+            let inbound = inbound.take().expect("not read yet");
+            let mut reader = Reader::new(&edge, inbound, sink.clone(), None, granted);
+            let first = match tokio::time::timeout(within, reader.message()).await {
+                Ok(Some(first)) => first,
+                Ok(None) => return,
+                Err(_) => return sink.end(Close::Now(no_registration(within))),
+            };
+            (first, Some(reader))
+        }
+        Opening::Resumable { attachment, .. } => {
+            let raw = inbound.as_mut().expect("not read yet");
+            let first = tokio::select! {
+                first = tokio::time::timeout(within, raw.message()) => first,
+                _ = attachment.ended() => return,
+            };
+            let first = match first {
+                Ok(Ok(Some(first))) => first,
+                Ok(Ok(None)) => return attachment.end(None),
+                Ok(Err(status)) => return attachment.end(Some(status)),
+                Err(_) => return attachment.end(Some(no_registration(within))),
+            };
+            (first, None)
         }
     };
     let worker = match registration(&first, granted) {
         Ok(worker) => worker,
-        Err(status) => return sink.end(Close::Now(status)),
+        Err(status) => {
+            return match &opening {
+                Opening::Plain(sink) => sink.end(Close::Now(status)),
+                Opening::Resumable { attachment, .. } => attachment.end(Some(status)),
+            };
+        }
     };
+    let (sink, mut reader, attachment, resumed) = match opening {
+        Opening::Plain(sink) => (sink, plain_reader.expect("read the registration"), None, false),
+        Opening::Resumable { after, attachment } => {
+            let welcome = Outbound::relay(RtcEvent::Blank, worker, 0, Bytes::new());
+            let attached = edge.attach(&edge.workers, worker, after, &attachment, welcome, encode);
+            if let Some(replaced) = attached.replaced {
+                depart(edge.clone(), worker, replaced).await;
+            }
+            attached.sink.received(first.seq);
+            let inbound = inbound.take().expect("read only the registration");
+            let reader =
+                Reader::new(&edge, inbound, attached.sink.clone(), Some(attachment.clone()), granted);
+            (attached.sink, reader, Some(attachment), attached.resumed)
+        }
+    };
+    let shards = &edge.shards;
     let shard = shards.of_worker(worker);
-    // In a cluster, the registration is acknowledged only once other instances can find it.
-    let _registration = match &edge.cluster {
-        Some(cluster) => Some(cluster.register_worker(worker, sink.id()).await),
-        None => None,
-    };
-    let register = Command::RegisterWorker { worker, sink: Peer::Local(sink.clone()) };
-    if shards.send(shard, register).await.is_err() {
-        return sink.end(Close::Now(shutting_down()));
+    if !resumed {
+        // In a cluster, the registration is acknowledged only once other instances can find
+        // it; it is held as long as the worker is (a resumable one's across its streams).
+        if let Some(cluster) = &edge.cluster {
+            let registration = cluster.register_worker(worker, sink.id()).await;
+            edge.keep(worker, &sink, registration);
+        }
+        let register = Command::RegisterWorker { worker, sink: Peer::Local(sink.clone()) };
+        if shards.send(shard, register).await.is_err() {
+            return sink.end(Close::Now(shutting_down()));
+        }
     }
     let gauge = connected(Role::Worker);
     gauge.increment(1.0);
-    tracing::debug!(worker, conn = %sink.id(), "worker registered");
+    tracing::debug!(worker, conn = %sink.id(), resumed, "worker registered");
     while let Some((msg, admitted)) = reader.message_with_reply().await {
         if msg.worker_machine_id != 0 && msg.worker_machine_id != worker {
             sink.end(Close::Now(Status::permission_denied(format!(
@@ -90,9 +136,22 @@ pub async fn serve(
             break;
         }
     }
-    if shards.send(shard, Command::WorkerGone { worker, conn: sink.id() }).await.is_err() {
+    drop(reader);
+    gauge.decrement(1.0);
+    let depart = move |edge, sink| depart(edge, worker, sink);
+    edge.finish(|edge| &edge.workers, worker, sink, attachment, depart).await;
+}
+
+fn no_registration(within: std::time::Duration) -> Status {
+    Status::invalid_argument(format!("no registration BLANK within {within:?}"))
+}
+
+/// A worker stream is gone for good: its shard ends its sessions.
+async fn depart(edge: Arc<Edge>, worker: PeerId, sink: Sink) {
+    let shards = &edge.shards;
+    if shards.send(shards.of_worker(worker), Command::WorkerGone { worker, conn: sink.id() }).await.is_err() {
         sink.end(Close::Now(shutting_down()));
     }
-    gauge.decrement(1.0);
+    edge.unkeep(worker, &sink);
     tracing::debug!(worker, conn = %sink.id(), "worker stream ended");
 }

@@ -9,6 +9,7 @@
 //! messages go through an unbounded channel that the count keeps bounded. 4 % less server CPU
 //! per message at window 32 (BENCHMARKS.md).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -23,6 +24,7 @@ use tonic::Status;
 
 use super::written;
 use crate::core::{CloseReason, ConnId, DeliverError, InstanceId, Outbound};
+use crate::pb::RtcEvent;
 
 /// Hands out [`ConnId`]s, which order the streams of one id across the cluster (the newest
 /// wins): a hybrid logical clock, nanoseconds since the Unix epoch, strictly increasing, and
@@ -87,6 +89,8 @@ pub struct Conn {
     ended: AtomicBool,
     /// Sessions this stream holds as a client, on every shard and across instances.
     sessions: AtomicUsize,
+    /// The last number the peer gave one of its messages (resumable streams; 0: none yet).
+    received: AtomicU64,
     /// The stream's reading task, woken when the stream ends and when a slot frees up in a full
     /// queue; and its response writer, woken when the stream ends.
     reader: AtomicWaker,
@@ -96,7 +100,7 @@ pub struct Conn {
 impl Conn {
     /// A new stream and the response stream that writes its queue of `queue` slots, `encode`
     /// turning each [`Outbound`] into the peer's message type.
-    pub fn open<M>(id: ConnId, queue: usize, encode: fn(Outbound) -> M) -> (Sink, OutboundStream<M>) {
+    pub fn open<M>(id: ConnId, queue: usize, encode: Encode<M>) -> (Sink, OutboundStream<M>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = Arc::new(Conn {
             id,
@@ -106,11 +110,37 @@ impl Conn {
             close: OnceLock::new(),
             ended: AtomicBool::new(false),
             sessions: AtomicUsize::new(0),
+            received: AtomicU64::new(0),
             reader: AtomicWaker::new(),
             writer: AtomicWaker::new(),
         });
-        let stream = OutboundStream { rx, conn: conn.clone(), phase: Phase::Open, encode };
+        let stream = OutboundStream { rx, conn: conn.clone(), phase: Phase::Open, encode, numbers: None };
         (conn, stream)
+    }
+
+    /// [`Self::open`] for a resumable peer: what it is written is numbered, and the last
+    /// `queue` messages written are kept for replay (see [`Numbers`]).
+    pub fn open_numbered<M>(id: ConnId, queue: usize, encode: Encode<M>) -> (Sink, OutboundStream<M>) {
+        let (conn, mut stream) = Self::open(id, queue, encode);
+        stream.numbers = Some(Numbers::new(queue));
+        (conn, stream)
+    }
+
+    /// The peer numbered one of its messages `seq` (0: unnumbered, ignored).
+    pub fn received(&self, seq: u64) {
+        if seq != 0 {
+            self.received.fetch_max(seq, Ordering::Relaxed);
+        }
+    }
+
+    /// The last number the peer gave one of its messages.
+    pub fn last_received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Messages queued or answers reserved (held, while a resumable peer is detached).
+    pub fn queued(&self) -> usize {
+        self.taken.load(Ordering::Relaxed)
     }
 
     pub fn id(&self) -> ConnId {
@@ -282,7 +312,61 @@ pub struct OutboundStream<M> {
     rx: mpsc::UnboundedReceiver<Outbound>,
     conn: Sink,
     phase: Phase,
-    encode: fn(Outbound) -> M,
+    encode: Encode<M>,
+    /// Resumable peers: the numbering, and what was written, for replay.
+    numbers: Option<Numbers>,
+}
+
+/// Turns a message into the peer's message type, with its number (resumable streams).
+pub type Encode<M> = fn(Outbound, Numbering) -> M;
+
+/// What a resumable stream's message says of itself besides the message (fields 6 and 7).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Numbering {
+    /// The message's number; in the welcome, the last number received from the peer.
+    pub seq: u64,
+    /// In the welcome: whether the stream took over the peer's earlier one.
+    pub resumed: bool,
+}
+
+/// A resumable peer's numbering: every message written after the welcome takes the next
+/// number, 1, 2, 3..., and the last `keep` of them stay here (references to their payloads,
+/// not copies) to be replayed to a stream that resumes the peer.
+pub struct Numbers {
+    next: u64,
+    written: VecDeque<(u64, Outbound)>,
+    keep: usize,
+}
+
+/// A stream resumed after a number older than what is kept: what it missed cannot be replayed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooOld;
+
+impl Numbers {
+    fn new(keep: usize) -> Self {
+        Numbers { next: 1, written: VecDeque::with_capacity(keep.min(64)), keep: keep.max(1) }
+    }
+
+    fn number(&mut self, msg: &Outbound) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        if self.written.len() == self.keep {
+            self.written.pop_front();
+        }
+        self.written.push_back((seq, msg.clone()));
+        seq
+    }
+
+    /// What a peer that received up to `after` missed, in order with its numbers; `TooOld` if
+    /// some of it is no longer kept, or `after` was never sent.
+    pub fn after(&self, after: u64) -> Result<Vec<(u64, Outbound)>, TooOld> {
+        let last = self.next - 1;
+        let oldest = self.written.front().map_or(self.next, |(seq, _)| *seq);
+        if after > last || after + 1 < oldest {
+            return Err(TooOld);
+        }
+        Ok(self.written.iter().filter(|(seq, _)| *seq > after).cloned().collect())
+    }
 }
 
 impl<M> OutboundStream<M> {
@@ -290,7 +374,25 @@ impl<M> OutboundStream<M> {
     fn write(&mut self, msg: Outbound) -> M {
         self.conn.free_slot();
         written::count(&msg);
-        (self.encode)(msg)
+        let numbering = match &mut self.numbers {
+            None => Numbering::default(),
+            // The welcome is not numbered: it says what was last received from the peer.
+            Some(_) if msg.event == RtcEvent::Blank => {
+                Numbering { seq: self.conn.last_received(), resumed: false }
+            }
+            Some(numbers) => Numbering { seq: numbers.number(&msg), resumed: false },
+        };
+        (self.encode)(msg, numbering)
+    }
+
+    /// The numbering of a resumable peer's stream.
+    pub fn numbers(&self) -> Option<&Numbers> {
+        self.numbers.as_ref()
+    }
+
+    /// Encodes `msg` as this stream's messages are.
+    pub fn encode(&self, msg: Outbound, numbering: Numbering) -> M {
+        (self.encode)(msg, numbering)
     }
 }
 
@@ -380,10 +482,8 @@ mod tests {
         clock.observe(first.at);
         assert!(clock.next(1) > before);
     }
-    use crate::pb::RtcEvent;
-
     fn open(queue: usize) -> (Sink, OutboundStream<Outbound>) {
-        Conn::open(ConnId { at: 1, instance: 1 }, queue, |msg| msg)
+        Conn::open(ConnId { at: 1, instance: 1 }, queue, |msg, _| msg)
     }
 
     fn msg(n: u8) -> Outbound {

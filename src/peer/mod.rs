@@ -8,11 +8,12 @@
 
 pub mod conn;
 mod remote;
+pub mod resume;
 pub(crate) mod written;
 
 use std::sync::Arc;
 
-pub use conn::{Close, Conn, ConnClock, OutboundStream, Permit, Sink};
+pub use conn::{Close, Conn, ConnClock, Encode, Numbering, OutboundStream, Permit, Sink};
 pub use remote::{
     ClusterQueue, Departure, ForClients, RELAYS_WAITING, RemoteClient, ToClients, ToCluster, to_clients,
 };

@@ -24,7 +24,7 @@ static WRITTEN: OnceLock<Written> = OnceLock::new();
 
 fn handles() -> &'static Written {
     WRITTEN.get_or_init(|| Written {
-        relayed: dense(RtcEvent::PeerGone as i32, |e| {
+        relayed: dense(RtcEvent::Reconnect as i32, |e| {
             let event = RtcEvent::try_from(e).expect("dense enum").as_str_name();
             metrics::counter!(names::MESSAGES_RELAYED, "event" => event)
         }),

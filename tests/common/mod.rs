@@ -149,6 +149,14 @@ impl<M: std::fmt::Debug + Send + 'static> Stream<M> {
     pub fn close(&mut self) {
         self.tx = None;
     }
+
+    /// Cuts the stream without a half-close, as a lost connection does: the response side is
+    /// dropped first (the RPC is reset), then the sending side.
+    pub fn cut(self) {
+        let Stream { tx, rx } = self;
+        drop(rx);
+        drop(tx);
+    }
 }
 
 pub type ClientStream = Stream<ClientRtcMessage>;

@@ -148,7 +148,8 @@ impl NatsCluster {
 
     /// Waits until a message published on the last node reaches a subscriber on the first.
     pub async fn wait_routed(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // Generous: on a 2-core machine under load, a node can take over 15 s to accept.
+        let deadline = Instant::now() + Duration::from_secs(30);
         let token = self.token.clone();
         let connect = |port: u16| {
             let token = token.clone();

@@ -118,6 +118,9 @@ pub struct Load {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Open every stream resumable (`x-resume-after: 0`): numbered messages, kept for replay.
+    #[arg(long)]
+    pub resumable: bool,
 }
 
 fn main() -> anyhow::Result<()> {

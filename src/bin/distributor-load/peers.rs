@@ -139,10 +139,13 @@ fn token(load: &Load, role: Role, id: i64) -> Option<String> {
     Some(format!("Bearer {token}"))
 }
 
-fn request<M>(rx: mpsc::Receiver<M>, auth: Option<String>) -> Request<ReceiverStream<M>> {
+fn request<M>(load: &Load, rx: mpsc::Receiver<M>, auth: Option<String>) -> Request<ReceiverStream<M>> {
     let mut request = Request::new(ReceiverStream::new(rx));
     if let Some(auth) = auth.and_then(|a| a.parse().ok()) {
         request.metadata_mut().insert("authorization", auth);
+    }
+    if load.resumable {
+        request.metadata_mut().insert("x-resume-after", tonic::metadata::MetadataValue::from_static("0"));
     }
     request
 }
@@ -170,8 +173,10 @@ async fn open_worker(load: &Load, channel: Channel, id: i64) -> anyhow::Result<W
     let (tx, rx) = mpsc::channel(load.window.max(16) * 2);
     tx.send(WorkerRtcMessage::register(id)).await?;
     let auth = token(load, Role::Worker, id);
-    let mut rx =
-        WorkerServiceClient::new(channel).negotiate_peer_connection(request(rx, auth)).await?.into_inner();
+    let mut rx = WorkerServiceClient::new(channel)
+        .negotiate_peer_connection(request(load, rx, auth))
+        .await?
+        .into_inner();
     let ack = next(&mut rx, "worker registration").await?;
     if ack.event() != RtcEvent::Blank {
         bail!("worker {id}: expected the registration BLANK, got {ack:?}");
@@ -182,7 +187,7 @@ async fn open_worker(load: &Load, channel: Channel, id: i64) -> anyhow::Result<W
 async fn open_client(load: &Load, channel: Channel, id: i64) -> anyhow::Result<ClientSide> {
     let (tx, rx) = mpsc::channel(load.window.max(16) * 2);
     let auth = token(load, Role::Client, id);
-    let mut request = request(rx, auth);
+    let mut request = request(load, rx, auth);
     request.metadata_mut().insert("x-client-id", id.to_string().parse()?);
     let mut rx = ClientServiceClient::new(channel).negotiate_peer_connection(request).await?.into_inner();
     if load.echo {

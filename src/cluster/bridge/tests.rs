@@ -87,7 +87,7 @@ impl Instance {
 
     fn open(&mut self, id: PeerId) -> Stream {
         self.next_conn += 1;
-        let (sink, out) = Conn::open(ConnId { at: self.next_conn, instance: self.me }, 64, |m| m);
+        let (sink, out) = Conn::open(ConnId { at: self.next_conn, instance: self.me }, 64, |m, _| m);
         Stream { id, sink, out }
     }
 

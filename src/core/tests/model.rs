@@ -13,7 +13,7 @@ use crate::core::session::{self, State};
 
 const WORKERS: [PeerId; 2] = [1, 2];
 const CLIENTS: [PeerId; 3] = [100, 101, 102];
-const EVENTS: [RtcEvent; 9] = [
+const EVENTS: [RtcEvent; 10] = [
     RtcEvent::Offer,
     RtcEvent::Answer,
     RtcEvent::AcceptAnswer,
@@ -23,6 +23,7 @@ const EVENTS: [RtcEvent; 9] = [
     RtcEvent::Ping,
     RtcEvent::Error,
     RtcEvent::PeerGone,
+    RtcEvent::Reconnect,
 ];
 
 #[derive(Debug, Clone)]

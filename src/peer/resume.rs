@@ -1,0 +1,278 @@
+//! Resumable peers (metadata `x-resume-after`): a peer whose stream ends without its half-close
+//! is detached, not gone. Its sessions stay, what is sent to it is held in its queue (within the
+//! same bound), and a new stream of the same identity takes it over: the welcome says so, then
+//! what the peer missed is replayed with its original numbers, then live traffic.
+//!
+//! A resumable peer's [`Conn`] (its queue and sessions, what the router knows it by) and its
+//! numbered [`OutboundStream`] outlive its gRPC streams. Each gRPC stream is an
+//! [`Attachment`]; its response stream, a [`Resumed`], writes from the peer's shared outbound
+//! stream while the attachment is the current one, and ends (`ABORTED`) when a newer stream
+//! takes the peer over. [`Resumables`] holds, per identity, which attachment is current, so
+//! that a takeover, a detach and the end of the grace period never race each other.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+
+use futures::task::AtomicWaker;
+use tokio_stream::Stream;
+use tonic::Status;
+
+use super::Sink;
+use super::conn::{Numbering, OutboundStream, TooOld};
+use crate::core::{Outbound, PeerId};
+
+/// A peer's outbound stream, shared by the streams that attach to it in turn.
+type Shared<M> = Arc<Mutex<OutboundStream<M>>>;
+
+/// One gRPC stream of a resumable peer.
+pub struct Attachment<M> {
+    ended: AtomicBool,
+    /// How the distributor ended it (a takeover); unset when the peer's connection went away.
+    close: OnceLock<Status>,
+    /// The stream's reading task and its response writer, woken when it ends.
+    reader: AtomicWaker,
+    writer: AtomicWaker,
+    /// The peer's outbound stream and what to write first, once the peer is known (a worker's
+    /// after its registration); taken by the response writer.
+    bound: Mutex<Option<(Shared<M>, VecDeque<M>)>>,
+}
+
+impl<M> Attachment<M> {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Attachment {
+            ended: AtomicBool::new(false),
+            close: OnceLock::new(),
+            reader: AtomicWaker::new(),
+            writer: AtomicWaker::new(),
+            bound: Mutex::new(None),
+        })
+    }
+
+    /// Ends this stream (not the peer) with `status`, or quietly (`None`: the peer went away).
+    pub fn end(&self, status: Option<Status>) {
+        if let Some(status) = status {
+            let _ = self.close.set(status);
+        }
+        self.ended.store(true, Ordering::Release);
+        self.reader.wake();
+        self.writer.wake();
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// Whether a newer stream took the peer over from this one.
+    pub fn is_taken_over(&self) -> bool {
+        self.close.get().is_some_and(|s| s.code() == tonic::Code::Aborted)
+    }
+
+    /// Resolves when this stream ends (for its one reading task).
+    pub async fn ended(&self) {
+        std::future::poll_fn(|cx| {
+            if self.is_ended() {
+                return Poll::Ready(());
+            }
+            self.reader.register(cx.waker());
+            if self.is_ended() { Poll::Ready(()) } else { Poll::Pending }
+        })
+        .await
+    }
+
+    fn bind(&self, outbound: Shared<M>, first: VecDeque<M>) {
+        *self.bound.lock().expect("not poisoned") = Some((outbound, first));
+        self.writer.wake();
+    }
+}
+
+/// The response stream of one resumable gRPC stream.
+pub struct Resumed<M> {
+    attachment: Arc<Attachment<M>>,
+    outbound: Option<Shared<M>>,
+    /// Written before the peer's queue: the welcome, then what the peer missed.
+    first: VecDeque<M>,
+    done: bool,
+}
+
+impl<M> Resumed<M> {
+    pub fn new(attachment: Arc<Attachment<M>>) -> Self {
+        Resumed { attachment, outbound: None, first: VecDeque::new(), done: false }
+    }
+
+    fn finish(&mut self) -> Poll<Option<Result<M, Status>>> {
+        self.done = true;
+        Poll::Ready(self.attachment.close.get().cloned().map(Err))
+    }
+}
+
+// Nothing in it is pinned: `M`s are only moved in and out of queues.
+impl<M> Unpin for Resumed<M> {}
+
+impl<M> Stream for Resumed<M> {
+    type Item = Result<M, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        // Registered before looking, so that an end or a binding in between wakes this writer.
+        this.attachment.writer.register(cx.waker());
+        if this.attachment.is_ended() {
+            return this.finish();
+        }
+        if this.outbound.is_none() {
+            let Some((outbound, first)) = this.attachment.bound.lock().expect("not poisoned").take() else {
+                return Poll::Pending;
+            };
+            this.outbound = Some(outbound);
+            this.first = first;
+        }
+        if let Some(msg) = this.first.pop_front() {
+            return Poll::Ready(Some(Ok(msg)));
+        }
+        let outbound = this.outbound.as_ref().expect("bound");
+        let next = Pin::new(&mut *outbound.lock().expect("not poisoned")).poll_next(cx);
+        if matches!(next, Poll::Ready(None | Some(Err(_)))) {
+            // The peer ended for good (its queue's writer says how).
+            this.done = true;
+        }
+        next
+    }
+}
+
+impl<M> Drop for Resumed<M> {
+    fn drop(&mut self) {
+        // The peer's connection went away (or the stream ended): its reading task stops too.
+        self.attachment.end(None);
+    }
+}
+
+/// The attachment of each resumable peer of one role on this instance.
+struct Entry<M> {
+    sink: Sink,
+    outbound: Shared<M>,
+    attachment: Arc<Attachment<M>>,
+    /// Counts the attachments, so that a grace period ends only the detachment it began with.
+    generation: u64,
+}
+
+/// What became of a stream that asked to resume.
+pub enum Resume {
+    /// It took the peer over: same queue, same sessions.
+    Resumed(Sink),
+    /// Nothing is known of the peer here: it starts afresh.
+    Unknown,
+    /// The peer is known, but what it missed is no longer kept: `Sink` must end for good (its
+    /// sessions' other sides hear `PEER_GONE`), and the peer starts afresh.
+    TooOld(Sink),
+}
+
+/// The resumable peers of one role on this instance, by id.
+pub struct Resumables<M> {
+    peers: Mutex<HashMap<PeerId, Entry<M>>>,
+}
+
+impl<M> Default for Resumables<M> {
+    fn default() -> Self {
+        Resumables { peers: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<M> Resumables<M> {
+    /// A new stream of `id` that received up to `after` asks to take the peer over. If the
+    /// peer is known and what it missed is kept, `attachment` becomes its current stream,
+    /// written `welcome` (numbered with the last number received from the peer, `resumed`),
+    /// then what it missed; the previous stream, if open, ends `ABORTED`.
+    pub fn take_over(
+        &self,
+        id: PeerId,
+        after: u64,
+        attachment: &Arc<Attachment<M>>,
+        welcome: Outbound,
+    ) -> Resume {
+        let mut peers = self.peers.lock().expect("not poisoned");
+        let Some(entry) = peers.get_mut(&id) else { return Resume::Unknown };
+        if entry.sink.is_ended() {
+            peers.remove(&id);
+            return Resume::Unknown;
+        }
+        let first = {
+            let outbound = entry.outbound.lock().expect("not poisoned");
+            let missed = outbound.numbers().map(|n| n.after(after)).unwrap_or(Err(TooOld));
+            let Ok(missed) = missed else {
+                drop(outbound);
+                let entry = peers.remove(&id).expect("looked up");
+                entry.attachment.end(Some(Status::aborted("this peer reconnected on a newer stream")));
+                return Resume::TooOld(entry.sink);
+            };
+            let numbering = Numbering { seq: entry.sink.last_received(), resumed: true };
+            let mut first = VecDeque::with_capacity(missed.len() + 1);
+            first.push_back(outbound.encode(welcome, numbering));
+            for (seq, msg) in missed {
+                first.push_back(outbound.encode(msg, Numbering { seq, resumed: false }));
+            }
+            first
+        };
+        entry.attachment.end(Some(Status::aborted("this peer resumed on a newer stream")));
+        entry.attachment = attachment.clone();
+        entry.generation += 1;
+        attachment.bind(entry.outbound.clone(), first);
+        Resume::Resumed(entry.sink.clone())
+    }
+
+    /// A fresh resumable peer: `attachment` writes `outbound`, the queue of `sink`.
+    pub fn insert(
+        &self,
+        id: PeerId,
+        sink: Sink,
+        outbound: OutboundStream<M>,
+        attachment: &Arc<Attachment<M>>,
+    ) {
+        let outbound = Arc::new(Mutex::new(outbound));
+        attachment.bind(outbound.clone(), VecDeque::new());
+        let entry = Entry { sink, outbound, attachment: attachment.clone(), generation: 0 };
+        if let Some(old) = self.peers.lock().expect("not poisoned").insert(id, entry) {
+            old.attachment.end(Some(Status::aborted("this peer id was claimed by a newer stream")));
+        }
+    }
+
+    /// `attachment` ended without the peer leaving: if it is the peer's current stream, the
+    /// peer is detached; returns the generation its grace period must find unchanged.
+    pub fn detach(&self, id: PeerId, attachment: &Arc<Attachment<M>>) -> Option<u64> {
+        let peers = self.peers.lock().expect("not poisoned");
+        let entry = peers.get(&id)?;
+        Arc::ptr_eq(&entry.attachment, attachment).then_some(entry.generation)
+    }
+
+    /// The grace period of the detachment `generation` ran out: if the peer was not resumed
+    /// since, it is forgotten, and its queue returned, to end for good.
+    pub fn expire(&self, id: PeerId, generation: u64) -> Option<Sink> {
+        let mut peers = self.peers.lock().expect("not poisoned");
+        let entry = peers.get(&id)?;
+        if entry.generation != generation || !entry.attachment.is_ended() {
+            return None;
+        }
+        peers.remove(&id).map(|e| e.sink)
+    }
+
+    /// The peer left or ended for good on `attachment`: forgotten, if that is its current one.
+    pub fn remove(&self, id: PeerId, attachment: &Arc<Attachment<M>>) {
+        let mut peers = self.peers.lock().expect("not poisoned");
+        if peers.get(&id).is_some_and(|e| Arc::ptr_eq(&e.attachment, attachment)) {
+            peers.remove(&id);
+        }
+    }
+
+    /// Detached peers, and the messages held for them.
+    pub fn detached(&self) -> (usize, usize) {
+        let peers = self.peers.lock().expect("not poisoned");
+        peers
+            .values()
+            .filter(|e| e.attachment.is_ended() && !e.sink.is_ended())
+            .fold((0, 0), |(n, held), e| (n + 1, held + e.sink.queued()))
+    }
+}

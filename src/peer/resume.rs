@@ -119,14 +119,13 @@ impl<M> Stream for Resumed<M> {
         if this.done {
             return Poll::Ready(None);
         }
-        // Registered before looking, so that an end or a binding in between wakes this writer.
-        this.attachment.writer.register(cx.waker());
         if this.attachment.is_ended() {
             return this.finish();
         }
         if this.outbound.is_none() {
-            let Some((outbound, first)) = this.attachment.bound.lock().expect("not poisoned").take() else {
-                return Poll::Pending;
+            let bound = this.attachment.bound.lock().expect("not poisoned").take();
+            let Some((outbound, first)) = bound else {
+                return this.wait(cx);
             };
             this.outbound = Some(outbound);
             this.first = first;
@@ -136,11 +135,31 @@ impl<M> Stream for Resumed<M> {
         }
         let outbound = this.outbound.as_ref().expect("bound");
         let next = Pin::new(&mut *outbound.lock().expect("not poisoned")).poll_next(cx);
-        if matches!(next, Poll::Ready(None | Some(Err(_)))) {
-            // The peer ended for good (its queue's writer says how).
-            this.done = true;
+        match next {
+            // Nothing queued: this writer also waits for its stream's end.
+            Poll::Pending => this.wait(cx),
+            Poll::Ready(None | Some(Err(_))) => {
+                // The peer ended for good (its queue's writer says how).
+                this.done = true;
+                next
+            }
+            Poll::Ready(Some(Ok(_))) => next,
         }
-        next
+    }
+}
+
+impl<M> Resumed<M> {
+    /// Waits to be woken by the stream's end or binding (registered only when about to wait:
+    /// not on every message); looks again after registering, so that neither is missed.
+    fn wait(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<M, Status>>> {
+        self.attachment.writer.register(cx.waker());
+        if self.attachment.is_ended() {
+            return self.finish();
+        }
+        if self.outbound.is_none() && self.attachment.bound.lock().expect("not poisoned").is_some() {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
     }
 }
 

@@ -172,6 +172,10 @@ pub struct ServeArgs {
     /// sessions kept and its messages held, for a new stream to take it over (0: resume off).
     #[arg(long, env = "DISTRIBUTOR_RESUME_GRACE", default_value_t = defaults::RESUME_GRACE.into())]
     pub resume_grace: humantime::Duration,
+    /// Tell a resumable stream `RECONNECT` once it is this old (less up to a tenth, at random),
+    /// before a platform's request timeout ends it (Cloud Run: at most 60 minutes) [default: never].
+    #[arg(long, env = "DISTRIBUTOR_MAX_STREAM_AGE")]
+    pub max_stream_age: Option<humantime::Duration>,
     /// For tests only: shifts this instance's clock by this many milliseconds.
     #[arg(
         long,
@@ -311,6 +315,8 @@ pub struct Config {
     pub test_clock_skew_ms: i64,
     /// How long a resumable peer whose stream was cut stays detached (zero: resume is off).
     pub resume_grace: Duration,
+    /// A resumable stream is told `RECONNECT` at this age (zero: never).
+    pub max_stream_age: Duration,
 }
 
 impl Default for Config {
@@ -333,6 +339,7 @@ impl Default for Config {
             nats: None,
             test_clock_skew_ms: 0,
             resume_grace: defaults::RESUME_GRACE,
+            max_stream_age: Duration::ZERO,
         }
     }
 }
@@ -407,6 +414,7 @@ impl ServeArgs {
             metrics_listen: self.metrics_listen,
             test_clock_skew_ms: self.test_clock_skew_ms,
             resume_grace: self.resume_grace.into(),
+            max_stream_age: self.max_stream_age.map_or(Duration::ZERO, Into::into),
             nats: self.nats.into_config()?,
         };
         config.check()?;

@@ -80,6 +80,7 @@ pub fn peer_messages(data: &[u8]) {
         stopping: Default::default(),
         tasks: Default::default(),
         resume_grace: Duration::ZERO,
+        max_stream_age: Duration::ZERO,
         clients: Default::default(),
         workers: Default::default(),
         shutdown: Default::default(),

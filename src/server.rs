@@ -138,6 +138,7 @@ pub async fn run(
         stopping: Default::default(),
         tasks: tasks.clone(),
         resume_grace: config.resume_grace,
+        max_stream_age: config.max_stream_age,
         clients: Default::default(),
         workers: Default::default(),
         shutdown: Default::default(),
@@ -213,7 +214,8 @@ pub async fn run(
         _ = deadline => tracing::warn!(?drain_timeout, "drain timeout: closing the remaining connections"),
     }
     tasks.close();
-    edge.shut_down();
+    // Whatever is left (resumable peers told to reconnect, detached ones) ends now.
+    edge.end_all();
     if tokio::time::timeout(drain_timeout, tasks.wait()).await.is_err() {
         tracing::warn!("stream tasks still running after the drain timeout");
     }

@@ -204,3 +204,50 @@ async fn held_messages_are_bounded_and_a_resume_too_far_behind_starts_afresh() {
     let gone = w.recv().await;
     assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, 9191), "its session ended");
 }
+
+#[tokio::test]
+async fn a_stream_at_its_age_is_told_to_reconnect_and_resumes() {
+    let age = Duration::from_millis(600);
+    let server = TestServer::with(Config { max_stream_age: age, ..Config::default() }).await;
+    let mut w = worker(&server, 15).await;
+    let opened = Instant::now();
+    let (mut c, _, _) = open_resumable(&server, 1515, 0).await;
+    c.send(to_worker(15, RtcEvent::Offer, b"offer")).await;
+    w.recv().await;
+    w.send(to_client(1515, RtcEvent::Answer, b"answer")).await;
+    assert_eq!(c.recv().await.seq, 1);
+    let reconnect = c.recv().await;
+    assert_eq!((reconnect.event(), reconnect.seq), (RtcEvent::Reconnect, 2), "numbered like any message");
+    let after = opened.elapsed();
+    assert!(after >= age.mul_f64(0.9) - Duration::from_millis(50), "not before its age: {after:?}");
+    // The peer does as told: a new stream, resuming after the RECONNECT.
+    let (mut new, resumed, _) = open_resumable(&server, 1515, 2).await;
+    assert!(resumed);
+    assert_eq!(c.ended().await.code(), Code::Aborted);
+    w.send(to_client(1515, RtcEvent::LocalIceCandidate, b"w1")).await;
+    assert_eq!(expect_numbered(&mut new, RtcEvent::IceCandidate, 3).await, b"w1");
+    w.expect_quiet().await;
+}
+
+#[tokio::test]
+async fn on_shutdown_resumable_peers_are_told_to_reconnect_and_served_until_the_drain_ends() {
+    let drain = Duration::from_millis(1500);
+    let server = TestServer::with(Config { drain_timeout: drain, ..Config::default() }).await;
+    let mut w = worker_with(&server, 16, &resumable(0)).await;
+    let (mut plain, _) = client(&server).await;
+    let (mut c, _, _) = open_resumable(&server, 1616, 0).await;
+    c.send(to_worker(16, RtcEvent::Offer, b"offer")).await;
+    w.recv().await;
+    let stopping = tokio::spawn(server.shutdown());
+    let reconnect = c.recv().await;
+    assert_eq!((reconnect.event(), reconnect.seq), (RtcEvent::Reconnect, 1));
+    assert_eq!(plain.ended().await.code(), Code::Unavailable, "a plain stream ends as before");
+    let reconnect = w.recv().await;
+    assert_eq!((reconnect.event(), reconnect.seq), (RtcEvent::Reconnect, 2), "after the OFFER, 1");
+    // Still served during the drain: the worker's answer reaches the resumable client.
+    w.send(to_client(1616, RtcEvent::Answer, b"answer")).await;
+    assert_eq!(expect_numbered(&mut c, RtcEvent::Answer, 2).await, b"answer");
+    assert_eq!(c.ended().await.code(), Code::Unavailable, "then it ends with the drain");
+    assert_eq!(w.ended().await.code(), Code::Unavailable);
+    stopping.await.unwrap().unwrap();
+}

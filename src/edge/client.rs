@@ -67,7 +67,9 @@ pub async fn serve(
     let gauge = connected(Role::Client);
     gauge.increment(1.0);
     tracing::debug!(client, conn = %sink.id(), resumed, "client connected");
-    let mut reader = Reader::new(&edge, inbound, sink.clone(), attachment.clone(), granted);
+    let reconnect = Outbound::relay(RtcEvent::Reconnect, 0, client, Bytes::new());
+    let mut reader =
+        Reader::new(&edge, inbound, sink.clone(), attachment.clone(), granted).reconnect_at_age(reconnect);
     let registered = if resumed {
         Ok(())
     } else {

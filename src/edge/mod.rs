@@ -54,6 +54,9 @@ pub struct Edge {
     pub tasks: TaskTracker,
     /// How long a resumable peer stays detached before it is gone (zero: resume is off).
     pub resume_grace: Duration,
+    /// A resumable stream is told `RECONNECT` once it is this old (less up to a tenth, at
+    /// random, so that streams opened together do not reconnect together); zero: never.
+    pub max_stream_age: Duration,
     /// Resumable peers by id: clients, workers.
     pub clients: Resumables<ClientRtcMessage>,
     pub workers: Resumables<WorkerRtcMessage>,
@@ -256,8 +259,28 @@ impl Edge {
         self.streams.lock().expect("not poisoned").remove(&id);
     }
 
-    /// Ends every stream: what is queued is written, then `UNAVAILABLE`.
+    /// The drain begins (SIGTERM): every resumable peer with an open stream is told
+    /// `RECONNECT` and served on until it has resumed elsewhere or [`Self::end_all`]; every
+    /// other stream ends: what is queued is written, then `UNAVAILABLE`. Streams opened from now
+    /// on end at once.
     pub fn shut_down(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let mut told =
+            self.clients.reconnect_all(|id| Outbound::relay(RtcEvent::Reconnect, 0, id, Bytes::new()));
+        told.extend(
+            self.workers.reconnect_all(|id| Outbound::relay(RtcEvent::Reconnect, id, 0, Bytes::new())),
+        );
+        let streams = self.streams.lock().expect("not poisoned");
+        for conn in streams.values().filter_map(Weak::upgrade) {
+            if !told.contains(&conn.id()) {
+                conn.end(Close::Drain(Some(shutting_down())));
+            }
+        }
+    }
+
+    /// The drain is over: every stream left ends (what is queued is written, then
+    /// `UNAVAILABLE`), and detached peers are gone.
+    pub fn end_all(&self) {
         self.stopping.store(true, Ordering::Release);
         self.shutdown.cancel();
         let streams = std::mem::take(&mut *self.streams.lock().expect("not poisoned"));
@@ -355,6 +378,8 @@ struct Reader<M> {
     bucket: Option<rate::Bucket>,
     /// The end of the token's validity, when auth is on: the stream ends then.
     expiry: Option<Expiry>,
+    /// A resumable stream's age limit: when it fires, the peer is told this `RECONNECT`.
+    reconnect: Option<(Pin<Box<Sleep>>, Outbound)>,
 }
 
 /// When a stream's token expires: checked on every message, and waited for while idle.
@@ -396,7 +421,17 @@ impl<M: pb::Numbered> Reader<M> {
             let left = g.expires.duration_since(SystemTime::now()).unwrap_or_default();
             Expiry { at: now + left, timer: Box::pin(tokio::time::sleep_until((now + left).into())) }
         });
-        Reader { inbound, sink, attachment, edge: edge.clone(), bucket, expiry }
+        Reader { inbound, sink, attachment, edge: edge.clone(), bucket, expiry, reconnect: None }
+    }
+
+    /// Tells the peer `reconnect` once its stream is `--max-stream-age` old (resumable streams).
+    fn reconnect_at_age(mut self, reconnect: Outbound) -> Self {
+        let age = self.edge.max_stream_age;
+        if self.attachment.is_some() && !age.is_zero() {
+            let at = Instant::now() + age.mul_f64(1.0 - rand::random::<f64>() / 10.0);
+            self.reconnect = Some((Box::pin(tokio::time::sleep_until(at.into())), reconnect));
+        }
+        self
     }
 
     /// The next message, or `None` once the stream ends (how it ends is recorded on the sink).
@@ -407,17 +442,23 @@ impl<M: pb::Numbered> Reader<M> {
         // Fast path: a message already buffered needs no wait (and `message()` is cancel-safe).
         let next = match self.inbound.message().now_or_never() {
             Some(next) => next,
-            None => tokio::select! {
-                biased;
-                _ = self.sink.ended() => return None,
-                _ = async { self.attachment.as_ref().expect("guarded").ended().await }, if self.attachment.is_some() => {
-                    return None;
+            None => loop {
+                tokio::select! {
+                    biased;
+                    _ = self.sink.ended() => return None,
+                    _ = async { self.attachment.as_ref().expect("guarded").ended().await }, if self.attachment.is_some() => {
+                        return None;
+                    }
+                    _ = async { self.expiry.as_mut().expect("guarded").timer.as_mut().await }, if self.expiry.is_some() => {
+                        self.sink.end(expired());
+                        return None;
+                    }
+                    _ = async { self.reconnect.as_mut().expect("guarded").0.as_mut().await }, if self.reconnect.is_some() => {
+                        let (_, reconnect) = self.reconnect.take().expect("guarded");
+                        self.sink.deliver_owed(reconnect);
+                    }
+                    next = self.inbound.message() => break next,
                 }
-                _ = async { self.expiry.as_mut().expect("guarded").timer.as_mut().await }, if self.expiry.is_some() => {
-                    self.sink.end(expired());
-                    return None;
-                }
-                next = self.inbound.message() => next,
             },
         };
         match next {

@@ -286,6 +286,20 @@ impl<M> Resumables<M> {
         }
     }
 
+    /// The drain begins: every peer with an open stream is told `reconnect(id)`; returns their
+    /// streams.
+    pub fn reconnect_all(&self, reconnect: impl Fn(PeerId) -> Outbound) -> Vec<crate::core::ConnId> {
+        let peers = self.peers.lock().expect("not poisoned");
+        let mut told = Vec::new();
+        for (id, entry) in peers.iter() {
+            if !entry.attachment.is_ended() && !entry.sink.is_ended() {
+                entry.sink.deliver_owed(reconnect(*id));
+                told.push(entry.sink.id());
+            }
+        }
+        told
+    }
+
     /// Detached peers, and the messages held for them.
     pub fn detached(&self) -> (usize, usize) {
         let peers = self.peers.lock().expect("not poisoned");

@@ -113,3 +113,27 @@ fn echo_server_is_the_tonic_ceiling() {
         assert_clean(&report);
     }
 }
+
+#[test]
+fn resume_cuts_and_resumes_streams_without_a_gap_or_a_repeat() {
+    let server = Binary::start(&[], &[]);
+    let url = format!("http://{}", server.addr);
+    let output = Command::new(env!("CARGO_BIN_EXE_distributor-load"))
+        .args(["resume", "--pairs", "5", "--resumes", "20", "--cut-every", "100ms", "--every", "10ms"])
+        .args(["--clients-at", &url, "--json"])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run distributor-load");
+    assert!(output.status.success(), "distributor-load resume failed");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
+    assert_eq!(report["resumes"], 20, "{report}");
+    assert_eq!(
+        (report["not_resumed"].as_u64(), report["gaps"].as_u64(), report["repeats"].as_u64()),
+        (Some(0), Some(0), Some(0)),
+        "{report}"
+    );
+    // Each pair's worker sends every 10 ms for 4 x 100 ms: far more than one message a stream.
+    assert!(report["received"].as_u64().unwrap() > 100, "{report}");
+    let p = |k: &str| report[k].as_f64().unwrap();
+    assert!(p("recovery_p50_us") > 0.0 && p("recovery_p50_us") <= p("recovery_p99_us"), "{report}");
+}

@@ -133,8 +133,14 @@ impl<M> Stream for Resumed<M> {
         if let Some(msg) = this.first.pop_front() {
             return Poll::Ready(Some(Ok(msg)));
         }
-        let outbound = this.outbound.as_ref().expect("bound");
-        let next = Pin::new(&mut *outbound.lock().expect("not poisoned")).poll_next(cx);
+        let mut outbound = this.outbound.as_ref().expect("bound").lock().expect("not poisoned");
+        // Looked at under the lock a takeover ends this stream under (see `take_over`).
+        if this.attachment.is_ended() {
+            drop(outbound);
+            return this.finish();
+        }
+        let next = Pin::new(&mut *outbound).poll_next(cx);
+        drop(outbound);
         match next {
             // Nothing queued: this writer also waits for its stream's end.
             Poll::Pending => this.wait(cx),
@@ -219,24 +225,26 @@ impl<M> Resumables<M> {
             peers.remove(&id);
             return Resume::Unknown;
         }
-        let first = {
-            let outbound = entry.outbound.lock().expect("not poisoned");
-            let missed = outbound.numbers().map(|n| n.after(after)).unwrap_or(Err(TooOld));
-            let Ok(missed) = missed else {
-                drop(outbound);
-                let entry = peers.remove(&id).expect("looked up");
-                entry.attachment.end(Some(Status::aborted("this peer reconnected on a newer stream")));
-                return Resume::TooOld(entry.sink);
-            };
-            let numbering = Numbering { seq: entry.sink.last_received(), resumed: true };
-            let mut first = VecDeque::with_capacity(missed.len() + 1);
-            first.push_back(outbound.encode(welcome, numbering));
-            for (seq, msg) in missed {
-                first.push_back(outbound.encode(msg, Numbering { seq, resumed: false }));
-            }
-            first
+        // The old stream ends while the outbound stream is locked: its writer checks under the
+        // same lock, so it never polls the queue again (which would take the queue's wake-ups
+        // from the new writer).
+        let outbound = entry.outbound.clone();
+        let outbound = outbound.lock().expect("not poisoned");
+        let missed = outbound.numbers().map(|n| n.after(after)).unwrap_or(Err(TooOld));
+        let Ok(missed) = missed else {
+            drop(outbound);
+            let entry = peers.remove(&id).expect("looked up");
+            entry.attachment.end(Some(Status::aborted("this peer reconnected on a newer stream")));
+            return Resume::TooOld(entry.sink);
         };
+        let numbering = Numbering { seq: entry.sink.last_received(), resumed: true };
+        let mut first = VecDeque::with_capacity(missed.len() + 1);
+        first.push_back(outbound.encode(welcome, numbering));
+        for (seq, msg) in missed {
+            first.push_back(outbound.encode(msg, Numbering { seq, resumed: false }));
+        }
         entry.attachment.end(Some(Status::aborted("this peer resumed on a newer stream")));
+        drop(outbound);
         entry.attachment = attachment.clone();
         entry.generation += 1;
         attachment.bind(entry.outbound.clone(), first);

@@ -151,11 +151,15 @@ impl<M: std::fmt::Debug + Send + 'static> Stream<M> {
     }
 
     /// Cuts the stream without a half-close, as a lost connection does: the response side is
-    /// dropped first (the RPC is reset), then the sending side.
+    /// dropped (the RPC is reset); the sending side a moment later (dropped at once, its end of
+    /// stream could reach the server before the reset and read as a half-close).
     pub fn cut(self) {
         let Stream { tx, rx } = self;
         drop(rx);
-        drop(tx);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(tx);
+        });
     }
 }
 

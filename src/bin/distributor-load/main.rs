@@ -5,6 +5,7 @@
 //! distributor-load handshake --pairs 100 --clients-at http://A --workers-at http://B
 //! distributor-load echo-server --listen 127.0.0.1:50060      # the tonic ceiling
 //! distributor-load relay --echo --clients-at http://127.0.0.1:50060
+//! distributor-load resume --pairs 100 --resumes 1000 --clients-at http://127.0.0.1:50051
 //! distributor-load chaos --pairs 60 --targets http://A,http://B,http://C   # scripts/chaos.sh
 //! distributor-load nats-ceiling --nats-url nats://127.0.0.1:4222 --nats-url-b nats://127.0.0.1:4223
 //! ```
@@ -15,6 +16,7 @@ mod echo;
 mod nats;
 mod peers;
 mod report;
+mod resume;
 
 use std::time::Duration;
 
@@ -47,6 +49,9 @@ enum Scenario {
     /// Pairs relaying across a cluster's instances while it is hurt (scripts/chaos.sh): an
     /// exact tally of every message (delivered, refused, ended by PEER_GONE, cut, lost).
     Chaos(chaos::ChaosLoad),
+    /// Resumable clients whose streams are cut and resumed under load: the time from a cut to
+    /// the first replayed message, and no gap or repeat in what they receive.
+    Resume(resume::ResumeLoad),
     /// Connects --pairs idle pairs (2 × pairs peers), then reports the server's memory per peer
     /// and its CPU time while they idle for --duration.
     Idle(Load),
@@ -133,6 +138,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Handshake(load) => report::print(&peers::handshake(load.clone()).await?, load.json),
             Scenario::Idle(load) => peers::idle(load).await,
             Scenario::Chaos(load) => chaos::run(load).await,
+            Scenario::Resume(load) => resume::run(load).await,
             Scenario::NatsCeiling(load) => {
                 let json = load.load.json;
                 report::print(&nats::ceiling(load).await?, json)

@@ -1,0 +1,237 @@
+//! The `resume` scenario: resumable clients whose streams are cut under load, and resumed.
+//!
+//! Each pair is a worker and a resumable client (`x-resume-after`) with a session; the worker
+//! sends the client a candidate every `--every`. Every `--cut-every`, the client drops its
+//! stream without a half-close (as a lost connection does) and at once opens a new one at
+//! `--resume-at` (default: where it was) with `x-resume-after` set to the last number it got.
+//! What is measured: the time from the cut to the first message of the new stream after its
+//! welcome (what was held or sent meanwhile, replayed), and that the numbers the client sees
+//! run on without a gap or a repeat across all its streams.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use distributor::pb::client_service_client::ClientServiceClient;
+use distributor::pb::worker_service_client::WorkerServiceClient;
+use distributor::pb::{ClientRtcMessage, RtcEvent, WorkerRtcMessage};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, timeout};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Streaming};
+
+#[derive(Args, Clone, Debug)]
+pub struct ResumeLoad {
+    /// Worker/client pairs.
+    #[arg(long, default_value_t = 100)]
+    pub pairs: usize,
+    /// The instance clients connect to first.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub clients_at: String,
+    /// The instance workers connect to [default: --clients-at].
+    #[arg(long)]
+    pub workers_at: Option<String>,
+    /// The instance clients resume at [default: where they were].
+    #[arg(long)]
+    pub resume_at: Option<String>,
+    /// Resumes in all, over all pairs.
+    #[arg(long, default_value_t = 1000)]
+    pub resumes: u64,
+    /// How often each client's stream is cut.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub cut_every: Duration,
+    /// How often each worker sends its client a candidate.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub every: Duration,
+    /// Payload bytes per candidate.
+    #[arg(long, default_value_t = 200)]
+    pub size: usize,
+    /// First worker id; clients are numbered from it plus 1,000,000,000.
+    #[arg(long, default_value_t = 7_000_000)]
+    pub first_worker: i64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize, Default)]
+pub struct ResumeReport {
+    pub resumes: u64,
+    /// Resumes whose welcome said `resumed: false` (the peer started afresh).
+    pub not_resumed: u64,
+    /// Numbers the client never saw, and numbers it saw twice, over all its streams.
+    pub gaps: u64,
+    pub repeats: u64,
+    /// Messages the clients received, over all their streams.
+    pub received: u64,
+    /// From the cut to the first message after the new stream's welcome, in microseconds.
+    pub recovery_p50_us: f64,
+    pub recovery_p99_us: f64,
+    pub recovery_max_us: f64,
+}
+
+struct Pair {
+    load: Arc<ResumeLoad>,
+    worker: i64,
+    client: i64,
+}
+
+pub async fn run(load: ResumeLoad) -> anyhow::Result<()> {
+    let load = Arc::new(load);
+    let per_pair = load.resumes.div_ceil(load.pairs.max(1) as u64);
+    let mut tasks = Vec::new();
+    for i in 0..load.pairs {
+        let worker = load.first_worker + i as i64;
+        let pair = Pair { load: load.clone(), worker, client: worker + 1_000_000_000 };
+        tasks.push(tokio::spawn(async move { pair.run(per_pair).await }));
+    }
+    let mut report = ResumeReport::default();
+    let mut recovery = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for task in tasks {
+        let (r, h) = task.await??;
+        report.resumes += r.resumes;
+        report.not_resumed += r.not_resumed;
+        report.gaps += r.gaps;
+        report.repeats += r.repeats;
+        report.received += r.received;
+        recovery.add(&h)?;
+    }
+    report.recovery_p50_us = recovery.value_at_quantile(0.5) as f64;
+    report.recovery_p99_us = recovery.value_at_quantile(0.99) as f64;
+    report.recovery_max_us = recovery.max() as f64;
+    if load.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "resume: {} resumes ({} not resumed), {} messages received, {} gaps, {} repeats; \
+             cut to first replayed message p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+            report.resumes,
+            report.not_resumed,
+            report.received,
+            report.gaps,
+            report.repeats,
+            report.recovery_p50_us,
+            report.recovery_p99_us,
+            report.recovery_max_us
+        );
+    }
+    Ok(())
+}
+
+async fn channel(url: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_owned())?.tcp_nodelay(true).connect().await?)
+}
+
+async fn next<M>(rx: &mut Streaming<M>, what: &str) -> anyhow::Result<M> {
+    match timeout(Duration::from_secs(10), rx.message()).await {
+        Ok(Ok(Some(msg))) => Ok(msg),
+        Ok(Ok(None)) => anyhow::bail!("{what}: the stream ended"),
+        Ok(Err(status)) => anyhow::bail!("{what}: {status}"),
+        Err(_) => anyhow::bail!("{what}: nothing within 10 s"),
+    }
+}
+
+/// A resumable client stream: its sender and what it receives.
+struct ClientStream {
+    tx: mpsc::Sender<ClientRtcMessage>,
+    rx: Streaming<ClientRtcMessage>,
+}
+
+impl Pair {
+    async fn open_client(&self, url: &str, after: u64) -> anyhow::Result<(ClientStream, ClientRtcMessage)> {
+        let (tx, rx) = mpsc::channel(64);
+        let mut request = Request::new(ReceiverStream::new(rx));
+        request.metadata_mut().insert("x-client-id", self.client.to_string().parse()?);
+        request.metadata_mut().insert("x-resume-after", after.to_string().parse()?);
+        let mut rx = ClientServiceClient::new(channel(url).await?)
+            .negotiate_peer_connection(request)
+            .await?
+            .into_inner();
+        let welcome = next(&mut rx, "welcome").await?;
+        anyhow::ensure!(welcome.event() == RtcEvent::Blank, "expected the welcome, got {welcome:?}");
+        Ok((ClientStream { tx, rx }, welcome))
+    }
+
+    async fn run(self, resumes: u64) -> anyhow::Result<(ResumeReport, Histogram<u64>)> {
+        let load = &self.load;
+        let mut report = ResumeReport::default();
+        let mut recovery = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        // The worker, and the session.
+        let (wtx, wrx) = mpsc::channel(64);
+        wtx.send(WorkerRtcMessage::register(self.worker)).await?;
+        let workers_at = load.workers_at.as_ref().unwrap_or(&load.clients_at);
+        let mut wrx = WorkerServiceClient::new(channel(workers_at).await?)
+            .negotiate_peer_connection(Request::new(ReceiverStream::new(wrx)))
+            .await?
+            .into_inner();
+        next(&mut wrx, "registration").await?;
+        let (mut c, _) = self.open_client(&load.clients_at, 0).await?;
+        c.tx.send(ClientRtcMessage::to_worker(self.worker, RtcEvent::Offer, &b"v=0 offer"[..])).await?;
+        next(&mut wrx, "offer").await?;
+        wtx.send(WorkerRtcMessage::to_client(self.client, RtcEvent::Answer, &b"v=0 answer"[..])).await?;
+        // The worker trickles on its own until the pair is done.
+        let (size, every, client) = (load.size, load.every, self.client);
+        let trickle = tokio::spawn(async move {
+            let payload = Bytes::from(vec![b'c'; size]);
+            loop {
+                sleep(every).await;
+                let msg = WorkerRtcMessage::to_client(client, RtcEvent::LocalIceCandidate, payload.clone());
+                if wtx.send(msg).await.is_err() {
+                    break;
+                }
+            }
+            drop(wrx);
+        });
+        let mut last = 0u64;
+        let resume_at = load.resume_at.clone().unwrap_or_else(|| load.clients_at.clone());
+        for _ in 0..resumes {
+            let cut_at = Instant::now() + load.cut_every;
+            while Instant::now() < cut_at {
+                let Ok(msg) = timeout(cut_at - Instant::now(), next(&mut c.rx, "relay")).await else { break };
+                self.count(&msg?, &mut last, &mut report);
+            }
+            // The cut: the response side is dropped (the RPC is reset). The sending side is
+            // kept a moment: dropped at once, its end of stream could reach the server before
+            // the reset and read as a half-close, which means the peer leaves.
+            let cut = Instant::now();
+            let ClientStream { tx, rx } = c;
+            drop(rx);
+            tokio::spawn(async move {
+                sleep(Duration::from_secs(1)).await;
+                drop(tx);
+            });
+            let (resumed, welcome) = self.open_client(&resume_at, last).await?;
+            c = resumed;
+            report.resumes += 1;
+            if !welcome.resumed {
+                report.not_resumed += 1;
+                last = 0;
+                continue;
+            }
+            let what = format!("client {}: the first message after resuming after {last}", self.client);
+            let first = next(&mut c.rx, &what).await?;
+            recovery.saturating_record(cut.elapsed().as_micros() as u64);
+            self.count(&first, &mut last, &mut report);
+        }
+        trickle.abort();
+        Ok((report, recovery))
+    }
+
+    /// Checks that `msg` is numbered right after `last`.
+    fn count(&self, msg: &ClientRtcMessage, last: &mut u64, report: &mut ResumeReport) {
+        report.received += 1;
+        match msg.seq {
+            0 => {}
+            seq if seq == *last + 1 => *last = seq,
+            seq if seq <= *last => report.repeats += 1,
+            seq => {
+                report.gaps += seq - *last - 1;
+                *last = seq;
+            }
+        }
+    }
+}

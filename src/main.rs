@@ -37,6 +37,19 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
+/// Raises the open-file limit to the hard limit: each peer with its own connection holds a
+/// socket, and the default soft limit (often 1,024) would cap an instance at about that many.
+fn raise_open_files() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(
+            open_files = limit,
+            "open-file limit: about {} peers with a connection each",
+            limit.saturating_sub(64)
+        ),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
 fn token(args: TokenArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.id > 0, "--id must be a positive id");
     let secret = args.secret.as_bytes();
@@ -60,6 +73,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
     }
+    raise_open_files();
     let runtime = runtime()?;
     runtime.block_on(async {
         if let Some(addr) = config.metrics_listen {

@@ -103,7 +103,8 @@ pub struct Load {
     /// Stop after this many messages (relay) or handshakes.
     #[arg(long, default_value_t = u64::MAX)]
     pub max_messages: u64,
-    /// TCP connections per side, shared round-robin by the peers.
+    /// TCP connections per side, shared round-robin by the peers; 0: one per peer, as peers
+    /// that are separate processes or devices connect (no multiplexing front end).
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
     /// Drive an echo server (`distributor-load echo-server`) at --clients-at instead.
@@ -126,6 +127,16 @@ pub struct Load {
     /// Open every stream resumable (`x-resume-after: 0`): numbered messages, kept for replay.
     #[arg(long)]
     pub resumable: bool,
+}
+
+impl Load {
+    /// TCP connections each side opens (see `--connections`).
+    pub fn per_side(&self) -> usize {
+        match self.connections {
+            0 => self.pairs.max(1),
+            n => n.min(self.pairs).max(1),
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {

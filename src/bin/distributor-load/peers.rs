@@ -222,7 +222,7 @@ async fn negotiate(c: &mut ClientSide, w: &mut WorkerSide) -> anyhow::Result<Dur
 /// Opens every pair: workers first, then clients. An echo run opens only client streams: one
 /// per pair, or two in the relay's shape (see `--echo-shape`).
 async fn pairs(load: &Load) -> anyhow::Result<(Vec<Option<WorkerSide>>, Vec<ClientSide>)> {
-    let per_side = load.connections.min(load.pairs).max(1);
+    let per_side = load.per_side();
     let mut workers = Vec::with_capacity(load.pairs);
     let (streams, client_connections) = if !load.echo {
         let worker_channels =
@@ -407,7 +407,7 @@ async fn next_until<M>(rx: &mut Streaming<M>, deadline: Pin<&mut tokio::time::Sl
 /// Full negotiations, one after another on each pair, each on a new client stream.
 pub async fn handshake(load: Load) -> anyhow::Result<Report> {
     anyhow::ensure!(!load.echo, "handshake has no echo ceiling");
-    let per_side = load.connections.min(load.pairs).max(1);
+    let per_side = load.per_side();
     let client_channels = channels(&load.clients_at, per_side).await?;
     let worker_channels = channels(load.workers_at.as_ref().unwrap_or(&load.clients_at), per_side).await?;
     let mut workers = Vec::new();

@@ -37,6 +37,19 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
+/// Pending connections the kernel queues before the distributor accepts them (capped by
+/// `net.core.somaxconn`, 4,096 on most hosts): peers reconnecting all at once after a drain or a
+/// network blip are queued, not reset (tokio's default is 1,024).
+const LISTEN_BACKLOG: u32 = 65_535;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Raises the open-file limit to the hard limit: each peer with its own connection holds a
 /// socket, and the default soft limit (often 1,024) would cap an instance at about that many.
 fn raise_open_files() {
@@ -80,9 +93,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             distributor::metrics::install(addr).context("starting the metrics listener")?;
             tracing::info!(%addr, "metrics on /metrics");
         }
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
+        let listener = listen(config.listen).with_context(|| format!("binding {}", config.listen))?;
         distributor::server::run(listener, config, distributor::shutdown::signal()).await?;
         Ok(())
     })

@@ -137,3 +137,25 @@ fn resume_cuts_and_resumes_streams_without_a_gap_or_a_repeat() {
     let p = |k: &str| report[k].as_f64().unwrap();
     assert!(p("recovery_p50_us") > 0.0 && p("recovery_p50_us") <= p("recovery_p99_us"), "{report}");
 }
+
+#[test]
+fn storm_connects_every_peer_on_a_connection_of_its_own() {
+    let server = Binary::start(&[], &[]);
+    let url = format!("http://{}", server.addr);
+    let pid = server.pid().to_string();
+    let output = Command::new(env!("CARGO_BIN_EXE_distributor-load"))
+        .args(["storm", "--pairs", "100", "--clients-at", &url, "--server-pid", &pid, "--json"])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run distributor-load");
+    assert!(output.status.success(), "distributor-load storm failed");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
+    assert_eq!((report["peers"].as_u64(), report["connected"].as_u64()), (Some(200), Some(200)), "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    let ms = |k: &str| report[k].as_f64().unwrap();
+    assert!(
+        ms("connect_to_welcome_p50_ms") > 0.0
+            && ms("connect_to_welcome_p50_ms") <= ms("connect_to_welcome_max_ms"),
+        "{report}"
+    );
+}

@@ -5,6 +5,7 @@
 //! distributor-load handshake --pairs 100 --clients-at http://A --workers-at http://B
 //! distributor-load echo-server --listen 127.0.0.1:50060      # the tonic ceiling
 //! distributor-load relay --echo --clients-at http://127.0.0.1:50060
+//! distributor-load storm --pairs 5000 --clients-at http://127.0.0.1:50051        # 10,000 peers at once
 //! distributor-load resume --pairs 100 --resumes 1000 --clients-at http://127.0.0.1:50051
 //! distributor-load chaos --pairs 60 --targets http://A,http://B,http://C   # scripts/chaos.sh
 //! distributor-load nats-ceiling --nats-url nats://127.0.0.1:4222 --nats-url-b nats://127.0.0.1:4223
@@ -17,6 +18,7 @@ mod nats;
 mod peers;
 mod report;
 mod resume;
+mod storm;
 
 use std::time::Duration;
 
@@ -52,6 +54,9 @@ enum Scenario {
     /// Resumable clients whose streams are cut and resumed under load: the time from a cut to
     /// the first replayed message, and no gap or repeat in what they receive.
     Resume(resume::ResumeLoad),
+    /// --pairs workers and as many clients connecting at once, each on its own connection:
+    /// peers connected per second, and the time from each connect to its welcome.
+    Storm(Load),
     /// Connects --pairs idle pairs (2 × pairs peers), then reports the server's memory per peer
     /// and its CPU time while they idle for --duration.
     Idle(Load),
@@ -141,6 +146,8 @@ impl Load {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // One socket per peer with its own connection.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
@@ -150,6 +157,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Idle(load) => peers::idle(load).await,
             Scenario::Chaos(load) => chaos::run(load).await,
             Scenario::Resume(load) => resume::run(load).await,
+            Scenario::Storm(load) => storm::run(load).await,
             Scenario::NatsCeiling(load) => {
                 let json = load.load.json;
                 report::print(&nats::ceiling(load).await?, json)

@@ -350,8 +350,24 @@ pub async fn negotiate(client: &mut ClientStream, c: i64, worker: &mut WorkerStr
     assert_eq!((accept.event(), accept.client_id), (RtcEvent::AcceptAnswer, c));
 }
 
-/// A free TCP port on 127.0.0.1 (the OS picks it; it is free until someone binds it).
+/// A free TCP port on 127.0.0.1 for a server a test starts (free until someone binds it).
+///
+/// Picked below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), not by binding
+/// port 0: a port the kernel hands out can be handed out again at once as the source port of
+/// one of the many connections the tests open, and a nats-server started on it a moment later
+/// cannot bind it.
 pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (low.saturating_sub(12_000).max(1024), low);
+    for _ in 0..1000 {
+        let port = from + (rand::random::<u16>() % (to - from));
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 

@@ -2,23 +2,7 @@
 # on free loopback ports, each restartable, logs and PIDs under "$run", every process stopped by
 # its PID on exit. `harness_setup NAME DURATION` first.
 
-# A free port below the kernel's ephemeral range: one the kernel hands out for port 0 can be
-# handed out again at once as the source port of an outgoing connection.
-free_port() {
-    python3 - <<'PY'
-import random, socket
-low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-for _ in range(1000):
-    port = random.randrange(max(1024, low - 12000), low)
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", port)); print(port); break
-    except OSError:
-        pass
-    finally:
-        s.close()
-PY
-}
+free_port() { python3 "$(dirname "${BASH_SOURCE[0]}")/free-port.py"; }
 wait_port() { for _ in $(seq 1 150); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 

@@ -522,3 +522,37 @@ async fn frames_fit_a_small_nats_max_payload() {
     }
     c.expect_quiet().await;
 }
+
+#[tokio::test]
+async fn a_killed_instances_resumable_peer_starts_afresh_elsewhere() {
+    let nats = NatsCluster::start().await;
+    let a = instance(&nats, 0, "t17").await;
+    let url = nats.url_from(1);
+    let args = ["--nats-url", &url, "--nats-prefix", "distributor.t17", "--shards", "2"];
+    let creds = [
+        ("DISTRIBUTOR_NATS_USER", common::nats::USER),
+        ("DISTRIBUTOR_NATS_PASSWORD", common::nats::PASSWORD),
+    ];
+    let mut b = Binary::start(&args, &creds);
+    let b_server = TestServer::external(&b.addr);
+    reach_each_other(&a, &b_server, 1700).await;
+    let mut w = worker(&a, 97).await;
+    let resumable = |after: u64| [("x-client-id", "9797".to_string()), ("x-resume-after", after.to_string())];
+    let (mut c, cid) = client_with(&b_server, &resumable(0)).await;
+    negotiate(&mut c, cid, &mut w, 97).await;
+    let killed = Instant::now();
+    b.kill();
+    // The client comes back on A, which knows nothing of it: it starts afresh.
+    let mut c = open_client(a.channel().await, &resumable(1)).await.expect("opens on A");
+    let welcome = c.recv().await;
+    assert_eq!((welcome.event(), welcome.resumed), (RtcEvent::Blank, false), "{welcome:?}");
+    // The worker hears its old session end within the liveness bound.
+    let gone = tokio::time::timeout(Duration::from_secs(8), w.rx_message())
+        .await
+        .expect("PEER_GONE within the bound")
+        .unwrap()
+        .unwrap();
+    assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, 9797));
+    assert!(killed.elapsed() <= Duration::from_secs(5), "PEER_GONE after {:?}", killed.elapsed());
+    negotiate(&mut c, 9797, &mut w, 97).await;
+}

@@ -163,7 +163,11 @@ impl Edge {
                 return Attached { sink, resumed: true, replaced: None };
             }
             Resume::Unknown => None,
-            Resume::TooOld(old) => Some(old),
+            Resume::TooOld(old) => {
+                old.end(Close::Now(Status::aborted("this peer reconnected on a newer stream")));
+                self.forget(old.id());
+                Some(old)
+            }
         };
         if after > 0 {
             resumes("unknown").increment(1);
@@ -229,12 +233,12 @@ impl Edge {
     }
 
     /// Holds a worker's cluster registration until [`Self::unkeep`].
-    fn keep(&self, _worker: PeerId, sink: &Sink, registration: Registration) {
+    fn keep(&self, sink: &Sink, registration: Registration) {
         self.registrations.lock().expect("not poisoned").insert(sink.id(), registration);
     }
 
     /// The worker is gone: other instances no longer find it here.
-    fn unkeep(&self, _worker: PeerId, sink: &Sink) {
+    fn unkeep(&self, sink: &Sink) {
         self.registrations.lock().expect("not poisoned").remove(&sink.id());
     }
 

@@ -107,7 +107,7 @@ pub async fn serve(
         // it; it is held as long as the worker is (a resumable one's across its streams).
         if let Some(cluster) = &edge.cluster {
             let registration = cluster.register_worker(worker, sink.id()).await;
-            edge.keep(worker, &sink, registration);
+            edge.keep(&sink, registration);
         }
         let register = Command::RegisterWorker { worker, sink: Peer::Local(sink.clone()) };
         if shards.send(shard, register).await.is_err() {
@@ -152,6 +152,6 @@ async fn depart(edge: Arc<Edge>, worker: PeerId, sink: Sink) {
     if shards.send(shards.of_worker(worker), Command::WorkerGone { worker, conn: sink.id() }).await.is_err() {
         sink.end(Close::Now(shutting_down()));
     }
-    edge.unkeep(worker, &sink);
+    edge.unkeep(&sink);
     tracing::debug!(worker, conn = %sink.id(), "worker stream ended");
 }

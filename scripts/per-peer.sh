@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# What a connected peer costs, in both shapes, and how fast a storm of peers is taken:
+#   scripts/per-peer.sh [PAIRS]     (default 2500: 2,500 workers and 2,500 clients)
+# Each measurement gets a fresh server on a free loopback port (stopped by its PID after):
+#   1. idle peers sharing 64 connections per side (as behind a multiplexing proxy);
+#   2. idle peers with a connection each (as separate processes and devices connect);
+#   3. all of them connecting at once, each on its own connection (a storm).
+# Prints one line each; the JSON reports stay in .run/per-peer/.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+pairs="${1:-2500}"
+run="$root/.run/per-peer"
+mkdir -p "$run"
+source "$root/scripts/bench-lib.sh"
+trap stop_started EXIT
+cargo build --release --features load --locked --quiet
+load=target/release/distributor-load
+
+server() { # starts a fresh distributor; sets $port and $started_pid
+    port=$(free_port)
+    start "server-$1" target/release/distributor --listen "127.0.0.1:$port"
+    wait_port "$port"
+}
+
+for connections in 64 0; do
+    server "idle-$connections"
+    "$load" idle --pairs "$pairs" --connections "$connections" --server-pid "$started_pid" --duration 3s \
+        --clients-at "http://127.0.0.1:$port" --json >"$run/idle-$connections.json"
+    stop_started; pids=()
+    shape=$([ "$connections" = 0 ] && echo "a connection each" || echo "sharing $connections per side")
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'idle, {sys.argv[2]}: {r[\"peers\"]} peers, {r[\"server_rss_per_peer_kib\"]:.1f} KiB per peer ({r[\"server_rss_before_mib\"]:.1f} -> {r[\"server_rss_connected_mib\"]:.1f} MiB), idle CPU {r[\"server_cpu_seconds\"]} s')" \
+        "$run/idle-$connections.json" "$shape"
+done
+
+server storm
+"$load" storm --pairs "$pairs" --server-pid "$started_pid" --clients-at "http://127.0.0.1:$port" --json >"$run/storm.json"
+stop_started; pids=()
+python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'storm: {r[\"connected\"]} of {r[\"peers\"]} peers in {r[\"seconds\"]:.2f} s ({r[\"peers_per_sec\"]:.0f}/s), {r[\"failed\"]} failed; connect to welcome p50 {r[\"connect_to_welcome_p50_ms\"]:.0f} ms, p99 {r[\"connect_to_welcome_p99_ms\"]:.0f} ms')" "$run/storm.json"

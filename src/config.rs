@@ -92,6 +92,22 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Print a bearer token for a peer, signed with the auth secret.
     Token(TokenArgs),
+    /// Ask a running distributor's health service; exit 0 if it is SERVING (for container
+    /// health checks and scripts).
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    /// The distributor to ask [default: http://127.0.0.1:$PORT, else port 50051].
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// The health service name ("": the whole server; `distributor.cluster`: the NATS link).
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// How long to wait for an answer.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use distributor::config::{Cli, Command, LogFormat, ServeArgs, TokenArgs};
+use distributor::config::{Cli, Command, HealthArgs, LogFormat, ServeArgs, TokenArgs};
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let done = match cli.command {
         Some(Command::Token(args)) => token(args),
+        Some(Command::Health(args)) => health(args),
         Some(Command::Serve(args)) => serve(*args),
         None => serve(cli.serve),
     };
@@ -61,6 +62,30 @@ fn raise_open_files() {
         ),
         Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
     }
+}
+
+fn health(args: HealthArgs) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let addr = args.addr.unwrap_or_else(|| {
+        let port = std::env::var("PORT").ok().and_then(|p| p.parse::<u16>().ok()).unwrap_or(50051);
+        format!("http://127.0.0.1:{port}")
+    });
+    let status = runtime()?
+        .block_on(async {
+            let check = async {
+                let channel = tonic::transport::Endpoint::from_shared(addr.clone())?.connect().await?;
+                let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+                let request = tonic_health::pb::HealthCheckRequest { service: args.service.clone() };
+                anyhow::Ok(client.check(request).await?.into_inner().status())
+            };
+            tokio::time::timeout(args.timeout, check)
+                .await
+                .map_err(|_| anyhow::anyhow!("no answer within {:?}", args.timeout))?
+        })
+        .with_context(|| format!("asking {addr}"))?;
+    anyhow::ensure!(status == ServingStatus::Serving, "{addr}: {}", status.as_str_name());
+    println!("{}", status.as_str_name());
+    Ok(())
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {

@@ -188,3 +188,25 @@ async fn the_port_variable_is_honoured() {
     let (mut c, cid) = client(&server).await;
     negotiate(&mut c, cid, &mut w, 5).await;
 }
+
+#[test]
+fn health_command_says_whether_a_distributor_is_serving() {
+    let health = |addr: &str| {
+        Command::new(env!("CARGO_BIN_EXE_distributor"))
+            .args(["health", "--addr", addr, "--timeout", "2s"])
+            .output()
+            .unwrap()
+    };
+    let bin = Binary::start(&[], &[]);
+    let serving = health(&format!("http://{}", bin.addr));
+    assert!(serving.status.success(), "{serving:?}");
+    assert_eq!(String::from_utf8_lossy(&serving.stdout).trim(), "SERVING");
+    // Nothing listens there: a one-line error, and a failure exit.
+    let nobody = health(&format!("http://127.0.0.1:{}", free_port()));
+    assert!(!nobody.status.success());
+    let error = String::from_utf8_lossy(&nobody.stderr);
+    assert!(
+        error.starts_with("distributor: asking http://127.0.0.1:") && error.trim().lines().count() == 1,
+        "{error}"
+    );
+}

@@ -23,12 +23,18 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --all-targets --all-features --locked 2>&1 | tee "$log" || status=$?
 
-# The container image: built from scratch, a negotiation through it, a clean stop. Needs the
-# Docker engine; without one it is reported as skipped, with the reason.
-step "container image (scripts/image.sh --test)"
+# The container image: built from scratch, a negotiation through it, a clean stop; then the
+# cluster in containers, negotiating across instances. Needs the Docker engine; without one it
+# is reported as skipped, with the reason.
+step "containers (scripts/image.sh --test, scripts/compose.sh test)"
 image="not run"
 if reason=$(docker info 2>&1 >/dev/null); then
-    if bash scripts/image.sh --test; then image="passed"; else image="FAILED"; status=1; fi
+    if bash scripts/image.sh --test && bash scripts/compose.sh test; then
+        image="passed (the image, and the compose cluster)"
+    else
+        image="FAILED"
+        status=1
+    fi
 else
     image="skipped: the Docker engine does not answer ($(echo "$reason" | tail -1))"
     echo "$image"
@@ -36,5 +42,5 @@ fi
 
 # One closing line over every test binary (the last binary cargo runs may hold no test).
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "\ntests: %d passed, %d failed\n", passed, failed }' "$log"
-echo "container image: $image"
+echo "containers: $image"
 exit "$status"

@@ -27,6 +27,17 @@ async fn instance_with(nats: &NatsCluster, first: usize, prefix: &str, config: C
     TestServer::with(Config { shards, nats: Some(nats), ..config }).await
 }
 
+/// An instance as its own process (to be killed), on NATS node `first` first, with two shards.
+fn binary_instance(nats: &NatsCluster, first: usize, prefix: &str) -> Binary {
+    let (url, prefix) = (nats.url_from(first), format!("distributor.{prefix}"));
+    let args = ["--nats-url", &url, "--nats-prefix", &prefix, "--shards", "2"];
+    let creds = [
+        ("DISTRIBUTOR_NATS_USER", common::nats::USER),
+        ("DISTRIBUTOR_NATS_PASSWORD", common::nats::PASSWORD),
+    ];
+    Binary::start(&args, &creds)
+}
+
 /// What an instance needs to join `nats` on node `first`, as the shipped user, under
 /// `distributor.<prefix>` (the user may use `distributor.>` only).
 fn nats_config(nats: &NatsCluster, first: usize, prefix: &str) -> NatsConfig {
@@ -412,13 +423,7 @@ async fn nats_nodes_killed_mid_stream_lose_nothing_silently() {
 async fn a_killed_instance_ends_its_sessions_elsewhere_within_bounded_time() {
     let nats = NatsCluster::start().await;
     let a = instance(&nats, 0, "t9").await;
-    let url = nats.url_from(1);
-    let args = ["--nats-url", &url, "--nats-prefix", "distributor.t9", "--shards", "2"];
-    let creds = [
-        ("DISTRIBUTOR_NATS_USER", common::nats::USER),
-        ("DISTRIBUTOR_NATS_PASSWORD", common::nats::PASSWORD),
-    ];
-    let mut b = Binary::start(&args, &creds);
+    let mut b = binary_instance(&nats, 1, "t9");
     let b_server = TestServer::external(&b.addr);
     let mut w = worker(&b_server, 91).await;
     let (mut c, cid) = client(&a).await;
@@ -533,13 +538,7 @@ async fn frames_fit_a_small_nats_max_payload() {
 async fn a_killed_instances_resumable_peer_starts_afresh_elsewhere() {
     let nats = NatsCluster::start().await;
     let a = instance(&nats, 0, "t17").await;
-    let url = nats.url_from(1);
-    let args = ["--nats-url", &url, "--nats-prefix", "distributor.t17", "--shards", "2"];
-    let creds = [
-        ("DISTRIBUTOR_NATS_USER", common::nats::USER),
-        ("DISTRIBUTOR_NATS_PASSWORD", common::nats::PASSWORD),
-    ];
-    let mut b = Binary::start(&args, &creds);
+    let mut b = binary_instance(&nats, 1, "t17");
     let b_server = TestServer::external(&b.addr);
     reach_each_other(&a, &b_server, 1700).await;
     let mut w = worker(&a, 97).await;

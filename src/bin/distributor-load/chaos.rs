@@ -28,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Streaming};
 
 /// What a chaos run drives.
@@ -199,9 +199,9 @@ async fn pair(load: Arc<ChaosLoad>, index: usize, deadline: Instant) -> Tally {
     tally
 }
 
+/// A connection to `url`, if one opens within 2 s (an instance may be down).
 async fn channel(url: &str) -> Option<Channel> {
-    let endpoint = Endpoint::from_shared(url.to_owned()).ok()?.connect_timeout(Duration::from_secs(2));
-    endpoint.tcp_nodelay(true).connect().await.ok()
+    timeout(Duration::from_secs(2), crate::peers::connect(url)).await.ok()?.ok()
 }
 
 fn request<M>(load: &ChaosLoad, rx: mpsc::Receiver<M>, role: Role, id: i64) -> Request<ReceiverStream<M>> {

@@ -124,11 +124,16 @@ impl Window {
     }
 }
 
+/// One TCP (and HTTP/2) connection to `url`, as every scenario opens them.
+pub async fn connect(url: &str) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(url.to_owned())?.tcp_nodelay(true);
+    endpoint.connect().await.with_context(|| format!("connecting to {url}"))
+}
+
 async fn channels(url: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
     let mut out = Vec::with_capacity(count);
     for _ in 0..count.max(1) {
-        let endpoint = Endpoint::from_shared(url.to_owned())?.tcp_nodelay(true);
-        out.push(endpoint.connect().await.with_context(|| format!("connecting to {url}"))?);
+        out.push(connect(url).await?);
     }
     Ok(out)
 }

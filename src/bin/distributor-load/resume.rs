@@ -21,7 +21,6 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Streaming};
 
 #[derive(Args, Clone, Debug)]
@@ -122,10 +121,6 @@ pub async fn run(load: ResumeLoad) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_owned())?.tcp_nodelay(true).connect().await?)
-}
-
 async fn next<M>(rx: &mut Streaming<M>, what: &str) -> anyhow::Result<M> {
     match timeout(Duration::from_secs(10), rx.message()).await {
         Ok(Ok(Some(msg))) => Ok(msg),
@@ -147,7 +142,7 @@ impl Pair {
         let mut request = Request::new(ReceiverStream::new(rx));
         request.metadata_mut().insert("x-client-id", self.client.to_string().parse()?);
         request.metadata_mut().insert("x-resume-after", after.to_string().parse()?);
-        let mut rx = ClientServiceClient::new(channel(url).await?)
+        let mut rx = ClientServiceClient::new(crate::peers::connect(url).await?)
             .negotiate_peer_connection(request)
             .await?
             .into_inner();
@@ -164,7 +159,7 @@ impl Pair {
         let (wtx, wrx) = mpsc::channel(64);
         wtx.send(WorkerRtcMessage::register(self.worker)).await?;
         let workers_at = load.workers_at.as_ref().unwrap_or(&load.clients_at);
-        let mut wrx = WorkerServiceClient::new(channel(workers_at).await?)
+        let mut wrx = WorkerServiceClient::new(crate::peers::connect(workers_at).await?)
             .negotiate_peer_connection(Request::new(ReceiverStream::new(wrx)))
             .await?
             .into_inner();

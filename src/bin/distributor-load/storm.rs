@@ -14,7 +14,6 @@ use tokio::sync::{Barrier, mpsc};
 use tokio::time::{Instant, timeout};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Request;
-use tonic::transport::Endpoint;
 
 use crate::Load;
 
@@ -47,7 +46,7 @@ enum Held {
 
 async fn connect(load: &Load, worker: bool, id: i64) -> anyhow::Result<Held> {
     let url = if worker { load.workers_at.as_ref().unwrap_or(&load.clients_at) } else { &load.clients_at };
-    let channel = Endpoint::from_shared(url.clone())?.tcp_nodelay(true).connect().await?;
+    let channel = crate::peers::connect(url).await?;
     if worker {
         let (tx, rx) = mpsc::channel(4);
         tx.send(WorkerRtcMessage::register(id)).await?;

@@ -95,6 +95,13 @@ pub enum Command {
     /// Ask a running distributor's health service; exit 0 if it is SERVING (for container
     /// health checks and scripts).
     Health(HealthArgs),
+    /// Run an echo worker: every message on every data channel a client opens comes back.
+    #[cfg(feature = "sdk")]
+    Worker(crate::sdk::cli::WorkerArgs),
+    /// Open a data channel to a worker, check its echo byte for byte, and report the time to
+    /// open, round trips and throughput.
+    #[cfg(feature = "sdk")]
+    Client(crate::sdk::cli::ClientArgs),
 }
 
 #[derive(Debug, Clone, Args)]

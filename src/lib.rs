@@ -13,6 +13,9 @@
 //!    [`auth`]: bearer JWTs. [`codec`]: the gRPC codec (small per-stream buffers).
 //! 5. [`server`]: the one entry point, [`server::run`]: gRPC server, health, reflection, drain.
 //!    [`config`]: flags. [`shutdown`]: SIGINT/SIGTERM.
+//!
+//! Beside the server, with the cargo feature `sdk`: `sdk`, the peer side (a client and a worker
+//! that get a WebRTC data channel through the distributor), which uses only [`pb`].
 
 pub mod auth;
 pub mod cluster;
@@ -26,6 +29,8 @@ pub mod listener;
 pub mod metrics;
 pub mod pb;
 pub mod peer;
+#[cfg(feature = "sdk")]
+pub mod sdk;
 pub mod server;
 pub mod shards;
 pub mod shutdown;

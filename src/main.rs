@@ -14,6 +14,10 @@ fn main() -> ExitCode {
         Some(Command::Token(args)) => token(args),
         Some(Command::Health(args)) => health(args),
         Some(Command::Serve(args)) => serve(*args),
+        #[cfg(feature = "sdk")]
+        Some(Command::Worker(args)) => peer(distributor::sdk::cli::worker(args)),
+        #[cfg(feature = "sdk")]
+        Some(Command::Client(args)) => peer(distributor::sdk::cli::client(args)),
         None => serve(cli.serve),
     };
     match done {
@@ -101,6 +105,14 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
     let exp = std::time::SystemTime::now() + args.ttl;
     println!("{}", distributor::auth::mint_with(secret, args.role, args.id, exp, &extra)?);
     Ok(())
+}
+
+/// Runs a peer command (`worker`, `client`) on its own runtime.
+#[cfg(feature = "sdk")]
+fn peer(command: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    runtime()?.block_on(command)
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

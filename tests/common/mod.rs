@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod proxy;
 pub mod webrtc;
 
 use std::io::{BufRead, BufReader};

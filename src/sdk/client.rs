@@ -1,0 +1,153 @@
+//! The client: opens data channels to workers by id.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::connection::{self, Connection, Side, ToPeer};
+use super::signaling::{Incoming, Settings, Signal, Signaling, Stop};
+use super::{Error, Event, OPEN_TIMEOUT};
+use crate::core::PeerId;
+use crate::pb::ClientRtcMessage;
+
+/// How a [`Client`] connects.
+pub struct ClientBuilder {
+    settings: Settings,
+    bind: Option<IpAddr>,
+    open_timeout: Duration,
+}
+
+impl ClientBuilder {
+    /// A bearer token for the distributor (its `sub` is the client's id).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.settings.token = Some(token.into());
+        self
+    }
+
+    /// The client's id on a distributor without auth (`x-client-id`; random if not given).
+    pub fn id(mut self, id: PeerId) -> Self {
+        self.settings.client_id = Some(id);
+        self
+    }
+
+    /// Another distributor to move to when this one drains or cannot be reached.
+    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+        self.settings.endpoints.push(url.into());
+        self
+    }
+
+    /// The address the peer connections' UDP sockets bind, and their host candidate
+    /// (default: the first non-loopback interface address, else loopback).
+    pub fn bind(mut self, ip: IpAddr) -> Self {
+        self.bind = Some(ip);
+        self
+    }
+
+    /// How long [`Client::open`] waits ([`OPEN_TIMEOUT`] by default).
+    pub fn open_timeout(mut self, within: Duration) -> Self {
+        self.open_timeout = within;
+        self
+    }
+
+    /// Opens the signaling stream.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let mut settings = self.settings;
+        if settings.token.is_none() && settings.client_id.is_none() {
+            // Resuming needs a stable identity: one the distributor would not pick itself.
+            settings.client_id = Some(rand::random_range(1..i64::MAX));
+        }
+        let signaling = Signaling::connect::<ClientRtcMessage>(settings).await?;
+        let peers: Peers = Arc::default();
+        tokio::spawn(dispatch(signaling.incoming, peers.clone()));
+        Ok(Client {
+            out: signaling.out,
+            events: signaling.events,
+            peers,
+            bind: super::rtc::bind_address(self.bind),
+            open_timeout: self.open_timeout,
+            _stop: signaling.stop,
+        })
+    }
+}
+
+type Peers = Arc<Mutex<HashMap<PeerId, mpsc::UnboundedSender<ToPeer>>>>;
+
+/// A client: one signaling stream, any number of peer connections to workers. Dropping it
+/// ends the signaling (the workers hear `PEER_GONE`); open data channels go on.
+pub struct Client {
+    out: mpsc::Sender<Signal>,
+    events: broadcast::Sender<Event>,
+    peers: Peers,
+    bind: IpAddr,
+    open_timeout: Duration,
+    _stop: Stop,
+}
+
+impl Client {
+    pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        let settings = Settings {
+            endpoints: vec![url.into()],
+            token: None,
+            client_id: None,
+            worker_id: None,
+            connect_timeout: Duration::from_secs(10),
+        };
+        ClientBuilder { settings, bind: None, open_timeout: OPEN_TIMEOUT }
+    }
+
+    /// What happens to the signaling (reconnections, resumes).
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Opens a peer connection to `worker` with one data channel: the offer, the answer, the
+    /// candidates through the distributor, then ICE, DTLS and SCTP directly. Fails with the
+    /// distributor's refusal (`PEER_NOT_CONNECTED` when the worker is not there), or a timeout.
+    pub async fn open(&self, worker: PeerId) -> Result<Connection, Error> {
+        let (to_peer, signals) = mpsc::unbounded_channel();
+        {
+            let mut peers = self.peers.lock().expect("not poisoned");
+            peers.retain(|_, peer| !peer.is_closed());
+            if peers.contains_key(&worker) {
+                let reason = format!("a connection to worker {worker} is open: open another channel on it");
+                return Err(Error::Rtc(reason));
+            }
+            peers.insert(worker, to_peer);
+        }
+        let (opened, connection) = oneshot::channel();
+        let side = Side::Client { worker };
+        tokio::spawn(connection::run(side, self.bind, self.out.clone(), signals, opened));
+        let result = match tokio::time::timeout(self.open_timeout, connection).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout { what: "the data channel to open", after: self.open_timeout }),
+        };
+        if result.is_err() {
+            self.peers.lock().expect("not poisoned").remove(&worker);
+        }
+        result
+    }
+}
+
+/// Hands each message from the distributor to the connection it is about.
+async fn dispatch(mut incoming: mpsc::Receiver<Incoming>, peers: Peers) {
+    while let Some(incoming) = incoming.recv().await {
+        let mut peers = peers.lock().expect("not poisoned");
+        match incoming {
+            Incoming::Signal(signal) => {
+                let worker = signal.worker;
+                let Some(peer) = peers.get(&worker) else {
+                    tracing::debug!(worker, event = ?signal.event, "a message for no connection");
+                    continue;
+                };
+                if peer.send(ToPeer::Signal(signal)).is_err() {
+                    peers.remove(&worker);
+                }
+            }
+            Incoming::Fresh => peers.retain(|_, peer| peer.send(ToPeer::Reset).is_ok()),
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! One peer connection's negotiation, the same task on both sides: the client offers and accepts
+//! the answer, the worker answers; both trickle their candidate and add the other's.
+
+use std::net::IpAddr;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::Error;
+use super::rtc::{self, Command, DataChannel, Happened, OpenTimes};
+use super::signaling::Signal;
+use crate::core::PeerId;
+use crate::pb::RtcEvent;
+
+/// A peer connection to one worker (a client's) or one client (a worker's), open, with its
+/// first data channel.
+#[derive(Debug)]
+pub struct Connection {
+    /// The other peer's id: the worker's for a client, the client's for a worker.
+    pub peer: PeerId,
+    pub channel: DataChannel,
+    /// How long opening took, step by step.
+    pub times: OpenTimes,
+    channels: mpsc::Receiver<DataChannel>,
+    events: mpsc::UnboundedReceiver<PeerEvent>,
+}
+
+impl Connection {
+    /// The next data channel opened on this connection after the first (by either side).
+    pub async fn next_channel(&mut self) -> Option<DataChannel> {
+        self.channels.recv().await
+    }
+
+    /// The first channel, and the channels opened after it, to serve apart.
+    pub fn split(self) -> (DataChannel, mpsc::Receiver<DataChannel>) {
+        (self.channel, self.channels)
+    }
+
+    /// The next thing that happened to this connection; `None` once it is over.
+    pub async fn event(&mut self) -> Option<PeerEvent> {
+        self.events.recv().await
+    }
+}
+
+/// What happens to an open connection.
+#[derive(Debug, Clone)]
+pub enum PeerEvent {
+    /// The other peer's signaling is gone (`PEER_GONE`): no renegotiation is possible. The data
+    /// channels go on while the other peer's connection does.
+    PeerGone,
+    /// ICE lost its pair; it may come back.
+    Disconnected,
+    /// The distributor refused one of this side's messages on this session.
+    Refused(Error),
+    /// The connection is over.
+    Closed(String),
+}
+
+/// What the role's dispatcher hands a connection's task.
+#[derive(Debug)]
+pub(crate) enum ToPeer {
+    Signal(Signal),
+    /// The signaling started afresh: the distributor forgot this session.
+    Reset,
+}
+
+/// Which side a task negotiates for, and the session's address.
+#[derive(Clone, Copy)]
+pub(crate) enum Side {
+    Client { worker: PeerId },
+    Worker { worker: PeerId, client: PeerId },
+}
+
+impl Side {
+    fn signal(self, event: RtcEvent, payload: impl Into<bytes::Bytes>) -> Signal {
+        match self {
+            Side::Client { worker } => Signal::new(event, worker, 0, payload),
+            Side::Worker { worker, client } => Signal::new(event, worker, client, payload),
+        }
+    }
+
+    fn peer(self) -> PeerId {
+        match self {
+            Side::Client { worker } => worker,
+            Side::Worker { client, .. } => client,
+        }
+    }
+}
+
+/// Asks the `Rtc` task something and waits for its answer.
+async fn ask<T>(
+    commands: &mpsc::Sender<Command>,
+    command: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
+) -> Result<T, Error> {
+    let (reply, answer) = oneshot::channel();
+    commands.send(command(reply)).await.map_err(|_| Error::Closed)?;
+    answer.await.map_err(|_| Error::Closed)?
+}
+
+/// Negotiates and then serves one peer connection until it ends or every handle is dropped.
+/// `opened` gets the connection once its first data channel is open, or why it could not.
+pub(crate) async fn run(
+    side: Side,
+    bind: IpAddr,
+    out: mpsc::Sender<Signal>,
+    mut signals: mpsc::UnboundedReceiver<ToPeer>,
+    opened: oneshot::Sender<Result<Connection, Error>>,
+) {
+    let mut opened = Some(opened);
+    let fail = |opened: &mut Option<oneshot::Sender<_>>, e: Error| {
+        if let Some(opened) = opened.take() {
+            let _ = opened.send(Err(e));
+        }
+    };
+    let (commands, mut happened) = match rtc::start(bind).await {
+        Ok(started) => started,
+        Err(e) => return fail(&mut opened, e),
+    };
+    let send = |event, payload: bytes::Bytes| out.send(side.signal(event, payload));
+    if let Side::Client { .. } = side {
+        let offered = async {
+            let offer = ask(&commands, |reply| Command::Offer { label: "data".into(), reply }).await?;
+            send(RtcEvent::Offer, offer.into()).await.map_err(|_| Error::Closed)?;
+            let line = ask(&commands, |reply| Command::LocalCandidate { reply }).await?;
+            send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)
+        };
+        if let Err(e) = offered.await {
+            return fail(&mut opened, e);
+        }
+    }
+    let (channels_tx, channels) = mpsc::channel(16);
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let mut open = Some((channels, events));
+    let mut answered = false;
+    loop {
+        tokio::select! {
+            _ = async { opened.as_mut().expect("guarded").closed().await }, if opened.is_some() => {
+                // Nobody waits for this connection any more (the open timed out).
+                return;
+            }
+            signal = signals.recv() => {
+                let signal = match signal {
+                    None => return,
+                    Some(ToPeer::Reset) if opened.is_some() => {
+                        let reset = "the signaling started afresh: the distributor forgot the negotiation";
+                        return fail(&mut opened, Error::Ended(reset.into()));
+                    }
+                    Some(ToPeer::Reset) => continue,
+                    Some(ToPeer::Signal(signal)) => signal,
+                };
+                let done = match signal.event {
+                    RtcEvent::Offer => async {
+                        let offer = signal.payload.clone();
+                        let answer = ask(&commands, |reply| Command::Answer { offer, reply }).await?;
+                        send(RtcEvent::Answer, answer.into()).await.map_err(|_| Error::Closed)?;
+                        if !answered {
+                            answered = true;
+                            let line = ask(&commands, |reply| Command::LocalCandidate { reply }).await?;
+                            send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)?;
+                        }
+                        Ok(())
+                    }.await,
+                    RtcEvent::Answer => async {
+                        let answer = signal.payload.clone();
+                        ask(&commands, |reply| Command::Accept { answer, reply }).await?;
+                        send(RtcEvent::AcceptAnswer, bytes::Bytes::new()).await.map_err(|_| Error::Closed)
+                    }.await,
+                    RtcEvent::IceCandidate => {
+                        commands.send(Command::RemoteCandidate(signal.payload)).await.map_err(|_| Error::Closed)
+                    }
+                    RtcEvent::PeerGone => Err(Error::PeerGone),
+                    RtcEvent::Error => Err(Error::Refused {
+                        code: signal.error,
+                        reason: String::from_utf8_lossy(&signal.payload).into_owned(),
+                    }),
+                    _ => Ok(()),
+                };
+                if let Err(e) = done {
+                    if opened.is_some() {
+                        return fail(&mut opened, e);
+                    }
+                    let event = if matches!(e, Error::PeerGone) { PeerEvent::PeerGone } else { PeerEvent::Refused(e) };
+                    let _ = events_tx.send(event);
+                }
+            }
+            what = happened.recv() => match what {
+                Some(Happened::Open(channel, times)) => match (opened.take(), open.take()) {
+                    (Some(opened), Some((channels, events))) => {
+                        let connection = Connection { peer: side.peer(), channel, times, channels, events };
+                        if opened.send(Ok(connection)).is_err() {
+                            return;
+                        }
+                    }
+                    _ => {
+                        let _ = channels_tx.send(channel).await;
+                    }
+                },
+                Some(Happened::Disconnected) => {
+                    let _ = events_tx.send(PeerEvent::Disconnected);
+                }
+                Some(Happened::Closed(reason)) => {
+                    fail(&mut opened, Error::Rtc(reason.clone()));
+                    let _ = events_tx.send(PeerEvent::Closed(reason));
+                    return;
+                }
+                None => return,
+            }
+        }
+    }
+}

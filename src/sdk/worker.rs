@@ -1,0 +1,159 @@
+//! The worker: registers its id and accepts the peer connections clients open to it.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::connection::{self, Connection, Side, ToPeer};
+use super::signaling::{Incoming, Settings, Signal, Signaling, Stop};
+use super::{Error, Event, OPEN_TIMEOUT};
+use crate::core::PeerId;
+use crate::pb::{RtcEvent, WorkerRtcMessage};
+
+/// How a [`Worker`] connects.
+pub struct WorkerBuilder {
+    settings: Settings,
+    bind: Option<IpAddr>,
+}
+
+impl WorkerBuilder {
+    /// The worker's id (required): what clients open connections to.
+    pub fn id(mut self, id: PeerId) -> Self {
+        self.settings.worker_id = Some(id);
+        self
+    }
+
+    /// A bearer token for the distributor (its `sub` must be the worker's id).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.settings.token = Some(token.into());
+        self
+    }
+
+    /// Another distributor to move to when this one drains or cannot be reached.
+    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+        self.settings.endpoints.push(url.into());
+        self
+    }
+
+    /// The address the peer connections' UDP sockets bind, and their host candidate.
+    pub fn bind(mut self, ip: IpAddr) -> Self {
+        self.bind = Some(ip);
+        self
+    }
+
+    /// Registers the worker: once this returns, clients anywhere in the cluster reach it.
+    pub async fn connect(self) -> Result<Worker, Error> {
+        let Some(worker) = self.settings.worker_id.filter(|id| *id != 0) else {
+            return Err(Error::Ended("a worker needs a non-zero id (WorkerBuilder::id)".into()));
+        };
+        let signaling = Signaling::connect::<WorkerRtcMessage>(self.settings).await?;
+        let (accepted_tx, accepted) = mpsc::channel(64);
+        let bind = super::rtc::bind_address(self.bind);
+        let dispatcher =
+            Dispatcher { worker, bind, out: signaling.out, accepted: accepted_tx, peers: HashMap::new() };
+        tokio::spawn(dispatcher.run(signaling.incoming));
+        Ok(Worker { id: worker, accepted, events: signaling.events, _stop: signaling.stop })
+    }
+}
+
+/// A worker: one signaling stream, serving any number of clients. Dropping it ends the
+/// signaling (its clients hear `PEER_GONE`); open data channels go on.
+pub struct Worker {
+    id: PeerId,
+    accepted: mpsc::Receiver<Connection>,
+    events: broadcast::Sender<Event>,
+    _stop: Stop,
+}
+
+impl Worker {
+    pub fn builder(url: impl Into<String>) -> WorkerBuilder {
+        let settings = Settings {
+            endpoints: vec![url.into()],
+            token: None,
+            client_id: None,
+            worker_id: None,
+            connect_timeout: Duration::from_secs(10),
+        };
+        WorkerBuilder { settings, bind: None }
+    }
+
+    pub fn id(&self) -> PeerId {
+        self.id
+    }
+
+    /// The next client's connection, once its first data channel is open; `None` once the
+    /// signaling ended for good.
+    pub async fn accept(&mut self) -> Option<Connection> {
+        self.accepted.recv().await
+    }
+
+    /// What happens to the signaling (reconnections, resumes).
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+}
+
+/// Hands each client's messages to its connection, starting one on a new client's `OFFER`.
+struct Dispatcher {
+    worker: PeerId,
+    bind: IpAddr,
+    out: mpsc::Sender<Signal>,
+    accepted: mpsc::Sender<Connection>,
+    peers: HashMap<PeerId, mpsc::UnboundedSender<ToPeer>>,
+}
+
+impl Dispatcher {
+    async fn run(mut self, mut incoming: mpsc::Receiver<Incoming>) {
+        while let Some(incoming) = incoming.recv().await {
+            match incoming {
+                Incoming::Signal(signal) => self.signal(signal),
+                Incoming::Fresh => self.peers.retain(|_, peer| peer.send(ToPeer::Reset).is_ok()),
+            }
+            if self.accepted.is_closed() {
+                return;
+            }
+        }
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        let client = signal.client;
+        let offer = signal.event == RtcEvent::Offer;
+        let signal = match self.peers.get(&client) {
+            Some(peer) => match peer.send(ToPeer::Signal(signal)) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(ToPeer::Signal(signal))) => signal,
+                Err(_) => return,
+            },
+            None => signal,
+        };
+        if !offer {
+            tracing::debug!(client, event = ?signal.event, "a message for no connection");
+            self.peers.remove(&client);
+            return;
+        }
+        // A new client (or one whose connection ended): a new peer connection.
+        self.peers.retain(|_, peer| !peer.is_closed());
+        let (to_peer, signals) = mpsc::unbounded_channel();
+        let _ = to_peer.send(ToPeer::Signal(signal));
+        self.peers.insert(client, to_peer);
+        let (opened, connection) = oneshot::channel();
+        let side = Side::Worker { worker: self.worker, client };
+        tokio::spawn(connection::run(side, self.bind, self.out.clone(), signals, opened));
+        let accepted = self.accepted.clone();
+        tokio::spawn(async move {
+            // A client that never finishes is given up (dropping `connection` ends its task).
+            match tokio::time::timeout(OPEN_TIMEOUT, connection).await {
+                Ok(Ok(Ok(connection))) => {
+                    let _ = accepted.send(connection).await;
+                }
+                Ok(Ok(Err(e))) => tracing::debug!(client, "a client's connection did not open: {e}"),
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    tracing::debug!(client, "a client's connection did not open within {OPEN_TIMEOUT:?}")
+                }
+            }
+        });
+    }
+}

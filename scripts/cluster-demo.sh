@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# A client on one distributor negotiates with a worker on another, over the local 3-node NATS
-# cluster. Starts everything it needs on 127.0.0.1 and stops it again (by PID) on exit.
+# A client on one distributor opens a real WebRTC data channel to a worker on another, over the
+# local 3-node NATS cluster: first the negotiation message by message (examples/negotiate.rs),
+# then `distributor client` against `distributor worker`, echoing over the data channel.
+# Starts everything it needs on 127.0.0.1 and stops it again (by PID) on exit.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 run="$root/.run/demo"
 mkdir -p "$run"
 
-cargo build --release --quiet --bin distributor --example negotiate
+cargo build --release --quiet --features sdk --bin distributor --example negotiate
 bash scripts/nats-cluster.sh up
 
 pids=()
@@ -37,3 +39,10 @@ start b 127.0.0.1:50052 nats://127.0.0.1:4223,nats://127.0.0.1:4224,nats://127.0
 echo "distributor a on 127.0.0.1:50051, b on 127.0.0.1:50052 (logs in $run)"
 
 ./target/release/examples/negotiate --client-at http://127.0.0.1:50051 --worker-at http://127.0.0.1:50052
+
+echo
+echo "== a real data channel: distributor worker on b, distributor client on a"
+./target/release/distributor worker --id 4242 --connect http://127.0.0.1:50052 --bind 127.0.0.1 2>"$run/worker.log" &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q registered "$run/worker.log" 2>/dev/null && break; sleep 0.1; done
+./target/release/distributor client --worker 4242 --connect http://127.0.0.1:50051 --bind 127.0.0.1 --messages 200 --size 1024

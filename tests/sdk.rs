@@ -209,3 +209,102 @@ async fn a_drained_instance_moves_the_client_and_the_channel_keeps_echoing() {
     let mut second = client.open(32).await.expect("a data channel through the new instance");
     echo(&mut second, 5).await;
 }
+
+/// `distributor worker` as its own process, echoing.
+fn worker_process(url: &str, id: i64) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_distributor"))
+        .args(["worker", "--id", &id.to_string(), "--connect", url, "--bind", "127.0.0.1"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start distributor worker")
+}
+
+/// Waits for the worker process to say it registered.
+fn registered(child: &mut std::process::Child) {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("piped");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let line = lines.next().expect("a line").expect("readable");
+    assert!(line.contains("registered"), "{line}");
+    // Keep reading in the background so the worker never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+}
+
+fn client_command(url: &str, worker: i64, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_distributor"))
+        .args(["client", "--worker", &worker.to_string(), "--connect", url, "--bind", "127.0.0.1"])
+        .args(extra)
+        .output()
+        .expect("run distributor client")
+}
+
+// The test blocks on the worker process's output: the server runs on other threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_command_checks_the_echo_of_the_worker_command() {
+    let server = TestServer::start().await;
+    let mut worker = worker_process(&server.url(), 77);
+    registered(&mut worker);
+    let url = server.url();
+    let out = tokio::task::spawn_blocking(move || {
+        client_command(&url, 77, &["--messages", "50", "--size", "1200", "--json"])
+    })
+    .await
+    .unwrap();
+    let _ = worker.kill();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!((report["worker"].as_i64(), report["messages"].as_u64()), (Some(77), Some(50)));
+    for field in
+        ["open_ms", "ice_ms", "dtls_ms", "channel_ms", "rtt_p50_ms", "rtt_p99_ms", "throughput_mib_s"]
+    {
+        assert!(report[field].as_f64().is_some_and(|v| v > 0.0), "{field} in {report}");
+    }
+}
+
+#[tokio::test]
+async fn the_client_command_fails_with_the_distributors_error() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let out = tokio::task::spawn_blocking(move || client_command(&url, 404, &[])).await.unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PEER_NOT_CONNECTED"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+}
+
+// The test blocks on the worker process's output: the server runs on other threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_process_is_peer_gone_once_its_grace_ends() {
+    let grace = Duration::from_secs(1);
+    let server = TestServer::with(Config { shards: 2, resume_grace: grace, ..Config::default() }).await;
+    let mut worker = worker_process(&server.url(), 78);
+    registered(&mut worker);
+    let client = client(&server.url()).connect().await.unwrap();
+    let mut connection = client.open(78).await.unwrap();
+    echo(&mut connection, 3).await;
+    worker.kill().expect("SIGKILL the worker");
+    let _ = worker.wait();
+    let killed = std::time::Instant::now();
+    let event = tokio::time::timeout(WAIT, connection.event()).await.expect("an event in time");
+    // The worker's stream was resumable: it is detached for the grace, then gone.
+    assert!(matches!(event, Some(PeerEvent::PeerGone)), "{event:?}");
+    assert!(killed.elapsed() >= grace.mul_f64(0.5), "PEER_GONE only after the grace: {:?}", killed.elapsed());
+}
+
+#[tokio::test]
+async fn a_dropped_connection_closes_the_other_side_and_a_new_one_opens() {
+    let server = TestServer::start().await;
+    let mut worker = Worker::builder(server.url()).id(12).bind(LOOPBACK).connect().await.unwrap();
+    let client = client(&server.url()).connect().await.unwrap();
+    for round in 0..3 {
+        let (opened, accepted) = tokio::join!(client.open(12), worker.accept());
+        let (at_client, mut at_worker) = (opened.unwrap(), accepted.unwrap());
+        at_client.channel.send(Bytes::from(format!("round {round}"))).await.unwrap();
+        assert_eq!(at_worker.channel.recv().await, Some(Bytes::from(format!("round {round}"))));
+        // The client lets go: SCTP and DTLS close, the worker's channel ends.
+        drop(at_client);
+        let ended =
+            tokio::time::timeout(WAIT, at_worker.channel.recv()).await.expect("the channel ends in time");
+        assert_eq!(ended, None);
+    }
+}

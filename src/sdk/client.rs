@@ -106,16 +106,18 @@ impl Client {
     /// Opens a peer connection to `worker` with one data channel: the offer, the answer, the
     /// candidates through the distributor, then ICE, DTLS and SCTP directly. Fails with the
     /// distributor's refusal (`PEER_NOT_CONNECTED` when the worker is not there), or a timeout.
+    /// A connection to the same worker opened earlier is closed (one session per pair: more
+    /// channels on one connection come from [`DataChannel::open_another`]).
+    ///
+    /// [`DataChannel::open_another`]: super::DataChannel::open_another
     pub async fn open(&self, worker: PeerId) -> Result<Connection, Error> {
         let (to_peer, signals) = mpsc::unbounded_channel();
         {
             let mut peers = self.peers.lock().expect("not poisoned");
             peers.retain(|_, peer| !peer.is_closed());
-            if peers.contains_key(&worker) {
-                let reason = format!("a connection to worker {worker} is open: open another channel on it");
-                return Err(Error::Rtc(reason));
+            if let Some(earlier) = peers.insert(worker, to_peer) {
+                let _ = earlier.send(ToPeer::Close);
             }
-            peers.insert(worker, to_peer);
         }
         let (opened, connection) = oneshot::channel();
         let side = Side::Client { worker };
@@ -126,7 +128,8 @@ impl Client {
             Err(_) => Err(Error::Timeout { what: "the data channel to open", after: self.open_timeout }),
         };
         if result.is_err() {
-            self.peers.lock().expect("not poisoned").remove(&worker);
+            let mut peers = self.peers.lock().expect("not poisoned");
+            peers.retain(|_, peer| !peer.is_closed());
         }
         result
     }

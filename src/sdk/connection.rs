@@ -61,6 +61,8 @@ pub(crate) enum ToPeer {
     Signal(Signal),
     /// The signaling started afresh: the distributor forgot this session.
     Reset,
+    /// A new connection with the same peer replaces this one: it closes.
+    Close,
 }
 
 /// Which side a task negotiates for, and the session's address.
@@ -135,6 +137,11 @@ pub(crate) async fn run(
         tokio::select! {
             _ = async { opened.as_mut().expect("guarded").closed().await }, if opened.is_some() => {
                 // Nobody waits for this connection any more (the open timed out).
+                let _ = commands.send(Command::Close).await;
+                return;
+            }
+            _ = async { tokio::join!(channels_tx.closed(), events_tx.closed()) }, if open.is_none() => {
+                // The connection's handle is gone: the `Rtc` lives on while a channel does.
                 return;
             }
             signal = signals.recv() => {
@@ -145,6 +152,10 @@ pub(crate) async fn run(
                         return fail(&mut opened, Error::Ended(reset.into()));
                     }
                     Some(ToPeer::Reset) => continue,
+                    Some(ToPeer::Close) => {
+                        let _ = commands.send(Command::Close).await;
+                        return fail(&mut opened, Error::Closed);
+                    }
                     Some(ToPeer::Signal(signal)) => signal,
                 };
                 let done = match signal.event {

@@ -28,6 +28,12 @@ const SEND_BUFFER: usize = 32 * 1024;
 /// message of at most this size.
 pub const MAX_MESSAGE: usize = 256 * 1024;
 
+/// How long ICE may stay disconnected before the connection is given up.
+pub const ICE_GIVE_UP: Duration = Duration::from_secs(30);
+
+/// How long a closing connection sends what its close says.
+const CLOSING: Duration = Duration::from_secs(1);
+
 /// Messages received on a channel that wait for its reader before the connection stops reading
 /// its socket (and the other peer's SCTP slows down).
 const RECV_QUEUE: usize = 256;
@@ -85,6 +91,8 @@ pub(crate) enum Command {
         data: Bytes,
         done: oneshot::Sender<Result<(), Error>>,
     },
+    /// Ends the connection (SCTP shutdown, DTLS close_notify): the other peer's channels end.
+    Close,
 }
 
 /// What happened on a peer connection, for the role that owns it.
@@ -180,6 +188,8 @@ pub(crate) async fn start(bind: IpAddr) -> Result<(mpsc::Sender<Command>, mpsc::
         pending: None,
         started: None,
         times: OpenTimes::default(),
+        lost_since: None,
+        closed_by_peer: false,
     };
     tokio::spawn(task.run());
     Ok((commands, happened))
@@ -199,6 +209,9 @@ struct Task {
     pending: Option<SdpPendingOffer>,
     started: Option<Instant>,
     times: OpenTimes,
+    /// Since when ICE has been disconnected.
+    lost_since: Option<Instant>,
+    closed_by_peer: bool,
 }
 
 fn rtc_error(e: impl std::fmt::Display) -> Error {
@@ -219,29 +232,29 @@ impl Task {
                     return;
                 }
             };
+            if self.closed_by_peer {
+                return self.close("the other peer closed the connection").await;
+            }
             let timeout = tokio::time::sleep_until(wake.into());
             tokio::select! {
                 received = self.socket.recv_from(&mut self.buf) => {
-                    // A failed receive on UDP (an ICMP error for an earlier datagram) loses
-                    // nothing the protocols above do not retransmit.
-                    if let Ok((n, source)) = received
-                        && let Ok(contents) = self.buf[..n].try_into()
-                    {
-                        let receive = Receive { proto: Protocol::Udp, source, destination: self.local, contents };
-                        let _ = self.rtc.handle_input(Input::Receive(Instant::now(), receive));
+                    if let Ok((n, source)) = received {
+                        self.receive(n, source);
                     }
                 }
                 command = self.commands.recv() => match command {
+                    Some(Command::Close) => return self.close("closed here").await,
                     Some(command) => self.command(command),
                     // Every handle is gone: the connection closes.
-                    None => {
-                        self.rtc.disconnect();
-                        let _ = self.drain().await;
-                        return;
-                    }
+                    None => return self.close("every handle was dropped").await,
                 },
                 _ = timeout => {
-                    let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+                    let now = Instant::now();
+                    if self.lost_since.is_some_and(|since| now - since >= ICE_GIVE_UP) {
+                        let reason = format!("ICE lost the other peer for {ICE_GIVE_UP:?}");
+                        return self.close(&reason).await;
+                    }
+                    let _ = self.rtc.handle_input(Input::Timeout(now));
                 }
             }
         }
@@ -307,6 +320,8 @@ impl Task {
                     self.pending = Some(pending);
                 }
             }
+            // Handled by the loop: it ends the task.
+            Command::Close => {}
             Command::Write { data, done, .. } if data.len() > MAX_MESSAGE => {
                 let too_large = format!("a message of {} bytes; the most is {MAX_MESSAGE}", data.len());
                 let _ = done.send(Err(Error::Rtc(too_large)));
@@ -351,6 +366,38 @@ impl Task {
         }
     }
 
+    /// Closes the connection: sends what the close says for [`CLOSING`] at most, then reports.
+    async fn close(mut self, reason: &str) {
+        let _ = self.rtc.close();
+        let until = Instant::now() + CLOSING;
+        while let Ok(wake) = self.drain().await {
+            if Instant::now() >= until {
+                break;
+            }
+            tokio::select! {
+                received = self.socket.recv_from(&mut self.buf) => {
+                    if let Ok((n, source)) = received {
+                        self.receive(n, source);
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.min(until).into()) => {
+                    let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+                }
+            }
+        }
+        let _ = self.happened.send(Happened::Closed(reason.to_owned())).await;
+    }
+
+    /// Hands a datagram to the `Rtc`. A failed receive on UDP (an ICMP error for an earlier
+    /// datagram) or a datagram str0m does not understand loses nothing the protocols above do
+    /// not retransmit.
+    fn receive(&mut self, n: usize, source: SocketAddr) {
+        if let Ok(contents) = self.buf[..n].try_into() {
+            let receive = Receive { proto: Protocol::Udp, source, destination: self.local, contents };
+            let _ = self.rtc.handle_input(Input::Receive(Instant::now(), receive));
+        }
+    }
+
     /// Polls the `Rtc` until it wants time to pass; `Err` once the connection is over.
     async fn drain(&mut self) -> Result<Instant, String> {
         loop {
@@ -371,11 +418,19 @@ impl Task {
     async fn event(&mut self, event: Event) {
         let since = || self.started.map(|s| s.elapsed()).unwrap_or_default();
         match event {
-            Event::IceConnectionStateChange(IceConnectionState::Connected) if self.times.ice.is_zero() => {
+            Event::IceConnectionStateChange(
+                IceConnectionState::Connected | IceConnectionState::Completed,
+            ) if self.times.ice.is_zero() => {
                 self.times.ice = since();
             }
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                self.lost_since.get_or_insert_with(Instant::now);
                 let _ = self.happened.send(Happened::Disconnected).await;
+            }
+            Event::IceConnectionStateChange(
+                IceConnectionState::Connected | IceConnectionState::Completed,
+            ) if self.lost_since.is_some() => {
+                self.lost_since = None;
             }
             Event::Connected => self.times.dtls = since(),
             Event::ChannelOpen(id, label) => {
@@ -406,6 +461,8 @@ impl Task {
                     }
                 }
             }
+            // The other peer closed (DTLS close_notify or SCTP shutdown).
+            Event::Closed => self.closed_by_peer = true,
             _ => {}
         }
     }

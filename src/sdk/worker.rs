@@ -119,25 +119,22 @@ impl Dispatcher {
 
     fn signal(&mut self, signal: Signal) {
         let client = signal.client;
-        let offer = signal.event == RtcEvent::Offer;
-        let signal = match self.peers.get(&client) {
-            Some(peer) => match peer.send(ToPeer::Signal(signal)) {
-                Ok(()) => return,
-                Err(mpsc::error::SendError(ToPeer::Signal(signal))) => signal,
-                Err(_) => return,
-            },
-            None => signal,
-        };
-        if !offer {
-            tracing::debug!(client, event = ?signal.event, "a message for no connection");
-            self.peers.remove(&client);
+        if signal.event != RtcEvent::Offer {
+            let delivered = self.peers.get(&client).map(|peer| peer.send(ToPeer::Signal(signal)));
+            if !matches!(delivered, Some(Ok(()))) {
+                tracing::debug!(client, "a message for no connection");
+                self.peers.remove(&client);
+            }
             return;
         }
-        // A new client (or one whose connection ended): a new peer connection.
+        // Every OFFER is a new peer connection (the client SDK makes one per `open`); one the
+        // same client opened earlier closes.
         self.peers.retain(|_, peer| !peer.is_closed());
         let (to_peer, signals) = mpsc::unbounded_channel();
         let _ = to_peer.send(ToPeer::Signal(signal));
-        self.peers.insert(client, to_peer);
+        if let Some(earlier) = self.peers.insert(client, to_peer) {
+            let _ = earlier.send(ToPeer::Close);
+        }
         let (opened, connection) = oneshot::channel();
         let side = Side::Worker { worker: self.worker, client };
         tokio::spawn(connection::run(side, self.bind, self.out.clone(), signals, opened));

@@ -159,3 +159,28 @@ fn storm_connects_every_peer_on_a_connection_of_its_own() {
         "{report}"
     );
 }
+
+#[test]
+fn datachannel_opens_real_channels_and_compares_with_direct_signaling() {
+    let server = Binary::start(&[], &[]);
+    let url = format!("http://{}", server.addr);
+    let output = Command::new(env!("CARGO_BIN_EXE_distributor-load"))
+        .args(["datachannel", "--opens", "5", "--concurrent", "20", "--workers", "3"])
+        .args(["--throughput-mib", "2", "--clients-at", &url, "--json"])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run distributor-load");
+    assert!(output.status.success(), "distributor-load datachannel failed");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
+    let f = |section: &str, k: &str| {
+        report[section][k].as_f64().unwrap_or_else(|| panic!("{section}.{k}: {report}"))
+    };
+    assert!(f("sequential", "relayed_p50_ms") > 0.0 && f("sequential", "direct_p50_ms") > 0.0, "{report}");
+    assert!(f("sequential", "relayed_p50_ms") <= f("sequential", "relayed_p99_ms"), "{report}");
+    assert_eq!(
+        (report["concurrent"]["opened"].as_u64(), report["concurrent"]["failed"].as_u64()),
+        (Some(20), Some(0))
+    );
+    assert!(f("concurrent", "opens_per_s") > 0.0, "{report}");
+    assert!(f("throughput", "sdk_mib_s") > 0.0 && f("throughput", "str0m_mib_s") > 0.0, "{report}");
+}

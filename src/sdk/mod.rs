@@ -33,11 +33,13 @@
 //!   offers, the worker answers, both trickle their candidates.
 //! - [`client`] and [`worker`]: the two roles: one signaling stream each, its messages handed to
 //!   the connection they are about.
+//! - [`direct`]: two peers signaling in-process, the baseline of the open-time benchmark.
 //! - `cli`: `distributor client` and `distributor worker`.
 
 pub mod cli;
 pub mod client;
 mod connection;
+pub mod direct;
 pub mod rtc;
 pub mod signaling;
 pub mod worker;

@@ -7,12 +7,14 @@
 //! distributor-load relay --echo --clients-at http://127.0.0.1:50060
 //! distributor-load storm --pairs 5000 --clients-at http://127.0.0.1:50051        # 10,000 peers at once
 //! distributor-load resume --pairs 100 --resumes 1000 --clients-at http://127.0.0.1:50051
+//! distributor-load datachannel --opens 200 --concurrent 1000 --throughput-mib 64
 //! distributor-load chaos --pairs 60 --targets http://A,http://B,http://C   # scripts/chaos.sh
 //! distributor-load nats-ceiling --nats-url nats://127.0.0.1:4222 --nats-url-b nats://127.0.0.1:4223
 //! ```
 //! Every run is bounded by `--duration` and `--max-messages`.
 
 mod chaos;
+mod datachannel;
 mod echo;
 mod nats;
 mod peers;
@@ -57,6 +59,9 @@ enum Scenario {
     /// --pairs workers and as many clients connecting at once, each on its own connection:
     /// peers connected per second, and the time from each connect to its welcome.
     Storm(Load),
+    /// Real WebRTC data channels with the SDK: time to open against direct signaling,
+    /// opens/s with many clients at once, one channel's throughput against bare str0m.
+    Datachannel(datachannel::DataChannelLoad),
     /// Connects --pairs idle pairs (2 × pairs peers), then reports the server's memory per peer
     /// and its CPU time while they idle for --duration.
     Idle(Load),
@@ -158,6 +163,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Chaos(load) => chaos::run(load).await,
             Scenario::Resume(load) => resume::run(load).await,
             Scenario::Storm(load) => storm::run(load).await,
+            Scenario::Datachannel(load) => datachannel::run(load).await,
             Scenario::NatsCeiling(load) => {
                 let json = load.load.json;
                 report::print(&nats::ceiling(load).await?, json)

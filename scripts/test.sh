@@ -14,6 +14,9 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --all-targets --all-features --locked -- -D warnings
 
+step "deployment manifests (scripts/manifests.sh)"
+bash scripts/manifests.sh
+
 step "nats-server (for the cluster tests)"
 NATS_SERVER="$(bash scripts/nats-server.sh)"
 export NATS_SERVER

@@ -5,7 +5,9 @@
 #   scripts/compose.sh down     stop and remove it
 #   scripts/compose.sh status   the containers, and each instance's health
 #   scripts/compose.sh test     up, 50 handshakes from clients on instance 1 to workers on
-#                               instance 3, down (scripts/test.sh runs this)
+#                               instance 3, then partitions under load (instance 1 cut off
+#                               from NATS, then NATS node 2 cut off), down (scripts/test.sh
+#                               runs this)
 # Instances answer on 127.0.0.1:50061, 50062 and 50063.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -42,15 +44,83 @@ up() {
     done
 }
 
+load() { target/release/distributor-load "$@"; }
+
+handshakes() { # handshakes N CLIENTS-PORT WORKERS-PORT FIRST-WORKER: N handshakes, no error
+    local report
+    report=$(load handshake --pairs 10 --max-messages "$1" --warmup 0s --duration 20s --first-worker "$4" \
+        --clients-at "http://127.0.0.1:$2" --workers-at "http://127.0.0.1:$3" --json)
+    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); n=int(sys.argv[2]); assert r["handshakes"] == n and not r["errors"], r' \
+        "$report" "$1"
+}
+
+seconds_since() { python3 -c "import sys,time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$1"; }
+
+# wait_health PORT SERVICE WANT: until `distributor health` says WANT (SERVING or not), 30 s at
+# most; prints how long it took.
+wait_health() {
+    local from; from=$(date +%s.%N)
+    for _ in $(seq 1 150); do
+        if health "$1" "$2" >/dev/null; then [ "$3" = SERVING ] && break; else [ "$3" != SERVING ] && break; fi
+        sleep 0.2
+    done
+    seconds_since "$from"
+}
+
+# The partitions, under `distributor-load chaos` (an exact tally of every message) across the
+# three instances: instance 1 cut off from the NATS network, then NATS node 2 cut off from the
+# other two and from the instances. Nothing may be lost or duplicated, and every message must be
+# accounted for (delivered + refused + PEER_GONE + cut = sent).
+partitions() {
+    local tally="$root/.run/compose-chaos.json" targets="" port chaos
+    for port in "${ports[@]}"; do targets+="${targets:+,}http://127.0.0.1:$port"; done
+    load chaos --pairs 12 --duration 40s --targets "$targets" --json >"$tally" &
+    chaos=$!
+    sleep 5
+
+    docker network disconnect distributor_nats distributor_distributor-1_1
+    local noticed; noticed=$(wait_health "${ports[0]}" distributor.cluster NOT)
+    echo "partition: instance 1 cut off from NATS; its cluster health went NOT_SERVING after $noticed s"
+    # The bound (README, "Cluster mode"): two NATS pings without a pong, about 6 s.
+    python3 -c 'import sys; assert float(sys.argv[1]) <= 8.0, f"noticed after {sys.argv[1]} s"' "$noticed"
+    local refused
+    refused=$(load handshake --pairs 2 --warmup 0s --duration 3s --first-worker 6900000 \
+        --clients-at "http://127.0.0.1:${ports[0]}" --workers-at "http://127.0.0.1:${ports[2]}" --json)
+    python3 -c 'import json,sys; e=json.loads(sys.argv[1])["errors"]; assert e.get("CLUSTER_UNAVAILABLE", 0) > 0 and set(e) == {"CLUSTER_UNAVAILABLE"}, e' "$refused"
+    echo "partition: offers from instance 1 to instance 3 refused with CLUSTER_UNAVAILABLE"
+    handshakes 20 "${ports[0]}" "${ports[0]}" 7000000
+    echo "partition: 20 handshakes within instance 1 meanwhile, no error"
+    sleep 5
+    docker network connect distributor_nats distributor_distributor-1_1
+    echo "partition: healed; instance 1 back on NATS after $(wait_health "${ports[0]}" distributor.cluster SERVING) s"
+    handshakes 20 "${ports[0]}" "${ports[2]}" 7100000
+    echo "partition: 20 handshakes from instance 1 to instance 3 after, no error"
+
+    sleep 3
+    docker network disconnect distributor_nats distributor_nats-2_1
+    echo "partition: NATS node 2 cut off from the other nodes and the instances for 8 s"
+    sleep 8
+    docker network connect distributor_nats distributor_nats-2_1
+
+    wait "$chaos"
+    python3 - "$tally" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[1]))
+print("partition: chaos tally", json.dumps({k: t[k] for k in ("sent", "delivered", "refused", "peer_gone", "cut", "lost", "duplicated")}))
+assert t["balances"] and t["lost"] == 0 and t["duplicated"] == 0, t
+assert t["refused"].get("CLUSTER_UNAVAILABLE", 0) > 0 or t["cut"] > 0, ("the partition showed nowhere", t)
+assert t["delivered"] > 0.5 * t["sent"], t
+PY
+}
+
 case "${1:-}" in
     test)
         trap 'compose down --remove-orphans >/dev/null 2>&1 || true' EXIT
         up
         cargo build --release --locked --quiet --features load --bin distributor-load
-        report=$(target/release/distributor-load handshake --pairs 10 --max-messages 50 --warmup 0s --duration 20s \
-            --clients-at "http://127.0.0.1:${ports[0]}" --workers-at "http://127.0.0.1:${ports[2]}" --json)
-        python3 -c 'import json,sys; r=json.loads(sys.argv[1]); assert r["handshakes"] == 50 and not r["errors"], r' "$report"
+        handshakes 50 "${ports[0]}" "${ports[2]}" 1000000
         echo "compose: 50 handshakes from instance 1 to instance 3, no error"
+        partitions
         ;;
     up) up ;;
     down) compose down --remove-orphans ;;

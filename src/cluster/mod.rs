@@ -58,6 +58,13 @@ pub mod wire {
 /// How long a registration or a claim waits for NATS before the stream goes on without it.
 pub const REGISTER_WAIT: Duration = Duration::from_secs(1);
 
+/// How often the NATS client pings its server. A connection that stops answering (a network cut
+/// that leaves the TCP connection silent) is noticed after two pings without a pong: within
+/// about three intervals, 6 s. Until then cross-instance messages wait in the links; from then on
+/// they are refused with `CLUSTER_UNAVAILABLE` and the health of `distributor.cluster` says
+/// `NOT_SERVING`.
+pub const NATS_PING: Duration = Duration::from_secs(2);
+
 /// How long startup waits for a first NATS connection before serving without one.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
@@ -240,7 +247,7 @@ impl Cluster {
             .no_echo()
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(2))
-            .ping_interval(Duration::from_secs(5))
+            .ping_interval(NATS_PING)
             .subscription_capacity(1 << 16)
             .client_capacity(1 << 14)
             .reconnect_delay_callback(reconnect_delay)

@@ -10,7 +10,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use distributor::core::Role;
 use distributor::pb::client_service_client::ClientServiceClient;
 use distributor::pb::worker_service_client::WorkerServiceClient;
-use distributor::pb::{ClientRtcMessage, RtcEvent, WorkerRtcMessage};
+use distributor::pb::{ClientRtcMessage, ErrorCode, RtcEvent, WorkerRtcMessage};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -202,11 +202,28 @@ async fn open_client(load: &Load, channel: Channel, id: i64) -> anyhow::Result<C
     Ok(ClientSide { id: welcome.client_id, tx, rx })
 }
 
-/// Offer, answer, accept; returns the offer-to-answer time seen by the client.
-async fn negotiate(c: &mut ClientSide, w: &mut WorkerSide) -> anyhow::Result<Duration> {
+/// How a negotiation ended.
+enum Negotiated {
+    /// Offer, answer, accept: the offer-to-answer time seen by the client.
+    Done(Duration),
+    /// The distributor refused the offer (its `ERROR` to the client).
+    Refused(ErrorCode),
+}
+
+/// Offer, answer, accept; or the distributor's refusal of the offer.
+async fn negotiate(c: &mut ClientSide, w: &mut WorkerSide) -> anyhow::Result<Negotiated> {
     let offered = Instant::now();
     c.tx.send(ClientRtcMessage::to_worker(w.id, RtcEvent::Offer, &b"v=0 offer"[..])).await?;
-    let offer = next(&mut w.rx, "offer").await?;
+    let offer = tokio::select! {
+        offer = next(&mut w.rx, "offer") => offer?,
+        refusal = next(&mut c.rx, "offer's refusal") => {
+            let refusal = refusal?;
+            if refusal.event() != RtcEvent::Error {
+                bail!("client {}: expected nothing or ERROR before the OFFER arrived, got {refusal:?}", c.id);
+            }
+            return Ok(Negotiated::Refused(refusal.error_code()));
+        }
+    };
     if offer.event() != RtcEvent::Offer {
         bail!("worker {}: expected OFFER, got {offer:?}", w.id);
     }
@@ -221,7 +238,7 @@ async fn negotiate(c: &mut ClientSide, w: &mut WorkerSide) -> anyhow::Result<Dur
     if accept.event() != RtcEvent::AcceptAnswer {
         bail!("worker {}: expected ACCEPT_ANSWER, got {accept:?}", w.id);
     }
-    Ok(took)
+    Ok(Negotiated::Done(took))
 }
 
 /// Opens every pair: workers first, then clients. An echo run opens only client streams: one
@@ -273,7 +290,10 @@ pub async fn relay(load: Load) -> anyhow::Result<Report> {
     if !load.echo {
         for (c, w) in clients.iter_mut().zip(workers.iter_mut()) {
             let w = w.as_mut().expect("a worker per pair");
-            handshake_ns.saturating_record(negotiate(c, w).await?.as_nanos() as u64);
+            match negotiate(c, w).await? {
+                Negotiated::Done(took) => handshake_ns.saturating_record(took.as_nanos() as u64),
+                Negotiated::Refused(code) => bail!("worker {}: the offer was refused: {code:?}", w.id),
+            }
         }
     }
     let window = Window::open(&load);
@@ -455,7 +475,16 @@ async fn handshake_pair(
         round += 1;
         let id = run.load.first_worker + 2_000_000_000 + (index as i64) * 1_000_000 + round;
         let mut c = open_client(&run.load, channel.clone(), id).await?;
-        let took = negotiate(&mut c, &mut w).await?;
+        let took = match negotiate(&mut c, &mut w).await? {
+            Negotiated::Done(took) => took,
+            // Refused (the worker's instance cannot be reached, say): counted by code, and the
+            // pair tries again with a new client.
+            Negotiated::Refused(code) => {
+                run.count(|| stats.error(code));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let mut hops = Vec::with_capacity(2 * run.load.candidates);
         for k in 0..run.load.candidates {
             c.tx.send(ClientRtcMessage::to_worker(

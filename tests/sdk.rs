@@ -308,3 +308,88 @@ async fn a_dropped_connection_closes_the_other_side_and_a_new_one_opens() {
         assert_eq!(ended, None);
     }
 }
+
+/// A STUN server on loopback behind a pretend NAT: answers every Binding request with the
+/// address it came from, one port up (a server-reflexive address equal to the host one would
+/// be redundant, and dropped); counts the requests.
+async fn stun_responder() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use bytecodec::{DecodeExt, EncodeExt};
+    use stun_codec::rfc5389::{Attribute, attributes::XorMappedAddress, methods::BINDING};
+    use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder};
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = asked.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let Ok(Ok(request)) = MessageDecoder::<Attribute>::new().decode_from_bytes(&buf[..n]) else {
+                continue;
+            };
+            if request.class() != MessageClass::Request || request.method() != BINDING {
+                continue;
+            }
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut reply =
+                Message::<Attribute>::new(MessageClass::SuccessResponse, BINDING, request.transaction_id());
+            let mapped = std::net::SocketAddr::new(from.ip(), from.port().wrapping_add(1));
+            reply.add_attribute(XorMappedAddress::new(mapped));
+            let _ = socket.send_to(&MessageEncoder::new().encode_into_bytes(reply).unwrap(), from).await;
+        }
+    });
+    (addr, asked)
+}
+
+#[tokio::test]
+async fn with_a_stun_server_a_server_reflexive_candidate_is_trickled() {
+    let server = TestServer::start().await;
+    let (stun, asked) = stun_responder().await;
+    // A worker of the test's own, to read what the client trickles.
+    let mut w = worker(&server, 90).await;
+    let client = client(&server.url()).stun(stun).connect().await.unwrap();
+    let opening = tokio::spawn(async move { client.open(90).await });
+    let offer = w.recv().await;
+    assert_eq!(offer.event(), distributor::pb::RtcEvent::Offer);
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        let candidate = w.recv().await;
+        assert_eq!(candidate.event(), distributor::pb::RtcEvent::IceCandidate);
+        lines.push(String::from_utf8(candidate.message.to_vec()).unwrap());
+    }
+    // "candidate:... 1 udp PRIORITY IP PORT typ KIND ...": the reflexive one is what the
+    // STUN server answered, the host port one up.
+    let field = |line: &str, i: usize| line.split_whitespace().nth(i).unwrap_or_default().to_owned();
+    assert_eq!((field(&lines[0], 7), field(&lines[1], 7)), ("host".into(), "srflx".into()), "{lines:?}");
+    let host_port: u16 = field(&lines[0], 5).parse().unwrap();
+    assert_eq!((field(&lines[1], 4), field(&lines[1], 5)), ("127.0.0.1".into(), (host_port + 1).to_string()));
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    opening.abort();
+}
+
+#[tokio::test]
+async fn with_a_stun_server_on_both_sides_the_channel_opens() {
+    let server = TestServer::start().await;
+    let (stun, asked) = stun_responder().await;
+    let mut worker = Worker::builder(server.url()).id(91).bind(LOOPBACK).stun(stun).connect().await.unwrap();
+    let client = client(&server.url()).stun(stun).connect().await.unwrap();
+    let (opened, accepted) = tokio::join!(client.open(91), worker.accept());
+    let (at_client, mut at_worker) = (opened.unwrap(), accepted.unwrap());
+    at_client.channel.send(Bytes::from_static(b"through srflx and host")).await.unwrap();
+    assert_eq!(at_worker.channel.recv().await.as_deref(), Some(&b"through srflx and host"[..]));
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2, "each side asked once");
+    drop(at_client);
+}
+
+#[tokio::test]
+async fn a_stun_server_that_does_not_answer_leaves_the_host_candidate() {
+    let server = TestServer::start().await;
+    // A port nothing answers on.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let stun = silent.local_addr().unwrap();
+    let _worker = echo_worker(&server.url(), 92).await;
+    let client = client(&server.url()).stun(stun).connect().await.unwrap();
+    let started = std::time::Instant::now();
+    let mut connection = client.open(92).await.expect("opens on the host candidate");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    echo(&mut connection, 3).await;
+}

@@ -2,7 +2,7 @@
 //! worker, checks its echo byte for byte, and reports the time to open, round trips and
 //! throughput).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -27,6 +27,9 @@ pub struct PeerArgs {
     /// interface address, else 127.0.0.1].
     #[arg(long)]
     pub bind: Option<IpAddr>,
+    /// A STUN server (host:port) for a server-reflexive candidate beside the host one.
+    #[arg(long)]
+    pub stun: Option<SocketAddr>,
 }
 
 impl PeerArgs {
@@ -88,6 +91,9 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     if let Some(ip) = args.peer.bind {
         builder = builder.bind(ip);
     }
+    if let Some(server) = args.peer.stun {
+        builder = builder.stun(server);
+    }
     let mut worker = builder.connect().await?;
     eprintln!("worker {} registered; echoing", args.id);
     while let Some(connection) = worker.accept().await {
@@ -139,6 +145,9 @@ pub async fn client(args: ClientArgs) -> anyhow::Result<()> {
     }
     if let Some(ip) = args.peer.bind {
         builder = builder.bind(ip);
+    }
+    if let Some(server) = args.peer.stun {
+        builder = builder.stun(server);
     }
     let started = Instant::now();
     let client = builder.connect().await?;

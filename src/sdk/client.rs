@@ -1,13 +1,14 @@
 //! The client: opens data channels to workers by id.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::connection::{self, Connection, Side, ToPeer};
+use super::rtc::Net;
 use super::signaling::{Incoming, Settings, Signal, Signaling, Stop};
 use super::{Error, Event, OPEN_TIMEOUT};
 use crate::core::PeerId;
@@ -17,6 +18,7 @@ use crate::pb::ClientRtcMessage;
 pub struct ClientBuilder {
     settings: Settings,
     bind: Option<IpAddr>,
+    stun: Option<SocketAddr>,
     open_timeout: Duration,
 }
 
@@ -46,6 +48,13 @@ impl ClientBuilder {
         self
     }
 
+    /// A STUN server to learn the sockets' server-reflexive address from (what a NAT makes of
+    /// them), trickled as a second candidate.
+    pub fn stun(mut self, server: SocketAddr) -> Self {
+        self.stun = Some(server);
+        self
+    }
+
     /// How long [`Client::open`] waits ([`OPEN_TIMEOUT`] by default).
     pub fn open_timeout(mut self, within: Duration) -> Self {
         self.open_timeout = within;
@@ -66,7 +75,7 @@ impl ClientBuilder {
             out: signaling.out,
             events: signaling.events,
             peers,
-            bind: super::rtc::bind_address(self.bind),
+            net: Net { bind: super::rtc::bind_address(self.bind), stun: self.stun },
             open_timeout: self.open_timeout,
             _stop: signaling.stop,
         })
@@ -81,7 +90,7 @@ pub struct Client {
     out: mpsc::Sender<Signal>,
     events: broadcast::Sender<Event>,
     peers: Peers,
-    bind: IpAddr,
+    net: Net,
     open_timeout: Duration,
     _stop: Stop,
 }
@@ -95,7 +104,7 @@ impl Client {
             worker_id: None,
             connect_timeout: Duration::from_secs(10),
         };
-        ClientBuilder { settings, bind: None, open_timeout: OPEN_TIMEOUT }
+        ClientBuilder { settings, bind: None, stun: None, open_timeout: OPEN_TIMEOUT }
     }
 
     /// What happens to the signaling (reconnections, resumes).
@@ -121,7 +130,7 @@ impl Client {
         }
         let (opened, connection) = oneshot::channel();
         let side = Side::Client { worker };
-        tokio::spawn(connection::run(side, self.bind, self.out.clone(), signals, opened));
+        tokio::spawn(connection::run(side, self.net, self.out.clone(), signals, opened));
         let result = match tokio::time::timeout(self.open_timeout, connection).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::Closed),

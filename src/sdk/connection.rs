@@ -1,12 +1,10 @@
 //! One peer connection's negotiation, the same task on both sides: the client offers and accepts
 //! the answer, the worker answers; both trickle their candidate and add the other's.
 
-use std::net::IpAddr;
-
 use tokio::sync::{mpsc, oneshot};
 
 use super::Error;
-use super::rtc::{self, Command, DataChannel, Happened, OpenTimes};
+use super::rtc::{self, Command, DataChannel, Happened, Net, OpenTimes};
 use super::signaling::Signal;
 use crate::core::PeerId;
 use crate::pb::RtcEvent;
@@ -102,7 +100,7 @@ async fn ask<T>(
 /// `opened` gets the connection once its first data channel is open, or why it could not.
 pub(crate) async fn run(
     side: Side,
-    bind: IpAddr,
+    net: Net,
     out: mpsc::Sender<Signal>,
     mut signals: mpsc::UnboundedReceiver<ToPeer>,
     opened: oneshot::Sender<Result<Connection, Error>>,
@@ -113,7 +111,7 @@ pub(crate) async fn run(
             let _ = opened.send(Err(e));
         }
     };
-    let (commands, mut happened) = match rtc::start(bind).await {
+    let (commands, mut happened) = match rtc::start(net).await {
         Ok(started) => started,
         Err(e) => return fail(&mut opened, e),
     };
@@ -122,8 +120,10 @@ pub(crate) async fn run(
         let offered = async {
             let offer = ask(&commands, |reply| Command::Offer { label: "data".into(), reply }).await?;
             send(RtcEvent::Offer, offer.into()).await.map_err(|_| Error::Closed)?;
-            let line = ask(&commands, |reply| Command::LocalCandidate { reply }).await?;
-            send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)
+            for line in ask(&commands, |reply| Command::LocalCandidates { reply }).await? {
+                send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)?;
+            }
+            Ok(())
         };
         if let Err(e) = offered.await {
             return fail(&mut opened, e);
@@ -165,8 +165,9 @@ pub(crate) async fn run(
                         send(RtcEvent::Answer, answer.into()).await.map_err(|_| Error::Closed)?;
                         if !answered {
                             answered = true;
-                            let line = ask(&commands, |reply| Command::LocalCandidate { reply }).await?;
-                            send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)?;
+                            for line in ask(&commands, |reply| Command::LocalCandidates { reply }).await? {
+                                send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)?;
+                            }
                         }
                         Ok(())
                     }.await,

@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Error;
 use super::connection::{self, Connection, Side, ToPeer};
+use super::rtc::Net;
 use super::signaling::Signal;
 use crate::core::session::forwarded;
 
@@ -26,10 +27,11 @@ pub async fn pair(bind: IpAddr, within: Duration) -> Result<(Connection, Connect
     let (client_opened, client) = oneshot::channel();
     let (worker_opened, worker) = oneshot::channel();
     let side = Side::Worker { worker: WORKER, client: CLIENT };
-    tokio::spawn(connection::run(side, bind, worker_out, worker_signals, worker_opened));
+    let net = Net { bind, stun: None };
+    tokio::spawn(connection::run(side, net, worker_out, worker_signals, worker_opened));
     tokio::spawn(connection::run(
         Side::Client { worker: WORKER },
-        bind,
+        net,
         client_out,
         client_signals,
         client_opened,

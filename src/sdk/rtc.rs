@@ -38,6 +38,16 @@ const CLOSING: Duration = Duration::from_secs(1);
 /// its socket (and the other peer's SCTP slows down).
 const RECV_QUEUE: usize = 256;
 
+/// Where a peer connection's socket binds, and whom it asks for a server-reflexive candidate.
+#[derive(Clone, Copy, Debug)]
+pub struct Net {
+    /// The socket's address and host candidate (port 0: a fresh port per connection).
+    pub bind: IpAddr,
+    /// A STUN server: its answer is a server-reflexive candidate (what a NAT makes of the
+    /// socket), trickled beside the host one.
+    pub stun: Option<SocketAddr>,
+}
+
 /// Where a peer connection's UDP socket binds: `ip` (unspecified: the first interface address
 /// that is not loopback, else loopback), port 0.
 pub fn bind_address(ip: Option<IpAddr>) -> IpAddr {
@@ -77,9 +87,10 @@ pub(crate) enum Command {
         answer: Bytes,
         reply: oneshot::Sender<Result<(), Error>>,
     },
-    /// This side's host candidate, added to its ICE agent, as the line to trickle.
-    LocalCandidate {
-        reply: oneshot::Sender<Result<String, Error>>,
+    /// This side's candidates (host, and server-reflexive with a STUN server), added to its
+    /// ICE agent, as the lines to trickle.
+    LocalCandidates {
+        reply: oneshot::Sender<Result<Vec<String>, Error>>,
     },
     RemoteCandidate(Bytes),
     /// Another data channel on an open connection (no renegotiation needed).
@@ -170,9 +181,19 @@ struct Open {
 }
 
 /// Starts a peer connection's task; returns its command queue and what it reports.
-pub(crate) async fn start(bind: IpAddr) -> Result<(mpsc::Sender<Command>, mpsc::Receiver<Happened>), Error> {
-    let socket = UdpSocket::bind(SocketAddr::new(bind, 0)).await?;
+pub(crate) async fn start(net: Net) -> Result<(mpsc::Sender<Command>, mpsc::Receiver<Happened>), Error> {
+    let socket = UdpSocket::bind(SocketAddr::new(net.bind, 0)).await?;
     let local = socket.local_addr()?;
+    let reflexive = match net.stun {
+        Some(server) => {
+            let mapped = super::stun::reflexive(&socket, server).await;
+            if mapped.is_none() {
+                tracing::warn!(%server, "the STUN server did not answer: host candidate only");
+            }
+            mapped
+        }
+        None => None,
+    };
     let rtc = Rtc::builder().set_sctp_max_buffered_amount(SEND_BUFFER + MAX_MESSAGE).build(Instant::now());
     let (commands, commands_rx) = mpsc::channel(64);
     let (happened_tx, happened) = mpsc::channel(16);
@@ -180,6 +201,7 @@ pub(crate) async fn start(bind: IpAddr) -> Result<(mpsc::Sender<Command>, mpsc::
         rtc,
         socket,
         local,
+        reflexive,
         buf: vec![0; 2048],
         commands: commands_rx,
         me: commands.downgrade(),
@@ -199,6 +221,8 @@ struct Task {
     rtc: Rtc,
     socket: UdpSocket,
     local: SocketAddr,
+    /// What the STUN server saw of the socket.
+    reflexive: Option<SocketAddr>,
     buf: Vec<u8>,
     commands: mpsc::Receiver<Command>,
     /// For the channels it hands out (weak, so that the task ends once nobody holds one).
@@ -296,15 +320,8 @@ impl Task {
                 }
                 let _ = reply.send(accepted);
             }
-            Command::LocalCandidate { reply } => {
-                let line = Candidate::host(self.local, "udp").map_err(rtc_error).and_then(|candidate| {
-                    let line = candidate.to_sdp_string();
-                    self.rtc
-                        .add_local_candidate(candidate)
-                        .map(|_| line)
-                        .ok_or_else(|| rtc_error("candidate refused"))
-                });
-                let _ = reply.send(line);
+            Command::LocalCandidates { reply } => {
+                let _ = reply.send(self.local_candidates());
             }
             Command::RemoteCandidate(line) => {
                 match text(&line).and_then(|l| Candidate::from_sdp_string(l).map_err(rtc_error)) {
@@ -336,6 +353,26 @@ impl Task {
                 }
             },
         }
+    }
+
+    /// Adds this side's candidates to its ICE agent; returns them as lines to trickle.
+    fn local_candidates(&mut self) -> Result<Vec<String>, Error> {
+        let mut candidates = vec![Candidate::host(self.local, "udp").map_err(rtc_error)?];
+        if let Some(mapped) = self.reflexive {
+            candidates.push(Candidate::server_reflexive(mapped, self.local, "udp").map_err(rtc_error)?);
+        }
+        let mut lines = Vec::with_capacity(candidates.len());
+        for candidate in candidates {
+            let line = candidate.to_sdp_string();
+            // str0m drops a candidate it already has (a reflexive one equal to the host).
+            if self.rtc.add_local_candidate(candidate).is_some() {
+                lines.push(line);
+            }
+        }
+        if lines.is_empty() {
+            return Err(rtc_error("no local candidate was accepted"));
+        }
+        Ok(lines)
     }
 
     /// Writes what waits on `channel` while its send buffer has room.

@@ -1,12 +1,13 @@
 //! The worker: registers its id and accepts the peer connections clients open to it.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::connection::{self, Connection, Side, ToPeer};
+use super::rtc::Net;
 use super::signaling::{Incoming, Settings, Signal, Signaling, Stop};
 use super::{Error, Event, OPEN_TIMEOUT};
 use crate::core::PeerId;
@@ -16,6 +17,7 @@ use crate::pb::{RtcEvent, WorkerRtcMessage};
 pub struct WorkerBuilder {
     settings: Settings,
     bind: Option<IpAddr>,
+    stun: Option<SocketAddr>,
 }
 
 impl WorkerBuilder {
@@ -43,6 +45,13 @@ impl WorkerBuilder {
         self
     }
 
+    /// A STUN server to learn the sockets' server-reflexive address from (what a NAT makes of
+    /// them), trickled as a second candidate.
+    pub fn stun(mut self, server: SocketAddr) -> Self {
+        self.stun = Some(server);
+        self
+    }
+
     /// Registers the worker: once this returns, clients anywhere in the cluster reach it.
     pub async fn connect(self) -> Result<Worker, Error> {
         let Some(worker) = self.settings.worker_id.filter(|id| *id != 0) else {
@@ -50,9 +59,9 @@ impl WorkerBuilder {
         };
         let signaling = Signaling::connect::<WorkerRtcMessage>(self.settings).await?;
         let (accepted_tx, accepted) = mpsc::channel(64);
-        let bind = super::rtc::bind_address(self.bind);
+        let net = Net { bind: super::rtc::bind_address(self.bind), stun: self.stun };
         let dispatcher =
-            Dispatcher { worker, bind, out: signaling.out, accepted: accepted_tx, peers: HashMap::new() };
+            Dispatcher { worker, net, out: signaling.out, accepted: accepted_tx, peers: HashMap::new() };
         tokio::spawn(dispatcher.run(signaling.incoming));
         Ok(Worker { id: worker, accepted, events: signaling.events, _stop: signaling.stop })
     }
@@ -76,7 +85,7 @@ impl Worker {
             worker_id: None,
             connect_timeout: Duration::from_secs(10),
         };
-        WorkerBuilder { settings, bind: None }
+        WorkerBuilder { settings, bind: None, stun: None }
     }
 
     pub fn id(&self) -> PeerId {
@@ -98,7 +107,7 @@ impl Worker {
 /// Hands each client's messages to its connection, starting one on a new client's `OFFER`.
 struct Dispatcher {
     worker: PeerId,
-    bind: IpAddr,
+    net: Net,
     out: mpsc::Sender<Signal>,
     accepted: mpsc::Sender<Connection>,
     peers: HashMap<PeerId, mpsc::UnboundedSender<ToPeer>>,
@@ -137,7 +146,7 @@ impl Dispatcher {
         }
         let (opened, connection) = oneshot::channel();
         let side = Side::Worker { worker: self.worker, client };
-        tokio::spawn(connection::run(side, self.bind, self.out.clone(), signals, opened));
+        tokio::spawn(connection::run(side, self.net, self.out.clone(), signals, opened));
         let accepted = self.accepted.clone();
         tokio::spawn(async move {
             // A client that never finishes is given up (dropping `connection` ends its task).

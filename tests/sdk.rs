@@ -393,3 +393,29 @@ async fn a_stun_server_that_does_not_answer_leaves_the_host_candidate() {
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     echo(&mut connection, 3).await;
 }
+
+#[tokio::test]
+async fn an_ice_restart_renegotiates_through_the_distributor_and_the_channel_goes_on() {
+    let server = TestServer::start().await;
+    let mut worker = Worker::builder(server.url()).id(93).bind(LOOPBACK).connect().await.unwrap();
+    let client = client(&server.url()).connect().await.unwrap();
+    let (opened, accepted) = tokio::join!(client.open(93), worker.accept());
+    let (mut at_client, mut at_worker) = (opened.unwrap(), accepted.unwrap());
+    for round in 0..2 {
+        at_client.restart_ice().await.unwrap();
+        // A new OFFER and ANSWER went through the distributor: both sides renegotiated.
+        for side in [&mut at_worker, &mut at_client] {
+            let event = tokio::time::timeout(WAIT, side.event()).await.expect("an event in time");
+            assert!(matches!(event, Some(PeerEvent::Renegotiated)), "{event:?}");
+        }
+        // The worker renegotiated the same connection: no new one to accept.
+        assert!(tokio::time::timeout(Duration::from_millis(500), worker.accept()).await.is_err());
+        let msg = Bytes::from(format!("after restart {round}"));
+        at_client.channel.send(msg.clone()).await.unwrap();
+        assert_eq!(tokio::time::timeout(WAIT, at_worker.channel.recv()).await.unwrap(), Some(msg.clone()));
+        at_worker.channel.send(msg.clone()).await.unwrap();
+        assert_eq!(tokio::time::timeout(WAIT, at_client.channel.recv()).await.unwrap(), Some(msg));
+    }
+    let error = at_worker.restart_ice().await.expect_err("the worker does not offer");
+    assert!(matches!(error, Error::Rtc(_)), "{error}");
+}

@@ -1,6 +1,8 @@
 //! One peer connection's negotiation, the same task on both sides: the client offers and accepts
 //! the answer, the worker answers; both trickle their candidate and add the other's.
 
+use std::time::Duration;
+
 use tokio::sync::{mpsc, oneshot};
 
 use super::Error;
@@ -20,9 +22,21 @@ pub struct Connection {
     pub times: OpenTimes,
     channels: mpsc::Receiver<DataChannel>,
     events: mpsc::UnboundedReceiver<PeerEvent>,
+    /// The client's way to restart ICE; `None` on a worker's connection.
+    restart: Option<mpsc::Sender<()>>,
 }
 
 impl Connection {
+    /// Restarts ICE now (new credentials, a new `OFFER` through the distributor, the same data
+    /// channels), as after a network change. The client does it by itself once ICE has been
+    /// disconnected for [`ICE_RESTART_AFTER`]. A worker cannot: the client always offers.
+    pub async fn restart_ice(&self) -> Result<(), Error> {
+        let Some(restart) = &self.restart else {
+            return Err(Error::Rtc("only the client restarts ICE: it always offers".into()));
+        };
+        restart.send(()).await.map_err(|_| Error::Closed)
+    }
+
     /// The next data channel opened on this connection after the first (by either side).
     pub async fn next_channel(&mut self) -> Option<DataChannel> {
         self.channels.recv().await
@@ -45,13 +59,22 @@ pub enum PeerEvent {
     /// The other peer's signaling is gone (`PEER_GONE`): no renegotiation is possible. The data
     /// channels go on while the other peer's connection does.
     PeerGone,
-    /// ICE lost its pair; it may come back.
+    /// ICE lost its pair; it may come back (the client restarts ICE after
+    /// [`ICE_RESTART_AFTER`]).
     Disconnected,
+    /// ICE found a pair again.
+    Reconnected,
+    /// A renegotiation (an ICE restart) went through: the client applied the new answer, the
+    /// worker sent it.
+    Renegotiated,
     /// The distributor refused one of this side's messages on this session.
     Refused(Error),
     /// The connection is over.
     Closed(String),
 }
+
+/// How long ICE may stay disconnected before the client restarts it.
+pub const ICE_RESTART_AFTER: Duration = Duration::from_secs(3);
 
 /// What the role's dispatcher hands a connection's task.
 #[derive(Debug)]
@@ -84,6 +107,13 @@ impl Side {
             Side::Worker { client, .. } => client,
         }
     }
+}
+
+/// The session id of an SDP (the `o=` line's second field): the same across the renegotiations
+/// of one peer connection, another for a new one.
+pub(crate) fn session_id(sdp: &[u8]) -> Option<&[u8]> {
+    let line = sdp.split(|b| *b == b'\n').find(|line| line.starts_with(b"o="))?;
+    line.split(|b| *b == b' ').nth(1)
 }
 
 /// Asks the `Rtc` task something and waits for its answer.
@@ -132,7 +162,10 @@ pub(crate) async fn run(
     let (channels_tx, channels) = mpsc::channel(16);
     let (events_tx, events) = mpsc::unbounded_channel();
     let mut open = Some((channels, events));
-    let mut answered = false;
+    let (restart, mut restarts) = mpsc::channel(1);
+    // The client's next ICE restart, while ICE is disconnected.
+    let mut restart_at: Option<tokio::time::Instant> = None;
+    let client = matches!(side, Side::Client { .. });
     loop {
         tokio::select! {
             _ = async { opened.as_mut().expect("guarded").closed().await }, if opened.is_some() => {
@@ -143,6 +176,26 @@ pub(crate) async fn run(
             _ = async { tokio::join!(channels_tx.closed(), events_tx.closed()) }, if open.is_none() => {
                 // The connection's handle is gone: the `Rtc` lives on while a channel does.
                 return;
+            }
+            asked = restarts.recv(), if client && opened.is_none() => {
+                if asked.is_some() {
+                    restart_at = Some(tokio::time::Instant::now());
+                }
+            }
+            _ = async { tokio::time::sleep_until(restart_at.expect("guarded")).await }, if restart_at.is_some() => {
+                // Again later if ICE stays disconnected (until the connection gives up).
+                restart_at = Some(tokio::time::Instant::now() + 2 * ICE_RESTART_AFTER);
+                let restarted = async {
+                    let offer = ask(&commands, |reply| Command::Restart { reply }).await?;
+                    send(RtcEvent::Offer, offer.into()).await.map_err(|_| Error::Closed)?;
+                    for line in ask(&commands, |reply| Command::LocalCandidates { reply }).await? {
+                        send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)?;
+                    }
+                    Ok::<_, Error>(())
+                };
+                if let Err(e) = restarted.await {
+                    let _ = events_tx.send(PeerEvent::Refused(e));
+                }
             }
             signal = signals.recv() => {
                 let signal = match signal {
@@ -158,16 +211,15 @@ pub(crate) async fn run(
                     }
                     Some(ToPeer::Signal(signal)) => signal,
                 };
+                let signal_event = signal.event;
                 let done = match signal.event {
                     RtcEvent::Offer => async {
                         let offer = signal.payload.clone();
                         let answer = ask(&commands, |reply| Command::Answer { offer, reply }).await?;
                         send(RtcEvent::Answer, answer.into()).await.map_err(|_| Error::Closed)?;
-                        if !answered {
-                            answered = true;
-                            for line in ask(&commands, |reply| Command::LocalCandidates { reply }).await? {
-                                send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)?;
-                            }
+                        // Again after a renegotiation: an ICE restart forgets the remote candidates.
+                        for line in ask(&commands, |reply| Command::LocalCandidates { reply }).await? {
+                            send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)?;
                         }
                         Ok(())
                     }.await,
@@ -186,6 +238,10 @@ pub(crate) async fn run(
                     }),
                     _ => Ok(()),
                 };
+                let renegotiation = matches!(signal_event, RtcEvent::Offer | RtcEvent::Answer) && opened.is_none();
+                if done.is_ok() && renegotiation {
+                    let _ = events_tx.send(PeerEvent::Renegotiated);
+                }
                 if let Err(e) = done {
                     if opened.is_some() {
                         return fail(&mut opened, e);
@@ -197,7 +253,8 @@ pub(crate) async fn run(
             what = happened.recv() => match what {
                 Some(Happened::Open(channel, times)) => match (opened.take(), open.take()) {
                     (Some(opened), Some((channels, events))) => {
-                        let connection = Connection { peer: side.peer(), channel, times, channels, events };
+                        let restart = client.then(|| restart.clone());
+                        let connection = Connection { peer: side.peer(), channel, times, channels, events, restart };
                         if opened.send(Ok(connection)).is_err() {
                             return;
                         }
@@ -207,7 +264,14 @@ pub(crate) async fn run(
                     }
                 },
                 Some(Happened::Disconnected) => {
+                    if client {
+                        restart_at.get_or_insert_with(|| tokio::time::Instant::now() + ICE_RESTART_AFTER);
+                    }
                     let _ = events_tx.send(PeerEvent::Disconnected);
+                }
+                Some(Happened::Reconnected) => {
+                    restart_at = None;
+                    let _ = events_tx.send(PeerEvent::Reconnected);
                 }
                 Some(Happened::Closed(reason)) => {
                     fail(&mut opened, Error::Rtc(reason.clone()));

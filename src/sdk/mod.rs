@@ -48,7 +48,7 @@ pub mod worker;
 use std::time::Duration;
 
 pub use client::{Client, ClientBuilder};
-pub use connection::{Connection, PeerEvent};
+pub use connection::{Connection, ICE_RESTART_AFTER, PeerEvent};
 pub use rtc::{ChannelSender, DataChannel, OpenTimes};
 pub use worker::{Worker, WorkerBuilder};
 

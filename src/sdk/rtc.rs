@@ -93,6 +93,10 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<Vec<String>, Error>>,
     },
     RemoteCandidate(Bytes),
+    /// An ICE restart (new credentials, the same candidates): the offer to send.
+    Restart {
+        reply: oneshot::Sender<Result<String, Error>>,
+    },
     /// Another data channel on an open connection (no renegotiation needed).
     OpenChannel {
         label: String,
@@ -112,6 +116,8 @@ pub(crate) enum Happened {
     Open(DataChannel, OpenTimes),
     /// ICE lost every pair (it may come back, or after an ICE restart).
     Disconnected,
+    /// ICE found a pair again.
+    Reconnected,
     /// The connection is over (closed by the other peer, or its DTLS/SCTP failed).
     Closed(String),
 }
@@ -202,6 +208,7 @@ pub(crate) async fn start(net: Net) -> Result<(mpsc::Sender<Command>, mpsc::Rece
         socket,
         local,
         reflexive,
+        candidates: Vec::new(),
         buf: vec![0; 2048],
         commands: commands_rx,
         me: commands.downgrade(),
@@ -223,6 +230,8 @@ struct Task {
     local: SocketAddr,
     /// What the STUN server saw of the socket.
     reflexive: Option<SocketAddr>,
+    /// This side's candidates, as trickled.
+    candidates: Vec<String>,
     buf: Vec<u8>,
     commands: mpsc::Receiver<Command>,
     /// For the channels it hands out (weak, so that the task ends once nobody holds one).
@@ -329,6 +338,15 @@ impl Task {
                     Err(e) => tracing::debug!("a remote candidate was not understood: {e}"),
                 }
             }
+            Command::Restart { reply } => {
+                let mut change = self.rtc.sdp_api();
+                change.ice_restart(true);
+                let offer = change.apply().map(|(offer, pending)| {
+                    self.pending = Some(pending);
+                    offer.to_sdp_string()
+                });
+                let _ = reply.send(offer.ok_or_else(|| Error::Rtc("nothing to restart".into())));
+            }
             Command::OpenChannel { label } => {
                 let mut change = self.rtc.sdp_api();
                 change.add_channel(label);
@@ -355,8 +373,12 @@ impl Task {
         }
     }
 
-    /// Adds this side's candidates to its ICE agent; returns them as lines to trickle.
+    /// Adds this side's candidates to its ICE agent (once); returns them as lines to trickle
+    /// (again after each renegotiation: an ICE restart forgets the remote candidates).
     fn local_candidates(&mut self) -> Result<Vec<String>, Error> {
+        if !self.candidates.is_empty() {
+            return Ok(self.candidates.clone());
+        }
         let mut candidates = vec![Candidate::host(self.local, "udp").map_err(rtc_error)?];
         if let Some(mapped) = self.reflexive {
             candidates.push(Candidate::server_reflexive(mapped, self.local, "udp").map_err(rtc_error)?);
@@ -372,6 +394,7 @@ impl Task {
         if lines.is_empty() {
             return Err(rtc_error("no local candidate was accepted"));
         }
+        self.candidates = lines.clone();
         Ok(lines)
     }
 
@@ -468,6 +491,7 @@ impl Task {
                 IceConnectionState::Connected | IceConnectionState::Completed,
             ) if self.lost_since.is_some() => {
                 self.lost_since = None;
+                let _ = self.happened.send(Happened::Reconnected).await;
             }
             Event::Connected => self.times.dtls = since(),
             Event::ChannelOpen(id, label) => {

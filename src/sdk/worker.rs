@@ -110,7 +110,13 @@ struct Dispatcher {
     net: Net,
     out: mpsc::Sender<Signal>,
     accepted: mpsc::Sender<Connection>,
-    peers: HashMap<PeerId, mpsc::UnboundedSender<ToPeer>>,
+    peers: HashMap<PeerId, Peer>,
+}
+
+/// A client's current connection: its task, and the SDP session it negotiated.
+struct Peer {
+    to: mpsc::UnboundedSender<ToPeer>,
+    session: Option<Vec<u8>>,
 }
 
 impl Dispatcher {
@@ -118,7 +124,7 @@ impl Dispatcher {
         while let Some(incoming) = incoming.recv().await {
             match incoming {
                 Incoming::Signal(signal) => self.signal(signal),
-                Incoming::Fresh => self.peers.retain(|_, peer| peer.send(ToPeer::Reset).is_ok()),
+                Incoming::Fresh => self.peers.retain(|_, peer| peer.to.send(ToPeer::Reset).is_ok()),
             }
             if self.accepted.is_closed() {
                 return;
@@ -129,20 +135,30 @@ impl Dispatcher {
     fn signal(&mut self, signal: Signal) {
         let client = signal.client;
         if signal.event != RtcEvent::Offer {
-            let delivered = self.peers.get(&client).map(|peer| peer.send(ToPeer::Signal(signal)));
+            let delivered = self.peers.get(&client).map(|peer| peer.to.send(ToPeer::Signal(signal)));
             if !matches!(delivered, Some(Ok(()))) {
                 tracing::debug!(client, "a message for no connection");
                 self.peers.remove(&client);
             }
             return;
         }
-        // Every OFFER is a new peer connection (the client SDK makes one per `open`); one the
-        // same client opened earlier closes.
-        self.peers.retain(|_, peer| !peer.is_closed());
+        // An OFFER in the session of the client's current connection renegotiates it (an ICE
+        // restart); any other is a new peer connection, and one the same client opened earlier
+        // closes.
+        let session = connection::session_id(&signal.payload).map(<[u8]>::to_vec);
+        if let Some(peer) = self.peers.get(&client)
+            && session.is_some()
+            && peer.session == session
+            && !peer.to.is_closed()
+        {
+            let _ = peer.to.send(ToPeer::Signal(signal));
+            return;
+        }
+        self.peers.retain(|_, peer| !peer.to.is_closed());
         let (to_peer, signals) = mpsc::unbounded_channel();
         let _ = to_peer.send(ToPeer::Signal(signal));
-        if let Some(earlier) = self.peers.insert(client, to_peer) {
-            let _ = earlier.send(ToPeer::Close);
+        if let Some(earlier) = self.peers.insert(client, Peer { to: to_peer, session }) {
+            let _ = earlier.to.send(ToPeer::Close);
         }
         let (opened, connection) = oneshot::channel();
         let side = Side::Worker { worker: self.worker, client };

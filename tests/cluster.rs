@@ -566,3 +566,29 @@ async fn a_killed_instances_resumable_peer_starts_afresh_elsewhere() {
     assert!(killed.elapsed() <= Duration::from_secs(5), "PEER_GONE after {:?}", killed.elapsed());
     negotiate(&mut c, 9797, &mut w, 97).await;
 }
+
+/// A resumable client cut on one instance and back on another (alive) one: until resume across
+/// instances is built, it starts afresh there, and its old sessions end at once (its new
+/// stream's claim), not after the grace.
+#[tokio::test]
+async fn a_detached_client_back_on_another_instance_ends_its_old_sessions_at_once() {
+    let nats = NatsCluster::start().await;
+    let (a, b) = (instance(&nats, 0, "t18").await, instance(&nats, 1, "t18").await);
+    reach_each_other(&a, &b, 1800).await;
+    let mut w = worker(&a, 98).await;
+    let resumable = |after: u64| [("x-client-id", "9898".to_string()), ("x-resume-after", after.to_string())];
+    let (mut c, cid) = client_with(&b, &resumable(0)).await;
+    negotiate(&mut c, cid, &mut w, 98).await;
+    // Cut (no half-close): detached on B for the grace (15 s).
+    c.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    w.expect_quiet().await;
+    let back = Instant::now();
+    let mut c = open_client(a.channel().await, &resumable(3)).await.expect("opens on A");
+    let welcome = c.recv().await;
+    assert_eq!((welcome.event(), welcome.resumed), (RtcEvent::Blank, false), "{welcome:?}");
+    let gone = w.recv().await;
+    assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, 9898));
+    assert!(back.elapsed() < Duration::from_secs(2), "PEER_GONE after {:?}", back.elapsed());
+    negotiate(&mut c, 9898, &mut w, 98).await;
+}

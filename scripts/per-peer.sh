@@ -4,7 +4,10 @@
 # Each measurement gets a fresh server on a free loopback port (stopped by its PID after):
 #   1. idle peers sharing 64 connections per side (as behind a multiplexing proxy);
 #   2. idle peers with a connection each (as separate processes and devices connect);
-#   3. all of them connecting at once, each on its own connection (a storm).
+#   3. all of them connecting at once, each on its own connection (a storm);
+#   4. the same storm across a 2-instance cluster on the local NATS cluster: workers on one
+#      instance (each registration subscribed and claimed through NATS before its
+#      acknowledgement), clients on the other.
 # Prints one line each; the JSON reports stay in .run/per-peer/.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -37,3 +40,14 @@ server storm
 "$load" storm --pairs "$pairs" --server-pid "$started_pid" --clients-at "http://127.0.0.1:$port" --json >"$run/storm.json"
 stop_started; pids=()
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'storm: {r[\"connected\"]} of {r[\"peers\"]} peers in {r[\"seconds\"]:.2f} s ({r[\"peers_per_sec\"]:.0f}/s), {r[\"failed\"]} failed; connect to welcome p50 {r[\"connect_to_welcome_p50_ms\"]:.0f} ms, p99 {r[\"connect_to_welcome_p99_ms\"]:.0f} ms')" "$run/storm.json"
+
+bash scripts/nats-cluster.sh up >/dev/null
+trap 'stop_started; bash scripts/nats-cluster.sh down >/dev/null' EXIT
+nats_url="nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224"
+a_port=$(free_port); b_port=$(free_port)
+start storm-a target/release/distributor --listen "127.0.0.1:$a_port" --nats-url "$nats_url" --nats-prefix distributor.storm
+start storm-b target/release/distributor --listen "127.0.0.1:$b_port" --nats-url "$nats_url" --nats-prefix distributor.storm
+wait_port "$a_port"; wait_port "$b_port"
+"$load" storm --pairs "$pairs" --server-pid "$started_pid" --clients-at "http://127.0.0.1:$a_port" \
+    --workers-at "http://127.0.0.1:$b_port" --json >"$run/storm-cluster.json"
+python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'storm across instances (workers on B, clients on A): {r[\"connected\"]} of {r[\"peers\"]} peers in {r[\"seconds\"]:.2f} s ({r[\"peers_per_sec\"]:.0f}/s), {r[\"failed\"]} failed; connect to welcome p50 {r[\"connect_to_welcome_p50_ms\"]:.0f} ms, p99 {r[\"connect_to_welcome_p99_ms\"]:.0f} ms')" "$run/storm-cluster.json"

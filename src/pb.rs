@@ -6,6 +6,10 @@ tonic::include_proto!("distributor.v1");
 
 use bytes::Bytes;
 
+/// The metadata that makes a stream resumable: the last `seq` the peer received (see the
+/// resume contract in the README).
+pub const RESUME_AFTER: &str = "x-resume-after";
+
 /// The encoded descriptor set, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/distributor_descriptor.bin"));

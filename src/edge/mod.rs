@@ -116,8 +116,7 @@ pub fn resume_after(metadata: &MetadataMap) -> Result<Option<u64>, Status> {
         .ok_or_else(|| Status::invalid_argument(format!("{RESUME_AFTER} must be a decimal number")))
 }
 
-/// The metadata that makes a stream resumable.
-pub const RESUME_AFTER: &str = "x-resume-after";
+pub use crate::pb::RESUME_AFTER;
 
 impl Edge {
     fn open<M>(&self, encode: Encode<M>) -> (Sink, OutboundStream<M>) {

@@ -65,63 +65,42 @@ pub trait Wire: prost::Message + Default + Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Streaming<Self>, Status>> + Send;
 }
 
-impl Wire for ClientRtcMessage {
-    fn build(s: &Signal, seq: u64) -> Self {
-        ClientRtcMessage {
-            worker_machine_id: s.worker,
-            event: s.event as i32,
-            message: s.payload.clone(),
-            client_id: s.client,
-            seq,
-            ..Default::default()
+/// The two wire messages have the same fields: one implementation for both.
+macro_rules! wire {
+    ($message:ident, $service:ident) => {
+        impl Wire for $message {
+            fn build(s: &Signal, seq: u64) -> Self {
+                $message {
+                    worker_machine_id: s.worker,
+                    event: s.event as i32,
+                    message: s.payload.clone(),
+                    client_id: s.client,
+                    seq,
+                    ..Default::default()
+                }
+            }
+            fn open(self) -> (Signal, u64, bool) {
+                let signal = Signal {
+                    event: self.event(),
+                    worker: self.worker_machine_id,
+                    client: self.client_id,
+                    error: self.error_code(),
+                    payload: self.message,
+                };
+                (signal, self.seq, self.resumed)
+            }
+            async fn call(
+                channel: Channel,
+                request: Request<ReceiverStream<Self>>,
+            ) -> Result<Streaming<Self>, Status> {
+                Ok($service::new(channel).negotiate_peer_connection(request).await?.into_inner())
+            }
         }
-    }
-    fn open(self) -> (Signal, u64, bool) {
-        let signal = Signal {
-            event: self.event(),
-            worker: self.worker_machine_id,
-            client: self.client_id,
-            error: self.error_code(),
-            payload: self.message,
-        };
-        (signal, self.seq, self.resumed)
-    }
-    async fn call(
-        channel: Channel,
-        request: Request<ReceiverStream<Self>>,
-    ) -> Result<Streaming<Self>, Status> {
-        Ok(ClientServiceClient::new(channel).negotiate_peer_connection(request).await?.into_inner())
-    }
+    };
 }
 
-impl Wire for WorkerRtcMessage {
-    fn build(s: &Signal, seq: u64) -> Self {
-        WorkerRtcMessage {
-            worker_machine_id: s.worker,
-            event: s.event as i32,
-            message: s.payload.clone(),
-            client_id: s.client,
-            seq,
-            ..Default::default()
-        }
-    }
-    fn open(self) -> (Signal, u64, bool) {
-        let signal = Signal {
-            event: self.event(),
-            worker: self.worker_machine_id,
-            client: self.client_id,
-            error: self.error_code(),
-            payload: self.message,
-        };
-        (signal, self.seq, self.resumed)
-    }
-    async fn call(
-        channel: Channel,
-        request: Request<ReceiverStream<Self>>,
-    ) -> Result<Streaming<Self>, Status> {
-        Ok(WorkerServiceClient::new(channel).negotiate_peer_connection(request).await?.into_inner())
-    }
-}
+wire!(ClientRtcMessage, ClientServiceClient);
+wire!(WorkerRtcMessage, WorkerServiceClient);
 
 /// Who the peer is and where the distributors are.
 #[derive(Clone, Debug)]
@@ -241,7 +220,7 @@ async fn open<M: Wire>(
         }
         let mut request = Request::new(ReceiverStream::new(rx));
         let metadata = request.metadata_mut();
-        metadata.insert(crate::edge::RESUME_AFTER, MetadataValue::from(after));
+        metadata.insert(crate::pb::RESUME_AFTER, MetadataValue::from(after));
         if let Some(token) = &settings.token {
             let bearer = format!("Bearer {token}")
                 .parse()

@@ -419,3 +419,26 @@ async fn an_ice_restart_renegotiates_through_the_distributor_and_the_channel_goe
     let error = at_worker.restart_ice().await.expect_err("the worker does not offer");
     assert!(matches!(error, Error::Rtc(_)), "{error}");
 }
+
+#[tokio::test]
+async fn a_worker_that_moves_to_a_new_socket_is_reached_again() {
+    let server = TestServer::start().await;
+    let mut worker = Worker::builder(server.url()).id(94).bind(LOOPBACK).connect().await.unwrap();
+    let client = client(&server.url()).connect().await.unwrap();
+    let (opened, accepted) = tokio::join!(client.open(94), worker.accept());
+    let (mut at_client, mut at_worker) = (opened.unwrap(), accepted.unwrap());
+    at_client.channel.send(Bytes::from_static(b"before")).await.unwrap();
+    assert_eq!(at_worker.channel.recv().await.as_deref(), Some(&b"before"[..]));
+    // The worker's socket changes (its old one is closed): its new candidate goes through the
+    // distributor, the client restarts ICE on it, and SCTP's retransmissions get through on the
+    // new path.
+    at_worker.rebind().await.unwrap();
+    at_client.channel.send(Bytes::from_static(b"after")).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), at_worker.channel.recv()).await;
+    assert_eq!(got.expect("through the new socket in time").as_deref(), Some(&b"after"[..]));
+    let event = tokio::time::timeout(WAIT, at_client.event()).await.expect("an event in time");
+    assert!(matches!(event, Some(PeerEvent::Renegotiated)), "the client restarted ICE: {event:?}");
+    at_worker.channel.send(Bytes::from_static(b"back")).await.unwrap();
+    let got = tokio::time::timeout(WAIT, at_client.channel.recv()).await;
+    assert_eq!(got.expect("back in time").as_deref(), Some(&b"back"[..]));
+}

@@ -22,8 +22,16 @@ pub struct Connection {
     pub times: OpenTimes,
     channels: mpsc::Receiver<DataChannel>,
     events: mpsc::UnboundedReceiver<PeerEvent>,
-    /// The client's way to restart ICE; `None` on a worker's connection.
-    restart: Option<mpsc::Sender<()>>,
+    /// Asks the connection's task for an ICE restart or a new socket.
+    control: mpsc::Sender<Control>,
+    client: bool,
+}
+
+/// What a [`Connection`] asks of its task.
+#[derive(Debug)]
+enum Control {
+    RestartIce,
+    Rebind,
 }
 
 impl Connection {
@@ -31,10 +39,18 @@ impl Connection {
     /// channels), as after a network change. The client does it by itself once ICE has been
     /// disconnected for [`ICE_RESTART_AFTER`]. A worker cannot: the client always offers.
     pub async fn restart_ice(&self) -> Result<(), Error> {
-        let Some(restart) = &self.restart else {
+        if !self.client {
             return Err(Error::Rtc("only the client restarts ICE: it always offers".into()));
-        };
-        restart.send(()).await.map_err(|_| Error::Closed)
+        }
+        self.control.send(Control::RestartIce).await.map_err(|_| Error::Closed)
+    }
+
+    /// Moves the connection to a new UDP socket (after a network change: a new address, or a
+    /// socket that stopped working). Its candidates are trickled through the distributor; the
+    /// client also restarts ICE, the worker's new candidates reach the client, which restarts
+    /// ICE once the old pair is lost. The data channels stay.
+    pub async fn rebind(&self) -> Result<(), Error> {
+        self.control.send(Control::Rebind).await.map_err(|_| Error::Closed)
     }
 
     /// The next data channel opened on this connection after the first (by either side).
@@ -162,10 +178,11 @@ pub(crate) async fn run(
     let (channels_tx, channels) = mpsc::channel(16);
     let (events_tx, events) = mpsc::unbounded_channel();
     let mut open = Some((channels, events));
-    let (restart, mut restarts) = mpsc::channel(1);
+    let (control, mut controls) = mpsc::channel(4);
     // The client's next ICE restart, while ICE is disconnected.
     let mut restart_at: Option<tokio::time::Instant> = None;
     let client = matches!(side, Side::Client { .. });
+    let mut remote_candidates = std::collections::HashSet::new();
     loop {
         tokio::select! {
             _ = async { opened.as_mut().expect("guarded").closed().await }, if opened.is_some() => {
@@ -177,11 +194,26 @@ pub(crate) async fn run(
                 // The connection's handle is gone: the `Rtc` lives on while a channel does.
                 return;
             }
-            asked = restarts.recv(), if client && opened.is_none() => {
-                if asked.is_some() {
-                    restart_at = Some(tokio::time::Instant::now());
+            asked = controls.recv(), if opened.is_none() => match asked {
+                Some(Control::RestartIce) => restart_at = Some(tokio::time::Instant::now()),
+                Some(Control::Rebind) => {
+                    let rebound = async {
+                        for line in ask(&commands, |reply| Command::Rebind { reply }).await? {
+                            send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)?;
+                        }
+                        Ok::<_, Error>(())
+                    };
+                    match rebound.await {
+                        // The client tells the worker at once, with an ICE restart.
+                        Ok(()) if client => restart_at = Some(tokio::time::Instant::now()),
+                        Ok(()) => {}
+                        Err(e) => {
+                            let _ = events_tx.send(PeerEvent::Refused(e));
+                        }
+                    }
                 }
-            }
+                None => {}
+            },
             _ = async { tokio::time::sleep_until(restart_at.expect("guarded")).await }, if restart_at.is_some() => {
                 // Again later if ICE stays disconnected (until the connection gives up).
                 restart_at = Some(tokio::time::Instant::now() + 2 * ICE_RESTART_AFTER);
@@ -229,6 +261,13 @@ pub(crate) async fn run(
                         send(RtcEvent::AcceptAnswer, bytes::Bytes::new()).await.map_err(|_| Error::Closed)
                     }.await,
                     RtcEvent::IceCandidate => {
+                        // A candidate never seen, once open: the worker moved to a new socket
+                        // (`rebind`); the client restarts ICE rather than wait for the old pair
+                        // to be declared lost.
+                        let new = remote_candidates.insert(signal.payload.clone());
+                        if new && client && opened.is_none() && restart_at.is_none() {
+                            restart_at = Some(tokio::time::Instant::now());
+                        }
                         commands.send(Command::RemoteCandidate(signal.payload)).await.map_err(|_| Error::Closed)
                     }
                     RtcEvent::PeerGone => Err(Error::PeerGone),
@@ -253,8 +292,8 @@ pub(crate) async fn run(
             what = happened.recv() => match what {
                 Some(Happened::Open(channel, times)) => match (opened.take(), open.take()) {
                     (Some(opened), Some((channels, events))) => {
-                        let restart = client.then(|| restart.clone());
-                        let connection = Connection { peer: side.peer(), channel, times, channels, events, restart };
+                        let control = control.clone();
+                        let connection = Connection { peer: side.peer(), channel, times, channels, events, control, client };
                         if opened.send(Ok(connection)).is_err() {
                             return;
                         }

@@ -93,6 +93,10 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<Vec<String>, Error>>,
     },
     RemoteCandidate(Bytes),
+    /// A new socket (the network changed): its candidates, to trickle. The old socket is closed.
+    Rebind {
+        reply: oneshot::Sender<Result<Vec<String>, Error>>,
+    },
     /// An ICE restart (new credentials, the same candidates): the offer to send.
     Restart {
         reply: oneshot::Sender<Result<String, Error>>,
@@ -186,8 +190,8 @@ struct Open {
     waiting: VecDeque<(Bytes, oneshot::Sender<Result<(), Error>>)>,
 }
 
-/// Starts a peer connection's task; returns its command queue and what it reports.
-pub(crate) async fn start(net: Net) -> Result<(mpsc::Sender<Command>, mpsc::Receiver<Happened>), Error> {
+/// A fresh socket for a peer connection, its address, and what the STUN server saw of it.
+async fn bind(net: Net) -> Result<(UdpSocket, SocketAddr, Option<SocketAddr>), Error> {
     let socket = UdpSocket::bind(SocketAddr::new(net.bind, 0)).await?;
     let local = socket.local_addr()?;
     let reflexive = match net.stun {
@@ -200,11 +204,18 @@ pub(crate) async fn start(net: Net) -> Result<(mpsc::Sender<Command>, mpsc::Rece
         }
         None => None,
     };
+    Ok((socket, local, reflexive))
+}
+
+/// Starts a peer connection's task; returns its command queue and what it reports.
+pub(crate) async fn start(net: Net) -> Result<(mpsc::Sender<Command>, mpsc::Receiver<Happened>), Error> {
+    let (socket, local, reflexive) = bind(net).await?;
     let rtc = Rtc::builder().set_sctp_max_buffered_amount(SEND_BUFFER + MAX_MESSAGE).build(Instant::now());
     let (commands, commands_rx) = mpsc::channel(64);
     let (happened_tx, happened) = mpsc::channel(16);
     let task = Task {
         rtc,
+        net,
         socket,
         local,
         reflexive,
@@ -226,6 +237,7 @@ pub(crate) async fn start(net: Net) -> Result<(mpsc::Sender<Command>, mpsc::Rece
 
 struct Task {
     rtc: Rtc,
+    net: Net,
     socket: UdpSocket,
     local: SocketAddr,
     /// What the STUN server saw of the socket.
@@ -277,6 +289,9 @@ impl Task {
                 }
                 command = self.commands.recv() => match command {
                     Some(Command::Close) => return self.close("closed here").await,
+                    Some(Command::Rebind { reply }) => {
+                        let _ = reply.send(self.rebind().await);
+                    }
                     Some(command) => self.command(command),
                     // Every handle is gone: the connection closes.
                     None => return self.close("every handle was dropped").await,
@@ -355,8 +370,8 @@ impl Task {
                     self.pending = Some(pending);
                 }
             }
-            // Handled by the loop: it ends the task.
-            Command::Close => {}
+            // Handled by the loop (they end the task, or wait for a socket).
+            Command::Close | Command::Rebind { .. } => {}
             Command::Write { data, done, .. } if data.len() > MAX_MESSAGE => {
                 let too_large = format!("a message of {} bytes; the most is {MAX_MESSAGE}", data.len());
                 let _ = done.send(Err(Error::Rtc(too_large)));
@@ -371,6 +386,15 @@ impl Task {
                 }
             },
         }
+    }
+
+    /// Moves to a new socket on the same address (or the address the network now gives): its
+    /// candidates replace the old ones, which stop answering.
+    async fn rebind(&mut self) -> Result<Vec<String>, Error> {
+        let (socket, local, reflexive) = bind(self.net).await?;
+        (self.socket, self.local, self.reflexive) = (socket, local, reflexive);
+        self.candidates.clear();
+        self.local_candidates()
     }
 
     /// Adds this side's candidates to its ICE agent (once); returns them as lines to trickle

@@ -3,6 +3,9 @@
 //! link is taken down long enough for ICE to lose its pair, then brought back. The client must
 //! restart ICE through the distributor by itself, and its data channel must work again after.
 //!
+//! The worker binds every address of its namespace (no `--bind`), one of which the client has
+//! no route to: ICE must find the pair that works among its host candidates.
+//!
 //! Needs root and `ip netns` (iproute2): without them it says so and checks nothing.
 mod common;
 
@@ -16,6 +19,7 @@ use distributor::sdk::{Client, PeerEvent};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 233, 77, 1);
 const INSIDE: Ipv4Addr = Ipv4Addr::new(10, 233, 77, 2);
+const UNREACHABLE: Ipv4Addr = Ipv4Addr::new(10, 233, 78, 2);
 
 /// A namespace and a veth pair, removed when dropped (the veth goes with the namespace).
 struct Net {
@@ -48,6 +52,8 @@ impl Net {
             ip(&all)
         };
         inside(&["addr", "add", &format!("{INSIDE}/30"), "dev", &inside_if])?;
+        // A second address the host has no route to: a host candidate that cannot work.
+        inside(&["addr", "add", &format!("{UNREACHABLE}/24"), "dev", &inside_if])?;
         inside(&["link", "set", &inside_if, "up"])?;
         inside(&["link", "set", "lo", "up"])?;
         Ok(net)
@@ -90,7 +96,8 @@ async fn ice_lost_on_a_network_that_goes_away_is_restarted_by_the_client() {
 
     let worker = Command::new("ip")
         .args(["netns", "exec", &net.ns, env!("CARGO_BIN_EXE_distributor")])
-        .args(["worker", "--id", "7", "--connect", &url, "--bind", &INSIDE.to_string()])
+        // No --bind: a socket and a host candidate on each of the namespace's addresses.
+        .args(["worker", "--id", "7", "--connect", &url])
         .stderr(Stdio::null())
         .spawn()
         .expect("start the worker in the namespace");

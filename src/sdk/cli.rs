@@ -23,8 +23,8 @@ pub struct PeerArgs {
     /// The distributor's auth secret: the peer mints its own token (for tests and demos).
     #[arg(long, env = "DISTRIBUTOR_AUTH_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
-    /// The address the UDP socket binds and announces [default: the first non-loopback
-    /// interface address, else 127.0.0.1].
+    /// The one address the UDP sockets bind and announce [default: every interface address
+    /// but loopback and link-local; 127.0.0.1 when there is none].
     #[arg(long)]
     pub bind: Option<IpAddr>,
     /// A STUN server (host:port) for a server-reflexive candidate beside the host one.

@@ -41,8 +41,9 @@ impl ClientBuilder {
         self
     }
 
-    /// The address the peer connections' UDP sockets bind, and their host candidate
-    /// (default: the first non-loopback interface address, else loopback).
+    /// The one address the peer connections' UDP sockets bind, their host candidate (default:
+    /// every interface address but loopback and link-local, each a host candidate; loopback on
+    /// a machine with nothing else).
     pub fn bind(mut self, ip: IpAddr) -> Self {
         self.bind = Some(ip);
         self
@@ -75,7 +76,7 @@ impl ClientBuilder {
             out: signaling.out,
             events: signaling.events,
             peers,
-            net: Net { bind: super::rtc::bind_address(self.bind), stun: self.stun },
+            net: Net { bind: self.bind, stun: self.stun },
             open_timeout: self.open_timeout,
             _stop: signaling.stop,
         })

@@ -27,7 +27,7 @@ pub async fn pair(bind: IpAddr, within: Duration) -> Result<(Connection, Connect
     let (client_opened, client) = oneshot::channel();
     let (worker_opened, worker) = oneshot::channel();
     let side = Side::Worker { worker: WORKER, client: CLIENT };
-    let net = Net { bind, stun: None };
+    let net = Net { bind: Some(bind), stun: None };
     tokio::spawn(connection::run(side, net, worker_out, worker_signals, worker_opened));
     tokio::spawn(connection::run(
         Side::Client { worker: WORKER },

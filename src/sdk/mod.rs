@@ -42,6 +42,7 @@ mod connection;
 pub mod direct;
 pub mod rtc;
 pub mod signaling;
+mod sockets;
 mod stun;
 pub mod worker;
 

@@ -7,7 +7,7 @@
 //! long as its peer connection, whatever becomes of the signaling stream.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,10 +15,10 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Error;
+use super::sockets::Sockets;
 
 /// Bytes a data channel may have written and not yet acknowledged by the other peer before a
 /// `send` waits (str0m buffers 128 KiB by default; 32 KiB measured ~5 times faster on loopback).
@@ -38,26 +38,15 @@ const CLOSING: Duration = Duration::from_secs(1);
 /// its socket (and the other peer's SCTP slows down).
 const RECV_QUEUE: usize = 256;
 
-/// Where a peer connection's socket binds, and whom it asks for a server-reflexive candidate.
+/// Where a peer connection's sockets bind, and whom it asks for a server-reflexive candidate.
 #[derive(Clone, Copy, Debug)]
 pub struct Net {
-    /// The socket's address and host candidate (port 0: a fresh port per connection).
-    pub bind: IpAddr,
+    /// The one address to bind (a host candidate on a fresh port); `None`: every interface
+    /// address (see [`super::sockets::host_addresses`]).
+    pub bind: Option<IpAddr>,
     /// A STUN server: its answer is a server-reflexive candidate (what a NAT makes of the
     /// socket), trickled beside the host one.
     pub stun: Option<SocketAddr>,
-}
-
-/// Where a peer connection's UDP socket binds: `ip` (unspecified: the first interface address
-/// that is not loopback, else loopback), port 0.
-pub fn bind_address(ip: Option<IpAddr>) -> IpAddr {
-    match ip {
-        Some(ip) if !ip.is_unspecified() => ip,
-        _ => if_addrs::get_if_addrs()
-            .ok()
-            .and_then(|ifs| ifs.into_iter().find(|i| !i.is_loopback() && i.ip().is_ipv4()).map(|i| i.ip()))
-            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-    }
 }
 
 /// How long each step of opening took, from the first offer or answer.
@@ -190,34 +179,33 @@ struct Open {
     waiting: VecDeque<(Bytes, oneshot::Sender<Result<(), Error>>)>,
 }
 
-/// A fresh socket for a peer connection, its address, and what the STUN server saw of it.
-async fn bind(net: Net) -> Result<(UdpSocket, SocketAddr, Option<SocketAddr>), Error> {
-    let socket = UdpSocket::bind(SocketAddr::new(net.bind, 0)).await?;
-    let local = socket.local_addr()?;
+/// Fresh sockets for a peer connection, and what the STUN server saw of the primary one.
+async fn bind(net: Net) -> Result<(Sockets, Option<(SocketAddr, SocketAddr)>), Error> {
+    let sockets = Sockets::bind(&super::sockets::host_addresses(net.bind)).await?;
     let reflexive = match net.stun {
         Some(server) => {
-            let mapped = super::stun::reflexive(&socket, server).await;
+            let (socket, local) = sockets.primary();
+            let mapped = super::stun::reflexive(socket, server).await;
             if mapped.is_none() {
-                tracing::warn!(%server, "the STUN server did not answer: host candidate only");
+                tracing::warn!(%server, "the STUN server did not answer: host candidates only");
             }
-            mapped
+            mapped.map(|mapped| (mapped, local))
         }
         None => None,
     };
-    Ok((socket, local, reflexive))
+    Ok((sockets, reflexive))
 }
 
 /// Starts a peer connection's task; returns its command queue and what it reports.
 pub(crate) async fn start(net: Net) -> Result<(mpsc::Sender<Command>, mpsc::Receiver<Happened>), Error> {
-    let (socket, local, reflexive) = bind(net).await?;
+    let (sockets, reflexive) = bind(net).await?;
     let rtc = Rtc::builder().set_sctp_max_buffered_amount(SEND_BUFFER + MAX_MESSAGE).build(Instant::now());
     let (commands, commands_rx) = mpsc::channel(64);
     let (happened_tx, happened) = mpsc::channel(16);
     let task = Task {
         rtc,
         net,
-        socket,
-        local,
+        sockets,
         reflexive,
         candidates: Vec::new(),
         buf: vec![0; 2048],
@@ -238,10 +226,9 @@ pub(crate) async fn start(net: Net) -> Result<(mpsc::Sender<Command>, mpsc::Rece
 struct Task {
     rtc: Rtc,
     net: Net,
-    socket: UdpSocket,
-    local: SocketAddr,
-    /// What the STUN server saw of the socket.
-    reflexive: Option<SocketAddr>,
+    sockets: Sockets,
+    /// What the STUN server saw of the primary socket, and that socket's address.
+    reflexive: Option<(SocketAddr, SocketAddr)>,
     /// This side's candidates, as trickled.
     candidates: Vec<String>,
     buf: Vec<u8>,
@@ -282,9 +269,9 @@ impl Task {
             }
             let timeout = tokio::time::sleep_until(wake.into());
             tokio::select! {
-                received = self.socket.recv_from(&mut self.buf) => {
-                    if let Ok((n, source)) = received {
-                        self.receive(n, source);
+                received = self.sockets.recv(&mut self.buf) => {
+                    if let Ok((n, source, destination)) = received {
+                        self.receive(n, source, destination);
                     }
                 }
                 command = self.commands.recv() => match command {
@@ -388,11 +375,10 @@ impl Task {
         }
     }
 
-    /// Moves to a new socket on the same address (or the address the network now gives): its
-    /// candidates replace the old ones, which stop answering.
+    /// Moves to new sockets on the addresses the network now gives: their candidates replace
+    /// the old ones, which stop answering.
     async fn rebind(&mut self) -> Result<Vec<String>, Error> {
-        let (socket, local, reflexive) = bind(self.net).await?;
-        (self.socket, self.local, self.reflexive) = (socket, local, reflexive);
+        (self.sockets, self.reflexive) = bind(self.net).await?;
         self.candidates.clear();
         self.local_candidates()
     }
@@ -403,9 +389,14 @@ impl Task {
         if !self.candidates.is_empty() {
             return Ok(self.candidates.clone());
         }
-        let mut candidates = vec![Candidate::host(self.local, "udp").map_err(rtc_error)?];
-        if let Some(mapped) = self.reflexive {
-            candidates.push(Candidate::server_reflexive(mapped, self.local, "udp").map_err(rtc_error)?);
+        let mut candidates = self
+            .sockets
+            .locals()
+            .map(|local| Candidate::host(local, "udp"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(rtc_error)?;
+        if let Some((mapped, base)) = self.reflexive {
+            candidates.push(Candidate::server_reflexive(mapped, base, "udp").map_err(rtc_error)?);
         }
         let mut lines = Vec::with_capacity(candidates.len());
         for candidate in candidates {
@@ -459,9 +450,9 @@ impl Task {
                 break;
             }
             tokio::select! {
-                received = self.socket.recv_from(&mut self.buf) => {
-                    if let Ok((n, source)) = received {
-                        self.receive(n, source);
+                received = self.sockets.recv(&mut self.buf) => {
+                    if let Ok((n, source, destination)) = received {
+                        self.receive(n, source, destination);
                     }
                 }
                 _ = tokio::time::sleep_until(wake.min(until).into()) => {
@@ -475,9 +466,9 @@ impl Task {
     /// Hands a datagram to the `Rtc`. A failed receive on UDP (an ICMP error for an earlier
     /// datagram) or a datagram str0m does not understand loses nothing the protocols above do
     /// not retransmit.
-    fn receive(&mut self, n: usize, source: SocketAddr) {
+    fn receive(&mut self, n: usize, source: SocketAddr, destination: SocketAddr) {
         if let Ok(contents) = self.buf[..n].try_into() {
-            let receive = Receive { proto: Protocol::Udp, source, destination: self.local, contents };
+            let receive = Receive { proto: Protocol::Udp, source, destination, contents };
             let _ = self.rtc.handle_input(Input::Receive(Instant::now(), receive));
         }
     }
@@ -491,9 +482,7 @@ impl Task {
             let output = self.rtc.poll_output().map_err(|e| e.to_string())?;
             match output {
                 Output::Timeout(at) => return Ok(at),
-                Output::Transmit(t) => {
-                    let _ = self.socket.send_to(&t.contents, t.destination).await;
-                }
+                Output::Transmit(t) => self.sockets.send(t.source, t.destination, &t.contents).await,
                 Output::Event(event) => self.event(event).await,
             }
         }

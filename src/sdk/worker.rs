@@ -39,7 +39,9 @@ impl WorkerBuilder {
         self
     }
 
-    /// The address the peer connections' UDP sockets bind, and their host candidate.
+    /// The one address the peer connections' UDP sockets bind, their host candidate (default:
+    /// every interface address but loopback and link-local, each a host candidate; loopback on
+    /// a machine with nothing else).
     pub fn bind(mut self, ip: IpAddr) -> Self {
         self.bind = Some(ip);
         self
@@ -59,7 +61,7 @@ impl WorkerBuilder {
         };
         let signaling = Signaling::connect::<WorkerRtcMessage>(self.settings).await?;
         let (accepted_tx, accepted) = mpsc::channel(64);
-        let net = Net { bind: super::rtc::bind_address(self.bind), stun: self.stun };
+        let net = Net { bind: self.bind, stun: self.stun };
         let dispatcher =
             Dispatcher { worker, net, out: signaling.out, accepted: accepted_tx, peers: HashMap::new() };
         tokio::spawn(dispatcher.run(signaling.incoming));

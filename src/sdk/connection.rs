@@ -132,6 +132,14 @@ pub(crate) fn session_id(sdp: &[u8]) -> Option<&[u8]> {
     line.split(|b| *b == b' ').nth(1)
 }
 
+/// Sends this side's candidates, one `LOCAL_ICE_CANDIDATE` each.
+async fn trickle(out: &mpsc::Sender<Signal>, side: Side, lines: Vec<String>) -> Result<(), Error> {
+    for line in lines {
+        out.send(side.signal(RtcEvent::LocalIceCandidate, line)).await.map_err(|_| Error::Closed)?;
+    }
+    Ok(())
+}
+
 /// Asks the `Rtc` task something and waits for its answer.
 async fn ask<T>(
     commands: &mpsc::Sender<Command>,
@@ -166,9 +174,7 @@ pub(crate) async fn run(
         let offered = async {
             let offer = ask(&commands, |reply| Command::Offer { label: "data".into(), reply }).await?;
             send(RtcEvent::Offer, offer.into()).await.map_err(|_| Error::Closed)?;
-            for line in ask(&commands, |reply| Command::LocalCandidates { reply }).await? {
-                send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)?;
-            }
+            trickle(&out, side, ask(&commands, |reply| Command::LocalCandidates { reply }).await?).await?;
             Ok(())
         };
         if let Err(e) = offered.await {
@@ -198,9 +204,7 @@ pub(crate) async fn run(
                 Some(Control::RestartIce) => restart_at = Some(tokio::time::Instant::now()),
                 Some(Control::Rebind) => {
                     let rebound = async {
-                        for line in ask(&commands, |reply| Command::Rebind { reply }).await? {
-                            send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)?;
-                        }
+                        trickle(&out, side, ask(&commands, |reply| Command::Rebind { reply }).await?).await?;
                         Ok::<_, Error>(())
                     };
                     match rebound.await {
@@ -220,9 +224,7 @@ pub(crate) async fn run(
                 let restarted = async {
                     let offer = ask(&commands, |reply| Command::Restart { reply }).await?;
                     send(RtcEvent::Offer, offer.into()).await.map_err(|_| Error::Closed)?;
-                    for line in ask(&commands, |reply| Command::LocalCandidates { reply }).await? {
-                        send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)?;
-                    }
+                    trickle(&out, side, ask(&commands, |reply| Command::LocalCandidates { reply }).await?).await?;
                     Ok::<_, Error>(())
                 };
                 if let Err(e) = restarted.await {
@@ -250,9 +252,7 @@ pub(crate) async fn run(
                         let answer = ask(&commands, |reply| Command::Answer { offer, reply }).await?;
                         send(RtcEvent::Answer, answer.into()).await.map_err(|_| Error::Closed)?;
                         // Again after a renegotiation: an ICE restart forgets the remote candidates.
-                        for line in ask(&commands, |reply| Command::LocalCandidates { reply }).await? {
-                            send(RtcEvent::LocalIceCandidate, line.into()).await.map_err(|_| Error::Closed)?;
-                        }
+                        trickle(&out, side, ask(&commands, |reply| Command::LocalCandidates { reply }).await?).await?;
                         Ok(())
                     }.await,
                     RtcEvent::Answer => async {

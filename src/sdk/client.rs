@@ -35,26 +35,7 @@ impl ClientBuilder {
         self
     }
 
-    /// Another distributor to move to when this one drains or cannot be reached.
-    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
-        self.settings.endpoints.push(url.into());
-        self
-    }
-
-    /// The one address the peer connections' UDP sockets bind, their host candidate (default:
-    /// every interface address but loopback and link-local, each a host candidate; loopback on
-    /// a machine with nothing else).
-    pub fn bind(mut self, ip: IpAddr) -> Self {
-        self.bind = Some(ip);
-        self
-    }
-
-    /// A STUN server to learn the sockets' server-reflexive address from (what a NAT makes of
-    /// them), trickled as a second candidate.
-    pub fn stun(mut self, server: SocketAddr) -> Self {
-        self.stun = Some(server);
-        self
-    }
+    super::network_options!();
 
     /// How long [`Client::open`] waits ([`OPEN_TIMEOUT`] by default).
     pub fn open_timeout(mut self, within: Duration) -> Self {

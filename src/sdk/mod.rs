@@ -36,6 +36,34 @@
 //! - [`direct`]: two peers signaling in-process, the baseline of the open-time benchmark.
 //! - `cli`: `distributor client` and `distributor worker`.
 
+/// The builder methods a client and a worker share (their builders have `settings`, `bind` and
+/// `stun` fields).
+macro_rules! network_options {
+    () => {
+        /// Another distributor to move to when this one drains or cannot be reached.
+        pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+            self.settings.endpoints.push(url.into());
+            self
+        }
+
+        /// The one address the peer connections' UDP sockets bind, their host candidate
+        /// (default: every interface address but loopback and link-local, each a host
+        /// candidate; loopback on a machine with nothing else).
+        pub fn bind(mut self, ip: std::net::IpAddr) -> Self {
+            self.bind = Some(ip);
+            self
+        }
+
+        /// A STUN server to learn the sockets' server-reflexive address from (what a NAT
+        /// makes of them), trickled beside the host candidates.
+        pub fn stun(mut self, server: std::net::SocketAddr) -> Self {
+            self.stun = Some(server);
+            self
+        }
+    };
+}
+use network_options;
+
 pub mod cli;
 pub mod client;
 mod connection;

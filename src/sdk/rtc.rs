@@ -1,9 +1,9 @@
 //! One peer connection: a task owning str0m's sans-IO `Rtc` and its UDP socket.
 //!
 //! The task is the only owner of the `Rtc`: the role that negotiates (client or worker) asks it
-//! for an offer, an answer, its candidates, through [`Command`]s, and data channels write through
+//! for an offer, an answer, its candidates, through `Command`s, and data channels write through
 //! it too. It feeds the `Rtc` datagrams and time, sends what it transmits, and reports what
-//! happens as [`Happened`]. Nothing here touches signaling: once open, a data channel lives as
+//! happens as `Happened`. Nothing here touches signaling: once open, a data channel lives as
 //! long as its peer connection, whatever becomes of the signaling stream.
 
 use std::collections::{HashMap, VecDeque};
@@ -24,7 +24,7 @@ use super::sockets::Sockets;
 /// `send` waits (str0m buffers 128 KiB by default; 32 KiB measured ~5 times faster on loopback).
 const SEND_BUFFER: usize = 32 * 1024;
 
-/// The largest message a data channel sends: SCTP's buffer holds [`SEND_BUFFER`] and one more
+/// The largest message a data channel sends: SCTP's buffer holds `SEND_BUFFER` and one more
 /// message of at most this size.
 pub const MAX_MESSAGE: usize = 256 * 1024;
 
@@ -42,7 +42,7 @@ const RECV_QUEUE: usize = 256;
 #[derive(Clone, Copy, Debug)]
 pub struct Net {
     /// The one address to bind (a host candidate on a fresh port); `None`: every interface
-    /// address (see [`super::sockets::host_addresses`]).
+    /// address (see `sockets::host_addresses`).
     pub bind: Option<IpAddr>,
     /// A STUN server: its answer is a server-reflexive candidate (what a NAT makes of the
     /// socket), trickled beside the host one.
@@ -129,7 +129,7 @@ impl DataChannel {
         &self.label
     }
 
-    /// Sends `data` (one message), waiting while the channel has [`SEND_BUFFER`] bytes or more
+    /// Sends `data` (one message), waiting while the channel has `SEND_BUFFER` bytes or more
     /// unacknowledged: memory stays bounded however fast the caller sends.
     pub async fn send(&self, data: Bytes) -> Result<(), Error> {
         send(&self.commands, self.id, data).await

@@ -33,26 +33,7 @@ impl WorkerBuilder {
         self
     }
 
-    /// Another distributor to move to when this one drains or cannot be reached.
-    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
-        self.settings.endpoints.push(url.into());
-        self
-    }
-
-    /// The one address the peer connections' UDP sockets bind, their host candidate (default:
-    /// every interface address but loopback and link-local, each a host candidate; loopback on
-    /// a machine with nothing else).
-    pub fn bind(mut self, ip: IpAddr) -> Self {
-        self.bind = Some(ip);
-        self
-    }
-
-    /// A STUN server to learn the sockets' server-reflexive address from (what a NAT makes of
-    /// them), trickled as a second candidate.
-    pub fn stun(mut self, server: SocketAddr) -> Self {
-        self.stun = Some(server);
-        self
-    }
+    super::network_options!();
 
     /// Registers the worker: once this returns, clients anywhere in the cluster reach it.
     pub async fn connect(self) -> Result<Worker, Error> {

@@ -79,13 +79,7 @@ pub struct Client {
 
 impl Client {
     pub fn builder(url: impl Into<String>) -> ClientBuilder {
-        let settings = Settings {
-            endpoints: vec![url.into()],
-            token: None,
-            client_id: None,
-            worker_id: None,
-            connect_timeout: Duration::from_secs(10),
-        };
+        let settings = Settings::new(url);
         ClientBuilder { settings, bind: None, stun: None, open_timeout: OPEN_TIMEOUT }
     }
 

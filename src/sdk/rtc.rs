@@ -299,13 +299,9 @@ impl Task {
         let started = *self.started.get_or_insert_with(Instant::now);
         match command {
             Command::Offer { label, reply } => {
-                let mut change = self.rtc.sdp_api();
-                change.add_channel(label);
-                let offer = change.apply().map(|(offer, pending)| {
-                    self.pending = Some(pending);
-                    offer.to_sdp_string()
-                });
-                let _ = reply.send(offer.ok_or_else(|| Error::Rtc("nothing to offer".into())));
+                let _ = reply.send(self.offer(|change| {
+                    change.add_channel(label);
+                }));
             }
             Command::Answer { offer, reply } => {
                 let answer = text(&offer)
@@ -341,13 +337,9 @@ impl Task {
                 }
             }
             Command::Restart { reply } => {
-                let mut change = self.rtc.sdp_api();
-                change.ice_restart(true);
-                let offer = change.apply().map(|(offer, pending)| {
-                    self.pending = Some(pending);
-                    offer.to_sdp_string()
-                });
-                let _ = reply.send(offer.ok_or_else(|| Error::Rtc("nothing to restart".into())));
+                let _ = reply.send(self.offer(|change| {
+                    change.ice_restart(true);
+                }));
             }
             Command::OpenChannel { label } => {
                 let mut change = self.rtc.sdp_api();
@@ -411,6 +403,15 @@ impl Task {
         }
         self.candidates = lines.clone();
         Ok(lines)
+    }
+
+    /// An offer for the changes `make` asks for; the answer is awaited as `pending`.
+    fn offer(&mut self, make: impl FnOnce(&mut str0m::change::SdpApi)) -> Result<String, Error> {
+        let mut change = self.rtc.sdp_api();
+        make(&mut change);
+        let (offer, pending) = change.apply().ok_or_else(|| Error::Rtc("nothing to offer".into()))?;
+        self.pending = Some(pending);
+        Ok(offer.to_sdp_string())
     }
 
     /// Writes what waits on `channel` while its send buffer has room.

@@ -117,6 +117,19 @@ pub struct Settings {
     pub connect_timeout: Duration,
 }
 
+impl Settings {
+    /// A peer of `url`, known by its token or the builder's id.
+    pub fn new(url: impl Into<String>) -> Self {
+        Settings {
+            endpoints: vec![url.into()],
+            token: None,
+            client_id: None,
+            worker_id: None,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Own messages kept until a resume says the distributor has them (more than a peer has in
 /// flight: a negotiation is a handful of messages).
 const UNACKED: usize = 4096;

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -61,13 +60,7 @@ pub struct Worker {
 
 impl Worker {
     pub fn builder(url: impl Into<String>) -> WorkerBuilder {
-        let settings = Settings {
-            endpoints: vec![url.into()],
-            token: None,
-            client_id: None,
-            worker_id: None,
-            connect_timeout: Duration::from_secs(10),
-        };
+        let settings = Settings::new(url);
         WorkerBuilder { settings, bind: None, stun: None }
     }
 

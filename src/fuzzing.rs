@@ -84,6 +84,7 @@ pub fn peer_messages(data: &[u8]) {
         clients: Default::default(),
         workers: Default::default(),
         shutdown: Default::default(),
+        draining: Default::default(),
         registrations: Default::default(),
     };
     let mut rest = data;

@@ -142,8 +142,12 @@ pub async fn run(
         clients: Default::default(),
         workers: Default::default(),
         shutdown: Default::default(),
+        draining: Default::default(),
         registrations: Default::default(),
     });
+    if let Some(cluster) = &edge.cluster {
+        cluster.set_holder(Arc::new(crate::edge::Holding(Arc::downgrade(&edge))));
+    }
     if config.metrics_listen.is_some() {
         let edge = Arc::downgrade(&edge);
         tokio::spawn(async move {

@@ -567,28 +567,131 @@ async fn a_killed_instances_resumable_peer_starts_afresh_elsewhere() {
     negotiate(&mut c, 9797, &mut w, 97).await;
 }
 
-/// A resumable client cut on one instance and back on another (alive) one: until resume across
-/// instances is built, it starts afresh there, and its old sessions end at once (its new
-/// stream's claim), not after the grace.
+/// The next message, which must be `event` numbered `seq`; returns its payload.
+async fn expect_numbered(c: &mut ClientStream, event: RtcEvent, seq: u64) -> Vec<u8> {
+    let msg = c.recv().await;
+    assert_eq!((msg.event(), msg.seq), (event, seq), "{msg:?}");
+    msg.message.to_vec()
+}
+
+/// A resumable client cut mid-negotiation comes back on another instance: the instance that
+/// holds it takes it over through a tunnel, what the worker sent meanwhile comes with
+/// consecutive numbers, the negotiation finishes; back on its first instance, it resumes
+/// there; a half-close through the tunnel is a departure at once.
 #[tokio::test]
-async fn a_detached_client_back_on_another_instance_ends_its_old_sessions_at_once() {
+async fn a_client_cut_mid_negotiation_resumes_on_another_instance_and_finishes_it() {
     let nats = NatsCluster::start().await;
     let (a, b) = (instance(&nats, 0, "t18").await, instance(&nats, 1, "t18").await);
     reach_each_other(&a, &b, 1800).await;
     let mut w = worker(&a, 98).await;
     let resumable = |after: u64| [("x-client-id", "9898".to_string()), ("x-resume-after", after.to_string())];
-    let (mut c, cid) = client_with(&b, &resumable(0)).await;
-    negotiate(&mut c, cid, &mut w, 98).await;
-    // Cut (no half-close): detached on B for the grace (15 s).
+    let (c, cid) = client_with(&b, &resumable(0)).await;
+    c.send(to_worker(98, RtcEvent::Offer, b"offer")).await;
+    assert_eq!(w.recv().await.event(), RtcEvent::Offer);
+    // Cut (no half-close): the worker answers and trickles while the client is away.
     c.cut();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    w.send(to_client(cid, RtcEvent::Answer, b"answer")).await;
+    w.send(to_client(cid, RtcEvent::LocalIceCandidate, b"w1")).await;
     w.expect_quiet().await;
     let back = Instant::now();
-    let mut c = open_client(a.channel().await, &resumable(3)).await.expect("opens on A");
+    let mut c = open_client(a.channel().await, &resumable(0)).await.expect("opens on A");
+    let welcome = c.recv().await;
+    assert_eq!((welcome.event(), welcome.resumed, welcome.seq), (RtcEvent::Blank, true, 0), "{welcome:?}");
+    assert_eq!(expect_numbered(&mut c, RtcEvent::Answer, 1).await, b"answer");
+    assert_eq!(expect_numbered(&mut c, RtcEvent::IceCandidate, 2).await, b"w1");
+    assert!(back.elapsed() < Duration::from_secs(2), "replayed after {:?}", back.elapsed());
+    c.send(to_worker(98, RtcEvent::AcceptAnswer, b"")).await;
+    assert_eq!(w.recv().await.event(), RtcEvent::AcceptAnswer, "the session went on");
+    w.send(to_client(cid, RtcEvent::LocalIceCandidate, b"w2")).await;
+    assert_eq!(expect_numbered(&mut c, RtcEvent::IceCandidate, 3).await, b"w2", "live, numbered on");
+    // Cut again, while the worker trickles; back on B, which holds it, with what it got.
+    c.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    w.send(to_client(cid, RtcEvent::LocalIceCandidate, b"w3")).await;
+    let mut c = open_client(b.channel().await, &resumable(3)).await.expect("opens on B");
+    let welcome = c.recv().await;
+    assert_eq!((welcome.event(), welcome.resumed), (RtcEvent::Blank, true), "{welcome:?}");
+    assert_eq!(expect_numbered(&mut c, RtcEvent::IceCandidate, 4).await, b"w3");
+    // Through a tunnel again, the client leaves: PEER_GONE at once.
+    c.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut c = open_client(a.channel().await, &resumable(4)).await.expect("opens on A");
+    assert!(c.recv().await.resumed);
+    c.close();
+    let gone = w.recv().await;
+    assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, cid));
+    assert_eq!(c.ended().await.code(), Code::Ok);
+    w.expect_quiet().await;
+}
+
+/// A resumable worker cut on its instance comes back on another: it gets what its clients sent
+/// meanwhile, numbered, and its sessions go on.
+#[tokio::test]
+async fn a_worker_resumes_on_another_instance_and_gets_what_was_held_for_it() {
+    let nats = NatsCluster::start().await;
+    let (a, b) = (instance(&nats, 0, "t19").await, instance(&nats, 1, "t19").await);
+    reach_each_other(&a, &b, 1900).await;
+    let resumable = |after: u64| [("x-resume-after", after.to_string())];
+    let mut w = worker_with(&a, 12, &resumable(0)).await;
+    let (mut c, cid) = client(&b).await;
+    c.send(to_worker(12, RtcEvent::Offer, b"offer")).await;
+    assert_eq!(w.recv().await.seq, 1);
+    w.send(to_client(cid, RtcEvent::Answer, b"answer")).await;
+    assert_eq!(c.recv().await.event(), RtcEvent::Answer);
+    w.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 1..=3u8 {
+        c.send(to_worker(12, RtcEvent::LocalIceCandidate, &[i])).await;
+    }
+    c.expect_quiet().await;
+    let mut w = open_worker(b.channel().await, &resumable(1), blank(12)).await.unwrap();
+    let ack = w.recv().await;
+    assert_eq!((ack.event(), ack.worker_machine_id, ack.resumed), (RtcEvent::Blank, 12, true), "{ack:?}");
+    for (i, seq) in (1..=3u8).zip(2..) {
+        let held = w.recv().await;
+        assert_eq!((held.event(), held.seq, &held.message[..]), (RtcEvent::IceCandidate, seq, &[i][..]));
+    }
+    w.send(to_client(cid, RtcEvent::LocalIceCandidate, b"back")).await;
+    assert_eq!(c.recv().await.event(), RtcEvent::IceCandidate, "the session goes on");
+    c.send(to_worker(12, RtcEvent::LocalIceCandidate, b"more")).await;
+    let more = w.recv().await;
+    assert_eq!((more.event(), more.seq, &more.message[..]), (RtcEvent::IceCandidate, 5, &b"more"[..]));
+}
+
+/// The instance holding a tunnelled peer dies: the stream on the other instance ends
+/// `UNAVAILABLE`, and the peer's next resume starts afresh (nothing is known of it any more).
+#[tokio::test]
+async fn when_the_holder_dies_its_tunnelled_peer_starts_afresh() {
+    let nats = NatsCluster::start().await;
+    let a = instance(&nats, 0, "t20").await;
+    let mut b = binary_instance(&nats, 1, "t20");
+    let b_server = TestServer::external(&b.addr);
+    reach_each_other(&a, &b_server, 2000).await;
+    let mut w = worker(&a, 96).await;
+    let resumable = |after: u64| [("x-client-id", "9696".to_string()), ("x-resume-after", after.to_string())];
+    let (mut c, cid) = client_with(&b_server, &resumable(0)).await;
+    negotiate(&mut c, cid, &mut w, 96).await;
+    c.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Back on A, served through a tunnel by B, which holds it.
+    let mut c = open_client(a.channel().await, &resumable(1)).await.expect("opens on A");
+    let welcome = c.recv().await;
+    assert_eq!((welcome.event(), welcome.resumed), (RtcEvent::Blank, true), "{welcome:?}");
+    b.kill();
+    let ended = tokio::time::timeout(Duration::from_secs(8), c.ended()).await.expect("ends within the bound");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    let mut c = open_client(a.channel().await, &resumable(2)).await.expect("opens on A");
     let welcome = c.recv().await;
     assert_eq!((welcome.event(), welcome.resumed), (RtcEvent::Blank, false), "{welcome:?}");
-    let gone = w.recv().await;
-    assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, 9898));
-    assert!(back.elapsed() < Duration::from_secs(2), "PEER_GONE after {:?}", back.elapsed());
-    negotiate(&mut c, 9898, &mut w, 98).await;
+    let mut gone = tokio::time::timeout(Duration::from_secs(8), w.rx_message())
+        .await
+        .expect("PEER_GONE within the bound")
+        .unwrap()
+        .unwrap();
+    if gone.event() == RtcEvent::Error {
+        gone = w.recv().await;
+    }
+    assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, 9696));
+    negotiate(&mut c, 9696, &mut w, 96).await;
 }

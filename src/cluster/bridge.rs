@@ -28,6 +28,7 @@ use super::clients::LocalClients;
 use super::directory::{Directory, Lookup, Route};
 use super::links::{Links, RETIRED_FOR};
 use super::liveness::{HEARTBEAT_EVERY, Liveness};
+use super::tunnels::{TunnelCommand, Tunnels};
 use super::wire::{self, record::Kind};
 use crate::core::{
     Command, ConnId, DeliverError, InstanceId, Outbound, PeerId, Role, Signal, refuse, session,
@@ -88,6 +89,7 @@ pub struct Bridge {
     liveness: Liveness,
     clients: LocalClients,
     remote: HashMap<ConnId, Arc<RemoteClient>>,
+    tunnels: Tunnels,
     /// Local clients that left while messages of theirs waited for a locate.
     departing: HashMap<ConnId, PeerId>,
     /// The `sent_at` of the last heartbeat believed from each instance, and when: a replayed
@@ -122,6 +124,7 @@ impl Bridge {
             liveness: Liveness::default(),
             clients: LocalClients::default(),
             remote: HashMap::new(),
+            tunnels: Tunnels::default(),
             departing: HashMap::new(),
             beats: HashMap::new(),
             parked,
@@ -187,6 +190,17 @@ impl Bridge {
                 refuse(w.signal.reply, ErrorCode::ClusterUnavailable, worker, client, reason)
             }
         }
+    }
+
+    /// A tunnel's half asks for something (see [`super::tunnels`]); what it sends is owed.
+    pub fn tunnel(&mut self, command: TunnelCommand) {
+        let Some((instance, record)) = self.tunnels.command(command) else { return };
+        self.links.push(instance, record, Origin::Owed);
+    }
+
+    /// The other instances this one has heard from lately.
+    pub fn alive(&self) -> usize {
+        self.liveness.count()
     }
 
     /// The answer to an [`Output::Locate`], at `now`.
@@ -365,6 +379,10 @@ impl Bridge {
                     self.dispatch(shard, Command::ClientGone { client: g.client, conn, departure: None });
                 }
             }
+            Kind::Tunnel(t) => {
+                let answer = self.tunnels.receive(from, t);
+                answer.into_iter().for_each(|a| self.links.push(from, a, Origin::Owed));
+            }
         }
     }
 
@@ -461,6 +479,7 @@ impl Bridge {
         self.liveness.forget(instance);
         self.directory.instance_gone(instance);
         self.clients.instance_gone(instance);
+        self.tunnels.instance_gone(instance);
         self.remote.retain(|conn, _| conn.instance != instance);
         for shard in 0..self.shards.len() {
             self.dispatch(shard, Command::InstanceGone { instance });

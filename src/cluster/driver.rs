@@ -4,8 +4,8 @@
 //! ([`Seal`]): what does not open is counted and dropped unread.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::{FutureExt, StreamExt};
@@ -16,8 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::bridge::{Bridge, Output};
 use super::directory::Lookup;
 use super::seal::{Kind, Opened, Seal};
+use super::tunnels::{self, Ask, Holder, TunnelCommand};
 use super::{Subjects, wire};
-use crate::core::{ConnId, InstanceId, Outbound, PeerId};
+use crate::core::{ConnId, InstanceId, Outbound, PeerId, Role};
 use crate::metrics as names;
 use crate::peer::{ForClients, ToCluster};
 use crate::warn_throttled;
@@ -37,6 +38,9 @@ const LOCATE_RETRY: Duration = Duration::from_millis(50);
 const LOCATE_RETRY_MAX: Duration = Duration::from_millis(400);
 const LOCATE_WITHIN: Duration = Duration::from_secs(2);
 const LOCATE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a resumable stream waits for the instances to say whether they hold its peer, at
+/// most (it stops at the holder's answer, or once every instance it knows alive said no).
+pub const ASK_WITHIN: Duration = Duration::from_millis(500);
 
 /// What the driver's own helpers and the server tell it.
 pub enum Control {
@@ -54,6 +58,8 @@ enum Event {
     Control(Control),
     Claim(async_nats::Message),
     Heartbeat(async_nats::Message),
+    Tunnel(TunnelCommand),
+    ResumeAsk(async_nats::Message),
     Tick,
 }
 
@@ -62,6 +68,15 @@ pub struct Subscriptions {
     inbox: async_nats::Subscriber,
     claims: async_nats::Subscriber,
     beats: async_nats::Subscriber,
+    resumes: async_nats::Subscriber,
+}
+
+/// The queues the driver reads, besides NATS.
+pub struct Inputs {
+    pub queue: mpsc::Receiver<ToCluster>,
+    pub for_clients: ForClients,
+    pub control: mpsc::UnboundedReceiver<Control>,
+    pub tunnels: mpsc::UnboundedReceiver<TunnelCommand>,
 }
 
 pub struct Driver {
@@ -72,6 +87,11 @@ pub struct Driver {
     pub seal: Seal,
     pub replies: Replies,
     pub control: mpsc::UnboundedSender<Control>,
+    /// For the halves of the tunnels this instance holds.
+    pub tunnels: mpsc::UnboundedSender<TunnelCommand>,
+    /// Where the bridge's count of live instances is published, for resume asks.
+    pub alive: Arc<AtomicUsize>,
+    pub holder: Arc<OnceLock<Arc<dyn Holder>>>,
 }
 
 /// Milliseconds since the Unix epoch: the clock of the seals.
@@ -107,6 +127,7 @@ impl Driver {
             inbox: self.nats.subscribe(self.subjects.inbox(self.me)).await?,
             claims: self.nats.subscribe(self.subjects.claim()).await?,
             beats: self.nats.subscribe(self.subjects.heartbeat()).await?,
+            resumes: self.nats.subscribe(self.subjects.resume()).await?,
         };
         if self.nats.connection_state() == async_nats::connection::State::Connected {
             let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.flush()).await;
@@ -115,14 +136,9 @@ impl Driver {
     }
 
     /// Runs until shutdown (or until the queues close).
-    pub async fn run(
-        mut self,
-        subscriptions: Subscriptions,
-        mut queue: mpsc::Receiver<ToCluster>,
-        mut for_clients: ForClients,
-        mut control: mpsc::UnboundedReceiver<Control>,
-    ) {
-        let Subscriptions { mut inbox, mut claims, mut beats } = subscriptions;
+    pub async fn run(mut self, subscriptions: Subscriptions, inputs: Inputs) {
+        let Subscriptions { mut inbox, mut claims, mut beats, mut resumes } = subscriptions;
+        let Inputs { mut queue, mut for_clients, mut control, mut tunnels } = inputs;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut done = None;
@@ -138,6 +154,8 @@ impl Driver {
                 Some(control) = control.recv() => Event::Control(control),
                 Some(msg) = claims.next() => Event::Claim(msg),
                 Some(msg) = beats.next() => Event::Heartbeat(msg),
+                Some(command) = tunnels.recv() => Event::Tunnel(command),
+                Some(msg) = resumes.next() => Event::ResumeAsk(msg),
                 _ = tick.tick() => Event::Tick,
             };
             // Read after the wait: what is handled now sees the connection as it is now.
@@ -194,8 +212,23 @@ impl Driver {
                         self.bridge.heartbeat(beat.body, beat.sent_at_ms, now);
                     }
                 }
+                Event::Tunnel(command) => {
+                    self.bridge.tunnel(command);
+                    for _ in 1..BATCH {
+                        match tunnels.try_recv() {
+                            Ok(command) => self.bridge.tunnel(command),
+                            Err(_) => break,
+                        }
+                    }
+                    self.bridge.flush(now);
+                }
+                Event::ResumeAsk(msg) => {
+                    self.resume_asked(msg).await;
+                    self.bridge.flush(now);
+                }
                 Event::Tick => {
                     self.bridge.tick(now);
+                    self.alive.store(self.bridge.alive(), Ordering::Relaxed);
                     if self.bridge.ready_to_leave(now) {
                         break;
                     }
@@ -210,6 +243,44 @@ impl Driver {
             let _ = done.send(());
         }
         tracing::info!("cluster bridge stopped");
+    }
+
+    /// Another instance asks whether the peer of a resumable stream is held here: if so, the
+    /// tunnel to that stream is opened and the peer handed to it before the answer goes.
+    async fn resume_asked(&mut self, msg: async_nats::Message) {
+        let Some(reply) = msg.reply.clone() else { return };
+        let Some(opened) = open(&self.seal, Kind::ResumeAsk, msg) else { return };
+        let Ok(ask) = wire::ResumeAsk::decode(opened.body) else {
+            return rejected(Kind::ResumeAsk).increment(1);
+        };
+        let Some(conn) = ask.conn.map(|c| ConnId { at: c.at, instance: c.instance }) else { return };
+        if conn.instance == self.me || conn.instance == 0 {
+            return;
+        }
+        let held = self.hold(conn, &ask);
+        let answer = wire::ResumeAnswer { instance: self.me, held }.encode_to_vec();
+        let sealed = self.seal.seal(Kind::ResumeAnswer, reply.as_str(), &answer, now_ms());
+        let _ = self.nats.publish(reply, sealed).await;
+    }
+
+    fn hold(&mut self, conn: ConnId, ask: &wire::ResumeAsk) -> bool {
+        let Some(holder) = self.holder.get().cloned() else { return false };
+        let (events_tx, events, credit) = tunnels::channel();
+        let open = TunnelCommand::Open {
+            conn,
+            instance: Some(conn.instance),
+            events: events_tx,
+            credit: credit.clone(),
+        };
+        self.bridge.tunnel(open);
+        let (tx, rx) = tunnels::halves(conn, conn.instance, self.tunnels.clone(), events, credit);
+        let role = if ask.worker { Role::Worker } else { Role::Client };
+        let expires = (ask.expires_ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ask.expires_ms));
+        let held = holder.hold(Ask { role, id: ask.id, after: ask.after, expires }, tx, rx);
+        if !held {
+            self.bridge.tunnel(TunnelCommand::Forget { conn });
+        }
+        held
     }
 
     /// One message from the inbox, opened.
@@ -294,6 +365,40 @@ async fn locate(
         }
         tokio::time::sleep(retry).await;
         retry = (retry * 2).min(LOCATE_RETRY_MAX);
+    }
+}
+
+/// Asks every instance whether it holds the peer of `ask`: the holder's instance, or `None`
+/// once every one of the `alive` instances said no, nobody listens, or [`ASK_WITHIN`] passed.
+pub async fn ask_holder(
+    nats: &async_nats::Client,
+    seal: &Seal,
+    replies: &Replies,
+    subject: String,
+    ask: &wire::ResumeAsk,
+    alive: usize,
+) -> Option<InstanceId> {
+    let mut waiting = replies.wait();
+    let request = seal.seal(Kind::ResumeAsk, &subject, &ask.encode_to_vec(), now_ms());
+    nats.publish_with_reply(subject, waiting.subject.clone(), request).await.ok()?;
+    let deadline = tokio::time::Instant::now() + ASK_WITHIN;
+    let mut said_no = std::collections::HashSet::new();
+    loop {
+        let reply = tokio::time::timeout_at(deadline, waiting.replies.recv()).await.ok()??;
+        if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            return None;
+        }
+        let Some(opened) = open(seal, Kind::ResumeAnswer, reply) else { continue };
+        match wire::ResumeAnswer::decode(opened.body) {
+            Ok(answer) if answer.held && answer.instance != 0 => return Some(answer.instance),
+            Ok(answer) => {
+                said_no.insert(answer.instance);
+                if alive > 0 && said_no.len() >= alive {
+                    return None;
+                }
+            }
+            Err(_) => rejected(Kind::ResumeAnswer).increment(1),
+        }
     }
 }
 

@@ -38,6 +38,11 @@ impl Liveness {
             .collect()
     }
 
+    /// How many instances were heard from and not yet found dead.
+    pub fn count(&self) -> usize {
+        self.last_seen.len()
+    }
+
     pub fn forget(&mut self, instance: InstanceId) {
         self.last_seen.remove(&instance);
     }

@@ -24,6 +24,8 @@
 //!   that locate it.
 //! - `<prefix>.claim`: a stream registered a worker or client id; older streams of it end.
 //! - `<prefix>.hb`: every instance's heartbeat, each second; one missing for 3 s is dead.
+//! - `<prefix>.resume`: a resumable stream of a peer not held on its instance asks which
+//!   instance holds it; each answers, the holder with a [`tunnels`] to the new stream.
 
 pub mod bridge;
 mod clients;
@@ -33,9 +35,11 @@ pub mod link;
 pub mod links;
 pub mod liveness;
 pub mod seal;
+pub mod tunnels;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
@@ -48,6 +52,7 @@ use crate::shards::Shards;
 use bridge::Bridge;
 use driver::{Control, Driver};
 use seal::{Kind, Seal};
+use tunnels::{Holder, TunnelCommand, TunnelRx, TunnelTx};
 
 /// Generated from `proto/distributor/cluster/v1/link.proto`.
 pub mod wire {
@@ -149,6 +154,9 @@ impl Subjects {
     pub fn heartbeat(&self) -> String {
         format!("{}.hb", self.prefix)
     }
+    pub fn resume(&self) -> String {
+        format!("{}.resume", self.prefix)
+    }
 }
 
 /// The shards' [`Elsewhere`]: hands messages for workers on other instances to the bridge.
@@ -196,6 +204,12 @@ pub struct Cluster {
     seal: Seal,
     queue: ClusterQueue,
     control: mpsc::UnboundedSender<Control>,
+    replies: driver::Replies,
+    tunnels: mpsc::UnboundedSender<TunnelCommand>,
+    /// The other instances heard from lately, as the bridge last counted them.
+    alive: Arc<AtomicUsize>,
+    /// Who takes a peer held here over for a stream on another instance (the edge).
+    holder: Arc<OnceLock<Arc<dyn Holder>>>,
 }
 
 /// Holds a worker's registration in the cluster: while it lives, requests locating the worker
@@ -307,6 +321,8 @@ impl Cluster {
         let subjects = Subjects::new(&prefix);
         let replies = driver::Replies::start(&nats).await?;
         let (control, control_rx) = mpsc::unbounded_channel();
+        let (tunnels, tunnels_rx) = mpsc::unbounded_channel();
+        let (alive, holder) = (Arc::new(AtomicUsize::new(0)), Arc::new(OnceLock::new()));
         let driver = Driver {
             bridge: Bridge::new(
                 instance,
@@ -320,12 +336,80 @@ impl Cluster {
             nats: nats.clone(),
             subjects: subjects.clone(),
             seal: seal.clone(),
-            replies,
+            replies: replies.clone(),
             control: control.clone(),
+            tunnels: tunnels.clone(),
+            alive: alive.clone(),
+            holder: holder.clone(),
         };
         let subscriptions = driver.subscribe().await?;
-        let task = tokio::spawn(driver.run(subscriptions, queue.rx, queue.for_clients, control_rx));
-        Ok((Cluster { instance, nats, subjects, seal, queue: queue.tx, control }, task))
+        let inputs = driver::Inputs {
+            queue: queue.rx,
+            for_clients: queue.for_clients,
+            control: control_rx,
+            tunnels: tunnels_rx,
+        };
+        let task = tokio::spawn(driver.run(subscriptions, inputs));
+        let cluster = Cluster {
+            instance,
+            nats,
+            subjects,
+            seal,
+            queue: queue.tx,
+            control,
+            replies,
+            tunnels,
+            alive,
+            holder,
+        };
+        Ok((cluster, task))
+    }
+
+    /// Sets who takes peers held here over for streams on other instances (the edge, once).
+    pub fn set_holder(&self, holder: Arc<dyn Holder>) {
+        let _ = self.holder.set(holder);
+    }
+
+    /// A resumable stream `conn` of a peer not held here: asks the other instances which holds
+    /// it. The holder takes the peer over for this stream and tunnels to it: its halves are
+    /// returned. `None`: no instance holds the peer (or none answered in time), it starts
+    /// afresh here.
+    pub async fn resume(
+        &self,
+        role: Role,
+        id: PeerId,
+        after: u64,
+        conn: ConnId,
+        expires: Option<SystemTime>,
+    ) -> Option<(TunnelTx, TunnelRx)> {
+        if !self.is_connected() {
+            return None;
+        }
+        let (events_tx, events, credit) = tunnels::channel();
+        let open = TunnelCommand::Open { conn, instance: None, events: events_tx, credit: credit.clone() };
+        self.tunnels.send(open).ok()?;
+        let expires_ms = expires
+            .map(|at| at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64)
+            .unwrap_or(0);
+        let ask = wire::ResumeAsk {
+            worker: role == Role::Worker,
+            id,
+            after,
+            conn: Some(bridge::wire_conn(conn)),
+            expires_ms,
+        };
+        let alive = self.alive.load(Ordering::Relaxed);
+        let (nats, seal, replies) = (&self.nats, &self.seal, &self.replies);
+        match driver::ask_holder(nats, seal, replies, self.subjects.resume(), &ask, alive).await {
+            Some(instance) => {
+                let _ = self.tunnels.send(TunnelCommand::Bind { conn, instance });
+                Some(tunnels::halves(conn, instance, self.tunnels.clone(), events, credit))
+            }
+            None => {
+                let _ = self.tunnels.send(TunnelCommand::Forget { conn });
+                None
+            }
+        }
     }
 
     pub fn is_connected(&self) -> bool {

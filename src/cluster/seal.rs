@@ -47,6 +47,8 @@ pub enum Kind {
     Heartbeat = 3,
     Locate = 4,
     Located = 5,
+    ResumeAsk = 6,
+    ResumeAnswer = 7,
 }
 
 impl Kind {
@@ -57,6 +59,8 @@ impl Kind {
             Kind::Heartbeat => "heartbeat",
             Kind::Locate => "locate",
             Kind::Located => "located",
+            Kind::ResumeAsk => "resume_ask",
+            Kind::ResumeAnswer => "resume_answer",
         }
     }
 }

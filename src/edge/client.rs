@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
+use tonic::Status;
 use tonic::metadata::MetadataMap;
-use tonic::{Status, Streaming};
 
 use bytes::Bytes;
 
-use super::{Edge, Opening, Reader, connected};
+use super::{Edge, Inbound, Opening, Reader, connected, tunnel};
 use crate::auth::Granted;
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{ClientRtcMessage, RtcEvent};
@@ -50,12 +50,17 @@ pub async fn serve(
     opening: Opening<ClientRtcMessage>,
     client: PeerId,
     granted: Option<Granted>,
-    inbound: Streaming<ClientRtcMessage>,
+    inbound: Inbound<ClientRtcMessage>,
 ) {
     let shards = &edge.shards;
     let (sink, attachment, resumed) = match opening {
         Opening::Plain(sink) => (sink, None, false),
         Opening::Resumable { after, attachment } => {
+            let peers = &edge.clients;
+            let held = edge.held_elsewhere(peers, Role::Client, client, after, granted.as_ref(), &inbound);
+            if let Some(tunnel) = held.await {
+                return tunnel::front(edge, tunnel, attachment, None, inbound).await;
+            }
             let welcome = Outbound::relay(RtcEvent::Blank, 0, client, Bytes::new());
             let attached = edge.attach(&edge.clients, client, after, &attachment, welcome, encode);
             if let Some(replaced) = attached.replaced {

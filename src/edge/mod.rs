@@ -7,7 +7,10 @@
 
 mod client;
 pub mod rate;
+mod tunnel;
 mod worker;
+
+pub use tunnel::Holding;
 
 use std::future::Future;
 
@@ -26,6 +29,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{AuthError, Authenticator, Granted};
+use crate::cluster::tunnels::TunnelRx;
 use crate::cluster::{Cluster, Registration};
 use crate::config::Limits;
 use crate::core::{ConnId, InstanceId, Outbound, PeerId, Role};
@@ -62,6 +66,9 @@ pub struct Edge {
     pub workers: Resumables<WorkerRtcMessage>,
     /// Cancelled on shutdown: detached peers are then gone at once.
     pub shutdown: CancellationToken,
+    /// Cancelled when the drain begins: streams fronting for a peer held elsewhere end, so
+    /// that their peers reconnect to an instance that stays.
+    pub draining: CancellationToken,
     /// Workers' cluster registrations, held until the worker is gone (a resumable worker's
     /// across its streams), by the worker's stream.
     pub registrations: Mutex<HashMap<ConnId, Registration>>,
@@ -268,6 +275,7 @@ impl Edge {
     /// on end at once.
     pub fn shut_down(&self) {
         self.stopping.store(true, Ordering::Release);
+        self.draining.cancel();
         let mut told =
             self.clients.reconnect_all(|id| Outbound::relay(RtcEvent::Reconnect, 0, id, Bytes::new()));
         told.extend(
@@ -370,9 +378,25 @@ fn is_peer_fault(status: &Status) -> bool {
     matches!(status.code(), tonic::Code::Internal | tonic::Code::OutOfRange)
 }
 
+/// Where a peer's messages come from: its gRPC stream here, or, for a peer held here whose
+/// stream is on another instance, the tunnel from there.
+pub enum Inbound<M> {
+    Grpc(Streaming<M>),
+    Tunnel(TunnelRx),
+}
+
+impl<M: prost::Message + Default + 'static> Inbound<M> {
+    async fn message(&mut self) -> Result<Option<M>, Status> {
+        match self {
+            Inbound::Grpc(stream) => stream.message().await,
+            Inbound::Tunnel(tunnel) => tunnel.recv().await,
+        }
+    }
+}
+
 /// Reads one peer's stream until it ends, for whatever reason; forgets it then.
 struct Reader<M> {
-    inbound: Streaming<M>,
+    inbound: Inbound<M>,
     sink: Sink,
     /// A resumable peer's stream: its end is not the peer's unless the peer half-closes.
     attachment: Option<Arc<Attachment<M>>>,
@@ -410,10 +434,10 @@ impl<M> Drop for Reader<M> {
     }
 }
 
-impl<M: pb::Numbered> Reader<M> {
+impl<M: pb::Numbered + prost::Message + Default + 'static> Reader<M> {
     fn new(
         edge: &Arc<Edge>,
-        inbound: Streaming<M>,
+        inbound: Inbound<M>,
         sink: Sink,
         attachment: Option<Arc<Attachment<M>>>,
         granted: Option<Granted>,
@@ -537,7 +561,8 @@ impl pb::client_service_server::ClientService for ClientEdge {
             None => client::id_from_metadata(request.metadata())?,
         };
         let (opening, stream) = edge.opening(request.metadata(), client::encode)?;
-        edge.tasks.spawn(client::serve(edge.clone(), opening, client, granted, request.into_inner()));
+        let inbound = Inbound::Grpc(request.into_inner());
+        edge.tasks.spawn(client::serve(edge.clone(), opening, client, granted, inbound));
         Ok(Response::new(stream))
     }
 }
@@ -553,7 +578,8 @@ impl pb::worker_service_server::WorkerService for WorkerEdge {
         let edge = &self.0;
         let granted = edge.authenticate(request.metadata(), Role::Worker)?;
         let (opening, stream) = edge.opening(request.metadata(), worker::encode)?;
-        edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, request.into_inner()));
+        let inbound = Inbound::Grpc(request.into_inner());
+        edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, inbound));
         Ok(Response::new(stream))
     }
 }

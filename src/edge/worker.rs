@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use bytes::Bytes;
 
-use super::{Edge, Opening, Reader, connected};
+use super::{Edge, Inbound, Opening, Reader, connected, tunnel};
 use crate::auth::Granted;
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{RtcEvent, WorkerRtcMessage};
@@ -45,7 +45,7 @@ pub async fn serve(
     edge: Arc<Edge>,
     opening: Opening<WorkerRtcMessage>,
     granted: Option<Granted>,
-    inbound: Streaming<WorkerRtcMessage>,
+    inbound: Inbound<WorkerRtcMessage>,
 ) {
     let mut inbound = Some(inbound);
     let within = edge.limits.register_timeout;
@@ -88,6 +88,12 @@ pub async fn serve(
     let (sink, mut reader, attachment, resumed) = match opening {
         Opening::Plain(sink) => (sink, plain_reader.expect("read the registration"), None, false),
         Opening::Resumable { after, attachment } => {
+            let (peers, raw) = (&edge.workers, inbound.as_ref().expect("read only the registration"));
+            let held = edge.held_elsewhere(peers, Role::Worker, worker, after, granted.as_ref(), raw);
+            if let Some(tunnel) = held.await {
+                let inbound = inbound.take().expect("read only the registration");
+                return tunnel::front(edge, tunnel, attachment, Some(first), inbound).await;
+            }
             let welcome = Outbound::relay(RtcEvent::Blank, worker, 0, Bytes::new());
             let attached = edge.attach(&edge.workers, worker, after, &attachment, welcome, encode);
             if let Some(replaced) = attached.replaced {

@@ -27,6 +27,17 @@ use crate::core::{Outbound, PeerId};
 /// A peer's outbound stream, shared by the streams that attach to it in turn.
 type Shared<M> = Arc<Mutex<OutboundStream<M>>>;
 
+/// What another instance sends a stream whose peer it holds.
+pub type FromElsewhere<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
+
+/// What a resumable stream writes, once its peer is known.
+enum Bound<M> {
+    /// The peer is held here: its outbound stream, after `first` (the welcome, what it missed).
+    Here(Shared<M>, VecDeque<M>),
+    /// The peer is held on another instance: what that instance sends through the tunnel.
+    Elsewhere(FromElsewhere<M>),
+}
+
 /// One gRPC stream of a resumable peer.
 pub struct Attachment<M> {
     ended: AtomicBool,
@@ -35,9 +46,9 @@ pub struct Attachment<M> {
     /// The stream's reading task and its response writer, woken when it ends.
     reader: AtomicWaker,
     writer: AtomicWaker,
-    /// The peer's outbound stream and what to write first, once the peer is known (a worker's
-    /// after its registration); taken by the response writer.
-    bound: Mutex<Option<(Shared<M>, VecDeque<M>)>>,
+    /// What to write, once the peer is known (a worker's after its registration); taken by
+    /// the response writer.
+    bound: Mutex<Option<Bound<M>>>,
 }
 
 impl<M> Attachment<M> {
@@ -83,7 +94,13 @@ impl<M> Attachment<M> {
     }
 
     fn bind(&self, outbound: Shared<M>, first: VecDeque<M>) {
-        *self.bound.lock().expect("not poisoned") = Some((outbound, first));
+        *self.bound.lock().expect("not poisoned") = Some(Bound::Here(outbound, first));
+        self.writer.wake();
+    }
+
+    /// The peer is held on another instance: this stream writes what `tunnel` yields.
+    pub fn bind_elsewhere(&self, tunnel: FromElsewhere<M>) {
+        *self.bound.lock().expect("not poisoned") = Some(Bound::Elsewhere(tunnel));
         self.writer.wake();
     }
 }
@@ -92,6 +109,8 @@ impl<M> Attachment<M> {
 pub struct Resumed<M> {
     attachment: Arc<Attachment<M>>,
     outbound: Option<Shared<M>>,
+    /// Set instead of `outbound` when the peer is held on another instance.
+    tunnel: Option<FromElsewhere<M>>,
     /// Written before the peer's queue: the welcome, then what the peer missed.
     first: VecDeque<M>,
     done: bool,
@@ -99,7 +118,7 @@ pub struct Resumed<M> {
 
 impl<M> Resumed<M> {
     pub fn new(attachment: Arc<Attachment<M>>) -> Self {
-        Resumed { attachment, outbound: None, first: VecDeque::new(), done: false }
+        Resumed { attachment, outbound: None, tunnel: None, first: VecDeque::new(), done: false }
     }
 
     fn finish(&mut self) -> Poll<Option<Result<M, Status>>> {
@@ -122,13 +141,23 @@ impl<M> Stream for Resumed<M> {
         if this.attachment.is_ended() {
             return this.finish();
         }
-        if this.outbound.is_none() {
+        if this.outbound.is_none() && this.tunnel.is_none() {
             let bound = this.attachment.bound.lock().expect("not poisoned").take();
-            let Some((outbound, first)) = bound else {
-                return this.wait(cx);
-            };
-            this.outbound = Some(outbound);
-            this.first = first;
+            match bound {
+                None => return this.wait(cx),
+                Some(Bound::Here(outbound, first)) => {
+                    this.outbound = Some(outbound);
+                    this.first = first;
+                }
+                Some(Bound::Elsewhere(tunnel)) => this.tunnel = Some(tunnel),
+            }
+        }
+        if let Some(tunnel) = &mut this.tunnel {
+            let next = tunnel.as_mut().poll_next(cx);
+            if let Poll::Ready(None | Some(Err(_))) = next {
+                this.done = true;
+            }
+            return next;
         }
         if let Some(msg) = this.first.pop_front() {
             return Poll::Ready(Some(Ok(msg)));
@@ -162,7 +191,10 @@ impl<M> Resumed<M> {
         if self.attachment.is_ended() {
             return self.finish();
         }
-        if self.outbound.is_none() && self.attachment.bound.lock().expect("not poisoned").is_some() {
+        if self.outbound.is_none()
+            && self.tunnel.is_none()
+            && self.attachment.bound.lock().expect("not poisoned").is_some()
+        {
             cx.waker().wake_by_ref();
         }
         Poll::Pending
@@ -249,6 +281,11 @@ impl<M> Resumables<M> {
         entry.generation += 1;
         attachment.bind(entry.outbound.clone(), first);
         Resume::Resumed(entry.sink.clone())
+    }
+
+    /// Whether the peer `id` is held here (its stream open or detached).
+    pub fn holds(&self, id: PeerId) -> bool {
+        self.peers.lock().expect("not poisoned").get(&id).is_some_and(|e| !e.sink.is_ended())
     }
 
     /// A fresh resumable peer: `attachment` writes `outbound`, the queue of `sink`.

@@ -1,0 +1,151 @@
+//! Resume on another instance, the edge's part (see [`crate::cluster::tunnels`]).
+//!
+//! - The **front**: a resumable stream here whose peer another instance holds. It forwards
+//!   what the peer sends, as read, and writes what the holder sends, as numbered there; it
+//!   neither registers nor claims the peer, and nothing of the peer's sessions is here.
+//! - The **holder**: the peer's home. It serves the tunnel as one more stream of the peer
+//!   (`client::serve` / `worker::serve` with [`Inbound::Tunnel`]), so the takeover, the replay,
+//!   the rate limit, the token's expiry and the detach when the front's stream is cut are the
+//!   ones of a stream on this instance; a [`pump`] carries the peer's response stream to the
+//!   front.
+
+use std::sync::{Arc, Weak};
+
+use futures::StreamExt;
+use tonic::Status;
+
+use super::{Edge, Inbound, client, worker};
+use crate::auth::Granted;
+use crate::cluster::tunnels::{Ask, Holder, TunnelRx, TunnelTx};
+use crate::core::{PeerId, Role};
+use crate::peer::conn::shutting_down;
+use crate::peer::resume::Resumables;
+use crate::peer::resume::{Attachment, Resumed};
+
+impl Edge {
+    /// A resumable stream of `id` whose peer is not held here, on a gRPC stream: in a cluster,
+    /// the instance that holds the peer takes it over for this stream, through a tunnel whose
+    /// halves are returned; `None`: the peer is opened here (afresh, or taken over locally).
+    pub(super) async fn held_elsewhere<M>(
+        &self,
+        peers: &Resumables<M>,
+        role: Role,
+        id: PeerId,
+        after: u64,
+        granted: Option<&Granted>,
+        inbound: &Inbound<M>,
+    ) -> Option<(TunnelTx, TunnelRx)> {
+        let cluster = self.cluster.as_ref()?;
+        if !matches!(inbound, Inbound::Grpc(_)) || peers.holds(id) {
+            return None;
+        }
+        let conn = self.conn_clock.next(self.instance);
+        cluster.resume(role, id, after, conn, granted.map(|g| g.expires)).await
+    }
+}
+
+/// The edge as the holder of its resumable peers, for the cluster.
+pub struct Holding(pub Weak<Edge>);
+
+impl Holder for Holding {
+    fn hold(&self, ask: Ask, tx: TunnelTx, rx: TunnelRx) -> bool {
+        let Some(edge) = self.0.upgrade() else { return false };
+        let granted = ask.expires.map(|expires| Granted { id: ask.id, expires });
+        match ask.role {
+            Role::Client => {
+                if !edge.clients.holds(ask.id) {
+                    return false;
+                }
+                let attachment = Attachment::new();
+                edge.tasks.spawn(pump(Resumed::new(attachment.clone()), tx));
+                let opening = super::Opening::Resumable { after: ask.after, attachment };
+                edge.tasks.spawn(client::serve(edge.clone(), opening, ask.id, granted, Inbound::Tunnel(rx)));
+            }
+            Role::Worker => {
+                if !edge.workers.holds(ask.id) {
+                    return false;
+                }
+                let attachment = Attachment::new();
+                edge.tasks.spawn(pump(Resumed::new(attachment.clone()), tx));
+                let opening = super::Opening::Resumable { after: ask.after, attachment };
+                edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, Inbound::Tunnel(rx)));
+            }
+        }
+        tracing::debug!(
+            id = ask.id,
+            role = ask.role.as_str(),
+            "resumable peer held here, served through a tunnel"
+        );
+        true
+    }
+}
+
+/// Carries a peer's response stream to its front: each message once the front has room for
+/// it; then how the stream ended.
+async fn pump<M: prost::Message>(mut stream: Resumed<M>, tx: TunnelTx) {
+    while let Some(next) = stream.next().await {
+        match next {
+            Ok(msg) => {
+                if !tx.send(&msg).await {
+                    // The front is gone: dropping the stream ends this attachment (a detach).
+                    return;
+                }
+            }
+            Err(status) => return tx.end(Some(status)),
+        }
+    }
+    tx.end(None);
+}
+
+/// Fronts a resumable stream whose peer is held elsewhere: what the peer sends (after `first`,
+/// a worker's registration, already read) goes to the holder; what the holder sends is written.
+pub async fn front<M>(
+    edge: Arc<Edge>,
+    (tx, rx): (TunnelTx, TunnelRx),
+    attachment: Arc<Attachment<M>>,
+    first: Option<M>,
+    mut inbound: Inbound<M>,
+) where
+    M: prost::Message + Default + Send + 'static,
+{
+    attachment.bind_elsewhere(Box::pin(rx.into_stream::<M>()));
+    if let Some(first) = first
+        && !tx.send(&first).await
+    {
+        return attachment.end(Some(Status::unavailable("the instance holding this peer is gone")));
+    }
+    tracing::debug!("resumable stream fronting for a peer held on another instance");
+    let mut left = false;
+    loop {
+        let next = tokio::select! {
+            _ = attachment.ended() => break,
+            _ = edge.draining.cancelled() => {
+                attachment.end(Some(shutting_down()));
+                break;
+            }
+            next = inbound.message(), if !left => next,
+        };
+        match next {
+            Ok(Some(msg)) => {
+                if !tx.send(&msg).await {
+                    attachment.end(Some(Status::unavailable("the instance holding this peer is gone")));
+                    return;
+                }
+            }
+            // The peer leaves: the holder ends its sessions and then this stream.
+            Ok(None) => {
+                tx.end(None);
+                left = true;
+            }
+            // The connection went away (or the peer sent what cannot be read): the holder
+            // decides, as for a stream of its own.
+            Err(status) => {
+                tx.end(Some(status));
+                return attachment.end(None);
+            }
+        }
+    }
+    if !left {
+        tx.end(Some(Status::cancelled("the peer's stream on the other instance ended")));
+    }
+}

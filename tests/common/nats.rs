@@ -62,38 +62,22 @@ impl NatsCluster {
         std::fs::create_dir_all(&dir).unwrap();
         let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/nats/auth.conf");
         std::fs::copy(shipped, dir.join("auth.conf")).expect("the shipped nats/auth.conf");
-        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let mut nodes = Vec::new();
-        for (i, cluster_port) in cluster_ports.iter().enumerate() {
-            let client_port = free_port();
-            let routes: Vec<String> = cluster_ports
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
-                .collect();
-            let config = dir.join(format!("n{i}.conf"));
-            let auth = match token {
-                Some(t) => format!("authorization {{ token: \"{t}\" }}\n"),
-                None => "include ./auth.conf\n".to_owned(),
-            };
-            std::fs::write(
-                &config,
-                format!(
-                    "server_name: n{i}\nhost: 127.0.0.1\nport: {client_port}\nmax_payload: {max_payload}\n{auth}\
-                     cluster {{\n  name: test\n  host: 127.0.0.1\n  port: {cluster_port}\n  routes: [{}]\n}}\n",
-                    routes.join(", ")
-                ),
-            )
-            .unwrap();
-            nodes.push(Node { client_port, config, child: None });
+        let mut cluster = NatsCluster { binary, dir, nodes: Vec::new(), token: token.map(str::to_owned) };
+        // A port found free may be taken before the node binds it (by another test's server, or
+        // as the source port of a connection): a node that exits is started again, on new ports.
+        for _ in 0..3 {
+            cluster.nodes = configure(&cluster.dir, token, max_payload);
+            for i in 0..3 {
+                cluster.spawn(i);
+            }
+            if cluster.routed().await {
+                return cluster;
+            }
+            for i in 0..3 {
+                cluster.kill(i);
+            }
         }
-        let mut cluster = NatsCluster { binary, dir, nodes, token: token.map(str::to_owned) };
-        for i in 0..3 {
-            cluster.spawn(i);
-        }
-        cluster.wait_routed().await;
-        cluster
+        panic!("nats-server did not start three times (see the logs in {})", cluster.dir.display());
     }
 
     fn spawn(&mut self, i: usize) {
@@ -147,31 +131,41 @@ impl NatsCluster {
     }
 
     /// Waits until a message published on the last node reaches a subscriber on the first.
-    pub async fn wait_routed(&self) {
+    pub async fn wait_routed(&mut self) {
+        assert!(self.routed().await, "a nats-server exited");
+    }
+
+    /// Whether a node exited (it could not bind its ports, say).
+    fn exited(&mut self) -> bool {
+        self.nodes.iter_mut().any(|n| n.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))))
+    }
+
+    /// Waits until a message published on the last node reaches a subscriber on the first;
+    /// `false` if a node exited meanwhile.
+    async fn routed(&mut self) -> bool {
         // Generous: on a 2-core machine under load, a node can take over 15 s to accept.
         let deadline = Instant::now() + Duration::from_secs(30);
         let token = self.token.clone();
-        let connect = |port: u16| {
-            let token = token.clone();
-            async move {
-                loop {
-                    let options = match &token {
-                        Some(token) => async_nats::ConnectOptions::with_token(token.clone()),
-                        None => {
-                            async_nats::ConnectOptions::with_user_and_password(USER.into(), PASSWORD.into())
-                        }
-                    };
-                    if let Ok(client) = options.connect(format!("nats://127.0.0.1:{port}")).await {
-                        return client;
-                    }
-                    assert!(Instant::now() < deadline, "nats-server on {port} does not accept clients");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut clients = Vec::new();
+        for i in [0, 1, 2] {
+            let port = self.nodes[i].client_port;
+            let client = loop {
+                if self.exited() {
+                    return false;
                 }
-            }
-        };
-        let first = connect(self.nodes[0].client_port).await;
-        let _middle = connect(self.nodes[1].client_port).await;
-        let last = connect(self.nodes[2].client_port).await;
+                let options = match &token {
+                    Some(token) => async_nats::ConnectOptions::with_token(token.clone()),
+                    None => async_nats::ConnectOptions::with_user_and_password(USER.into(), PASSWORD.into()),
+                };
+                if let Ok(client) = options.connect(format!("nats://127.0.0.1:{port}")).await {
+                    break client;
+                }
+                assert!(Instant::now() < deadline, "nats-server on {port} does not accept clients");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            clients.push(client);
+        }
+        let (first, last) = (&clients[0], &clients[2]);
         // Under `distributor.`, which the shipped user may use.
         let mut sub = first.subscribe("distributor.ready").await.unwrap();
         first.flush().await.unwrap();
@@ -179,11 +173,45 @@ impl NatsCluster {
             last.publish("distributor.ready", "?".into()).await.unwrap();
             last.flush().await.unwrap();
             if tokio::time::timeout(Duration::from_millis(100), sub.next()).await.is_ok() {
-                return;
+                return true;
+            }
+            if self.exited() {
+                return false;
             }
             assert!(Instant::now() < deadline, "the NATS cluster did not form routes");
         }
     }
+}
+
+/// Three nodes' configurations on ports free now, routed to each other.
+fn configure(dir: &std::path::Path, token: Option<&str>, max_payload: &str) -> Vec<Node> {
+    let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    for (i, cluster_port) in cluster_ports.iter().enumerate() {
+        let client_port = free_port();
+        let routes: Vec<String> = cluster_ports
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
+            .collect();
+        let config = dir.join(format!("n{i}.conf"));
+        let auth = match token {
+            Some(t) => format!("authorization {{ token: \"{t}\" }}\n"),
+            None => "include ./auth.conf\n".to_owned(),
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "server_name: n{i}\nhost: 127.0.0.1\nport: {client_port}\nmax_payload: {max_payload}\n{auth}\
+                 cluster {{\n  name: test\n  host: 127.0.0.1\n  port: {cluster_port}\n  routes: [{}]\n}}\n",
+                routes.join(", ")
+            ),
+        )
+        .unwrap();
+        nodes.push(Node { client_port, config, child: None });
+    }
+    nodes
 }
 
 impl Drop for NatsCluster {

@@ -85,6 +85,7 @@ pub fn peer_messages(data: &[u8]) {
         workers: Default::default(),
         shutdown: Default::default(),
         draining: Default::default(),
+        held_for_others: Default::default(),
         registrations: Default::default(),
     };
     let mut rest = data;

@@ -143,6 +143,7 @@ pub async fn run(
         workers: Default::default(),
         shutdown: Default::default(),
         draining: Default::default(),
+        held_for_others: Default::default(),
         registrations: Default::default(),
     });
     if let Some(cluster) = &edge.cluster {
@@ -213,9 +214,24 @@ pub async fn run(
             std::future::pending::<()>().await;
         }
     };
+    tokio::pin!(deadline);
+    let held = edge.held_for_others.clone();
     tokio::select! {
-        served = server => served?,
-        _ = deadline => tracing::warn!(?drain_timeout, "drain timeout: closing the remaining connections"),
+        served = server => {
+            served?;
+            // The gRPC streams are done; peers held here for streams on other instances are
+            // served on until they end, or the drain does.
+            let tunnels_done = async {
+                while held.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            };
+            tokio::select! {
+                _ = tunnels_done => {}
+                _ = &mut deadline => tracing::warn!(?drain_timeout, "drain timeout: ending the peers held for other instances"),
+            }
+        }
+        _ = &mut deadline => tracing::warn!(?drain_timeout, "drain timeout: closing the remaining connections"),
     }
     tasks.close();
     // Whatever is left (resumable peers told to reconnect, detached ones) ends now.

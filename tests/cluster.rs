@@ -695,3 +695,82 @@ async fn when_the_holder_dies_its_tunnelled_peer_starts_afresh() {
     assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, 9696));
     negotiate(&mut c, 9696, &mut w, 96).await;
 }
+
+/// SIGTERM on an instance whose resumable clients are mid-negotiation with workers elsewhere:
+/// each is told `RECONNECT`, resumes on the other instance (`resumed: true`, served through the
+/// draining instance, which holds it, until the drain ends), and finishes its negotiation there:
+/// every message is delivered once, numbered on without a gap. When the drain ends, the
+/// sessions that instance held end with it (moving them is not built yet): the streams
+/// tunnelled to it end `UNAVAILABLE`, and the workers hear `PEER_GONE`.
+#[tokio::test]
+async fn on_a_drain_resumable_clients_resume_on_another_instance_and_finish_their_negotiations() {
+    const PAIRS: i64 = 20;
+    let nats = NatsCluster::start().await;
+    let b = instance(&nats, 0, "t21").await;
+    let (url, prefix) = (nats.url_from(1), "distributor.t21".to_string());
+    let args = ["--nats-url", &url, "--nats-prefix", &prefix, "--shards", "2", "--drain-timeout", "3s"];
+    let creds = [
+        ("DISTRIBUTOR_NATS_USER", common::nats::USER),
+        ("DISTRIBUTOR_NATS_PASSWORD", common::nats::PASSWORD),
+    ];
+    let mut a = Binary::start(&args, &creds);
+    let a_server = TestServer::external(&a.addr);
+    reach_each_other(&a_server, &b, 2100).await;
+    let resumable =
+        |id: i64, after: u64| [("x-client-id", id.to_string()), ("x-resume-after", after.to_string())];
+    let mut pairs = Vec::new();
+    for k in 0..PAIRS {
+        let (w_id, c_id) = (2200 + k, 22_000 + k);
+        let mut w = worker(&b, w_id).await;
+        let (c, _) = client_with(&a_server, &resumable(c_id, 0)).await;
+        c.send(to_worker(w_id, RtcEvent::Offer, b"offer")).await;
+        assert_eq!(w.recv().await.event(), RtcEvent::Offer);
+        w.send(to_client(c_id, RtcEvent::Answer, b"answer")).await;
+        pairs.push((w, c, w_id, c_id));
+    }
+    let drained = Instant::now();
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = a.terminate();
+        (a, status)
+    });
+    let mut resumed = Vec::new();
+    for (mut w, mut c, w_id, c_id) in pairs {
+        let answer = c.recv().await;
+        assert_eq!((answer.event(), answer.seq), (RtcEvent::Answer, 1), "{answer:?}");
+        let reconnect = c.recv().await;
+        assert_eq!((reconnect.event(), reconnect.seq), (RtcEvent::Reconnect, 2), "{reconnect:?}");
+        let mut c = open_client(b.channel().await, &resumable(c_id, 2)).await.expect("opens on B");
+        let welcome = c.recv().await;
+        assert_eq!((welcome.event(), welcome.resumed), (RtcEvent::Blank, true), "{welcome:?}");
+        c.send(to_worker(w_id, RtcEvent::AcceptAnswer, b"")).await;
+        let accept = w.recv().await;
+        assert_eq!(
+            accept.event(),
+            RtcEvent::AcceptAnswer,
+            "pair {w_id} after {:?}: {accept:?}",
+            drained.elapsed()
+        );
+        for i in 0..3u8 {
+            c.send(to_worker(w_id, RtcEvent::LocalIceCandidate, &[i])).await;
+            w.send(to_client(c_id, RtcEvent::LocalIceCandidate, &[i])).await;
+        }
+        for (i, seq) in (0..3u8).zip(3..) {
+            let got = w.recv().await;
+            assert_eq!((got.event(), &got.message[..]), (RtcEvent::IceCandidate, &[i][..]));
+            assert_eq!(expect_numbered(&mut c, RtcEvent::IceCandidate, seq).await, [i]);
+        }
+        resumed.push((w, c, c_id));
+    }
+    assert!(
+        drained.elapsed() < Duration::from_secs(3),
+        "all resumed within the drain: {:?}",
+        drained.elapsed()
+    );
+    let (_a, status) = exit.await.unwrap();
+    assert!(status.success(), "the drained instance exits cleanly: {status:?}");
+    for (mut w, mut c, c_id) in resumed {
+        assert_eq!(c.ended().await.code(), Code::Unavailable);
+        let gone = w.recv().await;
+        assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, c_id));
+    }
+}

@@ -69,6 +69,9 @@ pub struct Edge {
     /// Cancelled when the drain begins: streams fronting for a peer held elsewhere end, so
     /// that their peers reconnect to an instance that stays.
     pub draining: CancellationToken,
+    /// Peers held here whose streams are on other instances (see [`Holding`]): a drain serves
+    /// them until they end or it does, as it serves this instance's own streams.
+    pub held_for_others: Arc<std::sync::atomic::AtomicUsize>,
     /// Workers' cluster registrations, held until the worker is gone (a resumable worker's
     /// across its streams), by the worker's stream.
     pub registrations: Mutex<HashMap<ConnId, Registration>>,

@@ -9,6 +9,7 @@
 //!   ones of a stream on this instance; a [`pump`] carries the peer's response stream to the
 //!   front.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use futures::StreamExt;
@@ -57,7 +58,7 @@ impl Holder for Holding {
                     return false;
                 }
                 let attachment = Attachment::new();
-                edge.tasks.spawn(pump(Resumed::new(attachment.clone()), tx));
+                edge.tasks.spawn(pump(Resumed::new(attachment.clone()), tx, Held::new(&edge)));
                 let opening = super::Opening::Resumable { after: ask.after, attachment };
                 edge.tasks.spawn(client::serve(edge.clone(), opening, ask.id, granted, Inbound::Tunnel(rx)));
             }
@@ -66,7 +67,7 @@ impl Holder for Holding {
                     return false;
                 }
                 let attachment = Attachment::new();
-                edge.tasks.spawn(pump(Resumed::new(attachment.clone()), tx));
+                edge.tasks.spawn(pump(Resumed::new(attachment.clone()), tx, Held::new(&edge)));
                 let opening = super::Opening::Resumable { after: ask.after, attachment };
                 edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, Inbound::Tunnel(rx)));
             }
@@ -80,9 +81,25 @@ impl Holder for Holding {
     }
 }
 
+/// Counts a peer held here for a stream elsewhere while its tunnel lasts.
+struct Held(Arc<AtomicUsize>);
+
+impl Held {
+    fn new(edge: &Edge) -> Self {
+        edge.held_for_others.fetch_add(1, Ordering::AcqRel);
+        Held(edge.held_for_others.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Carries a peer's response stream to its front: each message once the front has room for
 /// it; then how the stream ended.
-async fn pump<M: prost::Message>(mut stream: Resumed<M>, tx: TunnelTx) {
+async fn pump<M: prost::Message>(mut stream: Resumed<M>, tx: TunnelTx, _held: Held) {
     while let Some(next) = stream.next().await {
         match next {
             Ok(msg) => {

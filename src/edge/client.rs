@@ -50,7 +50,7 @@ pub async fn serve(
     opening: Opening<ClientRtcMessage>,
     client: PeerId,
     granted: Option<Granted>,
-    inbound: Inbound<ClientRtcMessage>,
+    inbound: impl Inbound<ClientRtcMessage>,
 ) {
     let shards = &edge.shards;
     let (sink, attachment, resumed) = match opening {

@@ -382,24 +382,31 @@ fn is_peer_fault(status: &Status) -> bool {
 }
 
 /// Where a peer's messages come from: its gRPC stream here, or, for a peer held here whose
-/// stream is on another instance, the tunnel from there.
-pub enum Inbound<M> {
-    Grpc(Streaming<M>),
-    Tunnel(TunnelRx),
+/// stream is on another instance, the tunnel from there. A type parameter, not an enum: the
+/// gRPC stream's reading is the per-message path, dispatched statically.
+pub trait Inbound<M>: Send + 'static {
+    /// Whether this is a tunnel from another instance (which never fronts for a third).
+    const TUNNEL: bool;
+    fn message(&mut self) -> impl Future<Output = Result<Option<M>, Status>> + Send + '_;
 }
 
-impl<M: prost::Message + Default + 'static> Inbound<M> {
-    async fn message(&mut self) -> Result<Option<M>, Status> {
-        match self {
-            Inbound::Grpc(stream) => stream.message().await,
-            Inbound::Tunnel(tunnel) => tunnel.recv().await,
-        }
+impl<M: prost::Message + Default + Send + 'static> Inbound<M> for Streaming<M> {
+    const TUNNEL: bool = false;
+    fn message(&mut self) -> impl Future<Output = Result<Option<M>, Status>> + Send + '_ {
+        Streaming::message(self)
+    }
+}
+
+impl<M: prost::Message + Default + 'static> Inbound<M> for TunnelRx {
+    const TUNNEL: bool = true;
+    fn message(&mut self) -> impl Future<Output = Result<Option<M>, Status>> + Send + '_ {
+        self.recv()
     }
 }
 
 /// Reads one peer's stream until it ends, for whatever reason; forgets it then.
-struct Reader<M> {
-    inbound: Inbound<M>,
+struct Reader<M, I> {
+    inbound: I,
     sink: Sink,
     /// A resumable peer's stream: its end is not the peer's unless the peer half-closes.
     attachment: Option<Arc<Attachment<M>>>,
@@ -428,7 +435,7 @@ fn expired() -> Close {
     Close::Now(Status::unauthenticated("the token expired: reconnect with a fresh one"))
 }
 
-impl<M> Drop for Reader<M> {
+impl<M, I> Drop for Reader<M, I> {
     fn drop(&mut self) {
         // A resumable peer outlives its streams: it is forgotten when it departs.
         if self.attachment.is_none() {
@@ -437,10 +444,10 @@ impl<M> Drop for Reader<M> {
     }
 }
 
-impl<M: pb::Numbered + prost::Message + Default + 'static> Reader<M> {
+impl<M: pb::Numbered, I: Inbound<M>> Reader<M, I> {
     fn new(
         edge: &Arc<Edge>,
-        inbound: Inbound<M>,
+        inbound: I,
         sink: Sink,
         attachment: Option<Arc<Attachment<M>>>,
         granted: Option<Granted>,
@@ -564,8 +571,7 @@ impl pb::client_service_server::ClientService for ClientEdge {
             None => client::id_from_metadata(request.metadata())?,
         };
         let (opening, stream) = edge.opening(request.metadata(), client::encode)?;
-        let inbound = Inbound::Grpc(request.into_inner());
-        edge.tasks.spawn(client::serve(edge.clone(), opening, client, granted, inbound));
+        edge.tasks.spawn(client::serve(edge.clone(), opening, client, granted, request.into_inner()));
         Ok(Response::new(stream))
     }
 }
@@ -581,8 +587,7 @@ impl pb::worker_service_server::WorkerService for WorkerEdge {
         let edge = &self.0;
         let granted = edge.authenticate(request.metadata(), Role::Worker)?;
         let (opening, stream) = edge.opening(request.metadata(), worker::encode)?;
-        let inbound = Inbound::Grpc(request.into_inner());
-        edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, inbound));
+        edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, request.into_inner()));
         Ok(Response::new(stream))
     }
 }

@@ -4,7 +4,7 @@
 //!   what the peer sends, as read, and writes what the holder sends, as numbered there; it
 //!   neither registers nor claims the peer, and nothing of the peer's sessions is here.
 //! - The **holder**: the peer's home. It serves the tunnel as one more stream of the peer
-//!   (`client::serve` / `worker::serve` with [`Inbound::Tunnel`]), so the takeover, the replay,
+//!   (`client::serve` / `worker::serve` reading a [`TunnelRx`]), so the takeover, the replay,
 //!   the rate limit, the token's expiry and the detach when the front's stream is cut are the
 //!   ones of a stream on this instance; a [`pump`] carries the peer's response stream to the
 //!   front.
@@ -27,17 +27,18 @@ impl Edge {
     /// A resumable stream of `id` whose peer is not held here, on a gRPC stream: in a cluster,
     /// the instance that holds the peer takes it over for this stream, through a tunnel whose
     /// halves are returned; `None`: the peer is opened here (afresh, or taken over locally).
-    pub(super) async fn held_elsewhere<M>(
+    pub(super) async fn held_elsewhere<M, I: Inbound<M>>(
         &self,
         peers: &Resumables<M>,
         role: Role,
         id: PeerId,
         after: u64,
         granted: Option<&Granted>,
-        inbound: &Inbound<M>,
+        // Its type says whether the stream is itself a tunnel (which never fronts for a third).
+        _inbound: &I,
     ) -> Option<(TunnelTx, TunnelRx)> {
         let cluster = self.cluster.as_ref()?;
-        if !matches!(inbound, Inbound::Grpc(_)) || peers.holds(id) {
+        if I::TUNNEL || peers.holds(id) {
             return None;
         }
         let conn = self.conn_clock.next(self.instance);
@@ -60,7 +61,7 @@ impl Holder for Holding {
                 let attachment = Attachment::new();
                 edge.tasks.spawn(pump(Resumed::new(attachment.clone()), tx, Held::new(&edge)));
                 let opening = super::Opening::Resumable { after: ask.after, attachment };
-                edge.tasks.spawn(client::serve(edge.clone(), opening, ask.id, granted, Inbound::Tunnel(rx)));
+                edge.tasks.spawn(client::serve(edge.clone(), opening, ask.id, granted, rx));
             }
             Role::Worker => {
                 if !edge.workers.holds(ask.id) {
@@ -69,7 +70,7 @@ impl Holder for Holding {
                 let attachment = Attachment::new();
                 edge.tasks.spawn(pump(Resumed::new(attachment.clone()), tx, Held::new(&edge)));
                 let opening = super::Opening::Resumable { after: ask.after, attachment };
-                edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, Inbound::Tunnel(rx)));
+                edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, rx));
             }
         }
         tracing::debug!(
@@ -121,7 +122,7 @@ pub async fn front<M>(
     (tx, rx): (TunnelTx, TunnelRx),
     attachment: Arc<Attachment<M>>,
     first: Option<M>,
-    mut inbound: Inbound<M>,
+    mut inbound: impl Inbound<M>,
 ) where
     M: prost::Message + Default + Send + 'static,
 {

@@ -45,7 +45,7 @@ pub async fn serve(
     edge: Arc<Edge>,
     opening: Opening<WorkerRtcMessage>,
     granted: Option<Granted>,
-    inbound: Inbound<WorkerRtcMessage>,
+    inbound: impl Inbound<WorkerRtcMessage>,
 ) {
     let mut inbound = Some(inbound);
     let within = edge.limits.register_timeout;

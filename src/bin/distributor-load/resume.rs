@@ -7,6 +7,11 @@
 //! What is measured: the time from the cut to the first message of the new stream after its
 //! welcome (what was held or sent meanwhile, replayed), and that the numbers the client sees
 //! run on without a gap or a repeat across all its streams.
+//!
+//! With `--drain-pid`, streams are not cut: once every pair is set up, the instance the
+//! clients are on is sent SIGTERM; each client waits for its `RECONNECT`, opens its next stream
+//! at `--resume-at` (the old one still open) and reads on for `--after-drain`. The time is then
+//! from the SIGTERM to the first message after the new stream's welcome.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +57,13 @@ pub struct ResumeLoad {
     /// First worker id; clients are numbered from it plus 1,000,000,000.
     #[arg(long, default_value_t = 7_000_000)]
     pub first_worker: i64,
+    /// Drain instead of cutting: SIGTERM this process (the clients' instance) once every pair
+    /// is set up; each client resumes at --resume-at when told RECONNECT.
+    #[arg(long)]
+    pub drain_pid: Option<u32>,
+    /// In drain mode, how long each client reads on after resuming.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub after_drain: Duration,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -77,16 +89,28 @@ struct Pair {
     load: Arc<ResumeLoad>,
     worker: i64,
     client: i64,
+    /// Drain mode: every pair and the drainer meet here once set up; then the SIGTERM's time.
+    ready: Arc<tokio::sync::Barrier>,
+    drained_at: tokio::sync::watch::Receiver<Option<Instant>>,
 }
 
 pub async fn run(load: ResumeLoad) -> anyhow::Result<()> {
     let load = Arc::new(load);
-    let per_pair = load.resumes.div_ceil(load.pairs.max(1) as u64);
+    let per_pair = if load.drain_pid.is_some() { 1 } else { load.resumes.div_ceil(load.pairs.max(1) as u64) };
+    let ready = Arc::new(tokio::sync::Barrier::new(load.pairs + 1));
+    let (drained, drained_at) = tokio::sync::watch::channel(None);
     let mut tasks = Vec::new();
     for i in 0..load.pairs {
         let worker = load.first_worker + i as i64;
-        let pair = Pair { load: load.clone(), worker, client: worker + 1_000_000_000 };
+        let (ready, drained_at) = (ready.clone(), drained_at.clone());
+        let pair = Pair { load: load.clone(), worker, client: worker + 1_000_000_000, ready, drained_at };
         tasks.push(tokio::spawn(async move { pair.run(per_pair).await }));
+    }
+    if let Some(pid) = load.drain_pid {
+        ready.wait().await;
+        let _ = drained.send(Some(Instant::now()));
+        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+        anyhow::ensure!(status.success(), "cannot send SIGTERM to {pid}");
     }
     let mut report = ResumeReport::default();
     let mut recovery = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
@@ -183,6 +207,11 @@ impl Pair {
         });
         let mut last = 0u64;
         let resume_at = load.resume_at.clone().unwrap_or_else(|| load.clients_at.clone());
+        if load.drain_pid.is_some() {
+            self.drained(c, &resume_at, &mut report, &mut recovery).await?;
+            trickle.abort();
+            return Ok((report, recovery));
+        }
         for _ in 0..resumes {
             let cut_at = Instant::now() + load.cut_every;
             while Instant::now() < cut_at {
@@ -214,6 +243,44 @@ impl Pair {
         }
         trickle.abort();
         Ok((report, recovery))
+    }
+
+    /// Drain mode: waits for the drain's `RECONNECT`, resumes at `resume_at` (the old stream
+    /// still open, as a client does) and reads on for `--after-drain`.
+    async fn drained(
+        mut self,
+        mut c: ClientStream,
+        resume_at: &str,
+        report: &mut ResumeReport,
+        recovery: &mut Histogram<u64>,
+    ) -> anyhow::Result<()> {
+        let mut last = 0u64;
+        self.ready.wait().await;
+        loop {
+            let msg = next(&mut c.rx, "RECONNECT").await?;
+            self.count(&msg, &mut last, report);
+            if msg.event() == RtcEvent::Reconnect {
+                break;
+            }
+        }
+        let (mut resumed, welcome) = self.open_client(resume_at, last).await?;
+        report.resumes += 1;
+        if !welcome.resumed {
+            report.not_resumed += 1;
+            return Ok(());
+        }
+        let first = next(&mut resumed.rx, "the first message after resuming").await?;
+        let sigterm = self.drained_at.wait_for(Option::is_some).await?.expect("set");
+        recovery.saturating_record(sigterm.elapsed().as_micros() as u64);
+        self.count(&first, &mut last, report);
+        let until = Instant::now() + self.load.after_drain;
+        while let Ok(msg) =
+            timeout(until.saturating_duration_since(Instant::now()), next(&mut resumed.rx, "relay")).await
+        {
+            self.count(&msg?, &mut last, report);
+        }
+        drop(c);
+        Ok(())
     }
 
     /// Checks that `msg` is numbered right after `last`.

@@ -271,6 +271,7 @@ impl Driver {
             instance: Some(conn.instance),
             events: events_tx,
             credit: credit.clone(),
+            opened: None,
         };
         self.bridge.tunnel(open);
         let (tx, rx) = tunnels::halves(conn, conn.instance, self.tunnels.clone(), events, credit);

@@ -386,8 +386,16 @@ impl Cluster {
             return None;
         }
         let (events_tx, events, credit) = tunnels::channel();
-        let open = TunnelCommand::Open { conn, instance: None, events: events_tx, credit: credit.clone() };
+        let (opened, open_now) = oneshot::channel();
+        let open = TunnelCommand::Open {
+            conn,
+            instance: None,
+            events: events_tx,
+            credit: credit.clone(),
+            opened: Some(opened),
+        };
         self.tunnels.send(open).ok()?;
+        open_now.await.ok()?;
         let expires_ms = expires
             .map(|at| at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64)
             .unwrap_or(0);

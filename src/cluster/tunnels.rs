@@ -68,6 +68,9 @@ pub enum TunnelCommand {
         instance: Option<InstanceId>,
         events: mpsc::UnboundedSender<TunnelEvent>,
         credit: Arc<Semaphore>,
+        /// Told once the end is open: a front asks only then, or a record of the holder's
+        /// could be read before the end is open, and be answered with the tunnel's end.
+        opened: Option<tokio::sync::oneshot::Sender<()>>,
     },
     /// The front learnt which instance holds the peer.
     Bind {
@@ -127,8 +130,11 @@ impl Tunnels {
     /// Carries out a half's command: returns the record to send, and to which instance.
     pub fn command(&mut self, command: TunnelCommand) -> Option<(InstanceId, Kind)> {
         let (instance, record) = match command {
-            TunnelCommand::Open { conn, instance, events, credit } => {
+            TunnelCommand::Open { conn, instance, events, credit, opened } => {
                 self.open(conn, instance, events, credit);
+                if let Some(opened) = opened {
+                    let _ = opened.send(());
+                }
                 return None;
             }
             TunnelCommand::Bind { conn, instance } => {

@@ -16,6 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
 use distributor::pb::client_service_client::ClientServiceClient;
@@ -175,11 +176,13 @@ impl Pair {
         Ok((ClientStream { tx, rx }, welcome))
     }
 
-    async fn run(self, resumes: u64) -> anyhow::Result<(ResumeReport, Histogram<u64>)> {
+    /// The worker, the client and their session (offer, answer); and the number of the last
+    /// message the client read (a refused offer's `ERROR` is numbered).
+    async fn setup(
+        &self,
+    ) -> anyhow::Result<(mpsc::Sender<WorkerRtcMessage>, Streaming<WorkerRtcMessage>, ClientStream, u64)>
+    {
         let load = &self.load;
-        let mut report = ResumeReport::default();
-        let mut recovery = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-        // The worker, and the session.
         let (wtx, wrx) = mpsc::channel(64);
         wtx.send(WorkerRtcMessage::register(self.worker)).await?;
         let workers_at = load.workers_at.as_ref().unwrap_or(&load.clients_at);
@@ -189,9 +192,43 @@ impl Pair {
             .into_inner();
         next(&mut wrx, "registration").await?;
         let (mut c, _) = self.open_client(&load.clients_at, 0).await?;
-        c.tx.send(ClientRtcMessage::to_worker(self.worker, RtcEvent::Offer, &b"v=0 offer"[..])).await?;
-        next(&mut wrx, "offer").await?;
+        let mut read = 0;
+        // Offered until it arrives: with a thousand pairs starting at once, a locate may be
+        // refused (`CLUSTER_UNAVAILABLE`, too many at once); the client hears so and offers again.
+        for attempt in 1.. {
+            c.tx.send(ClientRtcMessage::to_worker(self.worker, RtcEvent::Offer, &b"v=0 offer"[..])).await?;
+            tokio::select! {
+                offer = next(&mut wrx, "offer") => {
+                    let offer = offer?;
+                    anyhow::ensure!(offer.event() == RtcEvent::Offer, "worker {}: expected the OFFER, got {offer:?}", self.worker);
+                    break;
+                }
+                refused = next(&mut c.rx, "the OFFER's refusal") => {
+                    let refused = refused?;
+                    read = refused.seq;
+                    anyhow::ensure!(attempt < 20 && refused.event() == RtcEvent::Error, "client {}: {refused:?}", self.client);
+                    sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
         wtx.send(WorkerRtcMessage::to_client(self.client, RtcEvent::Answer, &b"v=0 answer"[..])).await?;
+        Ok((wtx, wrx, c, read))
+    }
+
+    async fn run(self, resumes: u64) -> anyhow::Result<(ResumeReport, Histogram<u64>)> {
+        let load = &self.load;
+        let mut report = ResumeReport::default();
+        let mut recovery = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let (wtx, wrx, mut c, read) = match self.setup().await {
+            Ok(set_up) => set_up,
+            Err(e) => {
+                // The drain waits for every pair: this one says it is done, and why it failed.
+                if load.drain_pid.is_some() {
+                    self.ready.wait().await;
+                }
+                return Err(e.context(format!("pair of worker {}", self.worker)));
+            }
+        };
         // The worker trickles on its own until the pair is done.
         let (size, every, client) = (load.size, load.every, self.client);
         let trickle = tokio::spawn(async move {
@@ -205,10 +242,10 @@ impl Pair {
             }
             drop(wrx);
         });
-        let mut last = 0u64;
+        let mut last = read;
         let resume_at = load.resume_at.clone().unwrap_or_else(|| load.clients_at.clone());
         if load.drain_pid.is_some() {
-            self.drained(c, &resume_at, &mut report, &mut recovery).await?;
+            self.drained(c, last, &resume_at, &mut report, &mut recovery).await?;
             trickle.abort();
             return Ok((report, recovery));
         }
@@ -250,11 +287,11 @@ impl Pair {
     async fn drained(
         mut self,
         mut c: ClientStream,
+        mut last: u64,
         resume_at: &str,
         report: &mut ResumeReport,
         recovery: &mut Histogram<u64>,
     ) -> anyhow::Result<()> {
-        let mut last = 0u64;
         self.ready.wait().await;
         loop {
             let msg = next(&mut c.rx, "RECONNECT").await?;
@@ -263,7 +300,8 @@ impl Pair {
                 break;
             }
         }
-        let (mut resumed, welcome) = self.open_client(resume_at, last).await?;
+        let what = || format!("client {}: resuming after {last}", self.client);
+        let (mut resumed, welcome) = self.open_client(resume_at, last).await.with_context(what)?;
         report.resumes += 1;
         if !welcome.resumed {
             report.not_resumed += 1;

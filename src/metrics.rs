@@ -26,6 +26,7 @@ pub const TASKS: &str = "distributor_tasks";
 pub const RESUMES: &str = "distributor_resumes_total";
 pub const DETACHED_PEERS: &str = "distributor_detached_peers";
 pub const HELD_MESSAGES: &str = "distributor_held_messages";
+pub const TUNNELS: &str = "distributor_tunnels";
 
 /// Buckets of cross-instance latencies: a round trip through NATS takes 0.1 ms to seconds.
 const LATENCY_BUCKETS: &[f64] =
@@ -89,6 +90,10 @@ fn describe() {
     );
     describe_gauge!(DETACHED_PEERS, "Resumable peers whose stream ended without them leaving (sampled).");
     describe_gauge!(HELD_MESSAGES, "Messages queued for detached peers (sampled).");
+    describe_gauge!(
+        TUNNELS,
+        "Resumed streams carried between this instance and the one holding their peer, either way (sampled)."
+    );
     describe_histogram!(
         CLUSTER_ACK,
         Unit::Seconds,

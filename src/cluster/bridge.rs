@@ -198,9 +198,9 @@ impl Bridge {
         self.links.push(instance, record, Origin::Owed);
     }
 
-    /// The other instances this one has heard from lately.
-    pub fn alive(&self) -> usize {
-        self.liveness.count()
+    /// The other instances this one has heard from lately, and the tunnels open here.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.liveness.count(), self.tunnels.count())
     }
 
     /// The answer to an [`Output::Locate`], at `now`.

@@ -228,7 +228,9 @@ impl Driver {
                 }
                 Event::Tick => {
                     self.bridge.tick(now);
-                    self.alive.store(self.bridge.alive(), Ordering::Relaxed);
+                    let (alive, tunnels) = self.bridge.counts();
+                    self.alive.store(alive, Ordering::Relaxed);
+                    metrics::gauge!(names::TUNNELS).set(tunnels as f64);
                     if self.bridge.ready_to_leave(now) {
                         break;
                     }

@@ -133,6 +133,11 @@ async fn a_worker_that_leaves_is_peer_gone_and_the_channel_goes_on() {
 }
 
 /// Waits for `want` among the signaling events.
+/// The next event, whatever it is.
+async fn next_event(events: &mut broadcast::Receiver<Event>) -> Event {
+    tokio::time::timeout(WAIT, events.recv()).await.expect("an event in time").expect("events open")
+}
+
 async fn expect_event(events: &mut broadcast::Receiver<Event>, want: Event) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -195,14 +200,22 @@ async fn a_drained_instance_moves_the_client_and_the_channel_keeps_echoing() {
     let mut events = client.events();
     let mut connection = client.open(31).await.unwrap();
     echo(&mut connection, 5).await;
-    // The client's instance drains: RECONNECT, the SDK moves to the other instance. Across
-    // instances the peer starts afresh there (resume across instances is not built yet), and
-    // the data channel is not affected: it echoes throughout.
+    // The client's instance drains: RECONNECT, the SDK moves to the other instance and is
+    // resumed there, served through the draining instance, which still holds it. When that
+    // instance stops, the peer starts afresh (moving its home is not built yet). The data
+    // channel is not affected: it echoes throughout.
     let drained = tokio::spawn(a.shutdown());
-    expect_event(&mut events, Event::Reconnecting { reason: "the distributor asked".into() }).await;
+    let want = Event::Reconnecting { reason: "the distributor asked".into() };
+    assert_eq!(next_event(&mut events).await, want);
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Resumed { recovered: true },
+        "resumed on the other instance"
+    );
     echo(&mut connection, 20).await;
-    expect_event(&mut events, Event::Resumed { recovered: false }).await;
     drained.await.unwrap().expect("a clean drain");
+    assert!(matches!(next_event(&mut events).await, Event::Reconnecting { .. }), "the holder stopped");
+    assert_eq!(next_event(&mut events).await, Event::Resumed { recovered: false });
     echo(&mut connection, 20).await;
     // The signaling works on the new instance: a second worker is reached from there.
     let _second = echo_worker(&b.url(), 32).await;

@@ -774,3 +774,47 @@ async fn on_a_drain_resumable_clients_resume_on_another_instance_and_finish_thei
         assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, c_id));
     }
 }
+
+/// With auth, the instance a stream comes back on checks its token; the holder ends the peer
+/// when that token expires, as for a stream of its own: through the tunnel, `UNAUTHENTICATED`.
+#[tokio::test]
+async fn a_tunnelled_stream_ends_when_its_token_expires() {
+    use distributor::auth::{mint, mint_expiring_at};
+    use distributor::core::Role;
+    use std::time::SystemTime;
+    const SECRET: &str = "the auth secret of this cluster test, 32 bytes or more";
+    let nats = NatsCluster::start().await;
+    let config = || Config { auth_secret: Some(SECRET.into()), ..Config::default() };
+    let (a, b) =
+        (instance_with(&nats, 0, "t22", config()).await, instance_with(&nats, 1, "t22", config()).await);
+    let bearer =
+        |role, id| format!("Bearer {}", mint(SECRET.as_bytes(), role, id, Duration::from_secs(60)).unwrap());
+    let mut w = worker_with(&a, 23, &[("authorization", bearer(Role::Worker, 23))]).await;
+    let resumable =
+        |token: String, after: u64| [("authorization", token), ("x-resume-after", after.to_string())];
+    let (mut c, cid) = client_with(&b, &resumable(bearer(Role::Client, 2323), 0)).await;
+    assert_eq!(cid, 2323);
+    negotiate(&mut c, cid, &mut w, 23).await;
+    c.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Back on A with a token that expired 3 s ago, within the 5 s leeway: let in, resumed
+    // through B, and ended 1-2 s later (`exp` is in whole seconds).
+    let exp = SystemTime::now() - Duration::from_secs(3);
+    let token = format!("Bearer {}", mint_expiring_at(SECRET.as_bytes(), Role::Client, 2323, exp).unwrap());
+    let started = Instant::now();
+    let mut c = open_client(a.channel().await, &resumable(token, 1)).await.expect("opens on A");
+    let welcome = c.recv().await;
+    assert_eq!((welcome.event(), welcome.resumed), (RtcEvent::Blank, true), "{welcome:?}");
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(6), c.rx_message()).await.expect("ends in time") {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "ended after {took:?}");
+    let gone = w.recv().await;
+    assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, 2323), "the peer ended for good");
+}

@@ -551,27 +551,25 @@ async fn a_killed_instances_resumable_peer_starts_afresh_elsewhere() {
     let mut c = open_client(a.channel().await, &resumable(1)).await.expect("opens on A");
     let welcome = c.recv().await;
     assert_eq!((welcome.event(), welcome.resumed), (RtcEvent::Blank, false), "{welcome:?}");
-    // The worker hears its old session end within the liveness bound (after a refusal of its
-    // last relay, if B died before acknowledging it).
+    // The worker hears its old session end within the liveness bound.
+    peer_gone_within_the_bound(&mut w, 9797).await;
+    assert!(killed.elapsed() <= Duration::from_secs(5), "PEER_GONE after {:?}", killed.elapsed());
+    negotiate(&mut c, 9797, &mut w, 97).await;
+}
+
+/// A worker whose client's instance died hears `PEER_GONE` within the liveness bound (after a
+/// refusal of its last relay, if that instance died before acknowledging it).
+async fn peer_gone_within_the_bound(w: &mut WorkerStream, client: i64) {
     let mut gone = tokio::time::timeout(Duration::from_secs(8), w.rx_message())
         .await
         .expect("PEER_GONE within the bound")
         .unwrap()
         .unwrap();
     if gone.event() == RtcEvent::Error {
-        assert_worker_error(&gone, ErrorCode::ClusterUnavailable, 9797);
+        assert_worker_error(&gone, ErrorCode::ClusterUnavailable, client);
         gone = w.recv().await;
     }
-    assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, 9797));
-    assert!(killed.elapsed() <= Duration::from_secs(5), "PEER_GONE after {:?}", killed.elapsed());
-    negotiate(&mut c, 9797, &mut w, 97).await;
-}
-
-/// The next message, which must be `event` numbered `seq`; returns its payload.
-async fn expect_numbered(c: &mut ClientStream, event: RtcEvent, seq: u64) -> Vec<u8> {
-    let msg = c.recv().await;
-    assert_eq!((msg.event(), msg.seq), (event, seq), "{msg:?}");
-    msg.message.to_vec()
+    assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, client));
 }
 
 /// A resumable client cut mid-negotiation comes back on another instance: the instance that
@@ -684,15 +682,7 @@ async fn when_the_holder_dies_its_tunnelled_peer_starts_afresh() {
     let mut c = open_client(a.channel().await, &resumable(2)).await.expect("opens on A");
     let welcome = c.recv().await;
     assert_eq!((welcome.event(), welcome.resumed), (RtcEvent::Blank, false), "{welcome:?}");
-    let mut gone = tokio::time::timeout(Duration::from_secs(8), w.rx_message())
-        .await
-        .expect("PEER_GONE within the bound")
-        .unwrap()
-        .unwrap();
-    if gone.event() == RtcEvent::Error {
-        gone = w.recv().await;
-    }
-    assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, 9696));
+    peer_gone_within_the_bound(&mut w, 9696).await;
     negotiate(&mut c, 9696, &mut w, 96).await;
 }
 

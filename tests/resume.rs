@@ -25,13 +25,6 @@ async fn open_resumable(server: &TestServer, id: i64, after: u64) -> (ClientStre
     (c, welcome.resumed, welcome.seq)
 }
 
-/// The next message, which must be `event` numbered `seq`; returns its payload.
-async fn expect_numbered(c: &mut ClientStream, event: RtcEvent, seq: u64) -> Vec<u8> {
-    let msg = c.recv().await;
-    assert_eq!((msg.event(), msg.seq), (event, seq), "{msg:?}");
-    msg.message.to_vec()
-}
-
 #[tokio::test]
 async fn a_client_cut_mid_negotiation_resumes_and_finishes_it() {
     let server = TestServer::start().await;

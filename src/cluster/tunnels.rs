@@ -177,13 +177,23 @@ impl Tunnels {
             return Some(Kind::Tunnel(wire::Tunnel { end: Some(end_of(Some(&gone))), ..tunnel(conn) }));
         };
         if entry.instance.is_some_and(|i| i != from) {
+            metrics::counter!(crate::metrics::CLUSTER_REJECTED, "kind" => "tunnel").increment(1);
+            crate::warn_throttled!(
+                instance = format!("{from:x}"),
+                "tunnel record from an instance not at its other end"
+            );
             return None;
         }
         if record.credit > 0 {
             entry.credit.add_permits(record.credit.min(TUNNEL_WINDOW) as usize);
         }
-        if let Some(message) = record.message {
-            let _ = entry.events.send(TunnelEvent::Message(message));
+        if let Some(message) = record.message
+            && entry.events.send(TunnelEvent::Message(message)).is_err()
+        {
+            // Its receiving half is gone without a word: the tunnel ends, and the other side hears.
+            self.forget(conn);
+            let gone = Status::unavailable("the stream at this end of the tunnel is gone");
+            return Some(Kind::Tunnel(wire::Tunnel { end: Some(end_of(Some(&gone))), ..tunnel(conn) }));
         }
         if let Some(end) = record.end {
             let status = status_of(&end);
@@ -399,6 +409,16 @@ mod tests {
             Some(Kind::Tunnel(wire::Tunnel { end: Some(wire::TunnelEnd { ok: false, .. }), .. }))
         ));
         assert!(tunnels.receive(3, wire::Tunnel { end: Some(end_of(None)), ..tunnel(conn()) }).is_none());
+
+        // A receiving half dropped without an end: the next record is answered with the end.
+        let (commands, _issued) = mpsc::unbounded_channel();
+        let (events, rx, credit) = channel();
+        let (_tx, rx) = halves(conn(), 5, commands, rx, credit.clone());
+        tunnels.open(conn(), Some(5), events, credit);
+        drop(rx);
+        let record = wire::Tunnel { message: Some(Bytes::from_static(b"m")), ..tunnel(conn()) };
+        assert!(matches!(tunnels.receive(5, record), Some(Kind::Tunnel(wire::Tunnel { end: Some(_), .. }))));
+        assert_eq!(tunnels.count(), 0);
 
         let (commands, _issued) = mpsc::unbounded_channel();
         let (events, rx, credit) = channel();

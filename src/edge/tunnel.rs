@@ -145,7 +145,12 @@ pub async fn front<M>(
         };
         match next {
             Ok(Some(msg)) => {
-                if !tx.send(&msg).await {
+                // Waiting for credit, the peer's connection may go away: the holder must hear so.
+                let sent = tokio::select! {
+                    sent = tx.send(&msg) => sent,
+                    _ = attachment.ended() => break,
+                };
+                if !sent {
                     attachment.end(Some(Status::unavailable("the instance holding this peer is gone")));
                     return;
                 }

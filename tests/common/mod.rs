@@ -273,6 +273,13 @@ fn assert_reason(reason: &[u8], code: ErrorCode) {
 }
 
 /// Asserts `msg` is an `ERROR` with `code`, naming the refused message's worker and the refusal.
+/// The next message, which must be `event` numbered `seq`; returns its payload.
+pub async fn expect_numbered(c: &mut ClientStream, event: RtcEvent, seq: u64) -> Vec<u8> {
+    let msg = c.recv().await;
+    assert_eq!((msg.event(), msg.seq), (event, seq), "{msg:?}");
+    msg.message.to_vec()
+}
+
 pub fn assert_client_error(msg: &ClientRtcMessage, code: ErrorCode, worker: i64) {
     assert_eq!(msg.event(), RtcEvent::Error, "{msg:?}");
     assert_eq!(msg.error_code(), code, "{msg:?}");

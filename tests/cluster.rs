@@ -808,3 +808,53 @@ async fn a_tunnelled_stream_ends_when_its_token_expires() {
     let gone = w.recv().await;
     assert_eq!((gone.event(), gone.client_id), (RtcEvent::PeerGone, 2323), "the peer ended for good");
 }
+
+/// A resume ask replayed on NATS (within the seal's freshness) is not answered again: the peer's
+/// stream, tunnelled since the real ask, is not taken over a second time.
+#[tokio::test]
+async fn a_replayed_resume_ask_changes_nothing() {
+    use futures::StreamExt;
+    let nats = NatsCluster::start().await;
+    let (a, b) = (instance(&nats, 0, "t23").await, instance(&nats, 1, "t23").await);
+    reach_each_other(&a, &b, 2300).await;
+    let probe = async_nats::ConnectOptions::with_user_and_password(
+        common::nats::USER.into(),
+        common::nats::PASSWORD.into(),
+    )
+    .connect(nats.node_url(2))
+    .await
+    .unwrap();
+    let mut asks = probe.subscribe("distributor.t23.resume").await.unwrap();
+    probe.flush().await.unwrap();
+    let mut w = worker(&a, 24).await;
+    let resumable = |after: u64| [("x-client-id", "2424".to_string()), ("x-resume-after", after.to_string())];
+    let (mut c, cid) = client_with(&b, &resumable(0)).await;
+    negotiate(&mut c, cid, &mut w, 24).await;
+    c.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut c = open_client(a.channel().await, &resumable(1)).await.expect("opens on A");
+    assert!(c.recv().await.resumed, "resumed through B");
+    // The asks seen: the first stream's (on B, nobody held it), then the resume's (on A).
+    let mut last = None;
+    while let Ok(Some(ask)) = tokio::time::timeout(Duration::from_millis(300), asks.next()).await {
+        last = Some(ask);
+    }
+    let ask = last.expect("the resume's ask was seen");
+    probe
+        .publish_with_reply(ask.subject.clone(), ask.reply.clone().unwrap(), ask.payload.clone())
+        .await
+        .unwrap();
+    probe.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The tunnelled stream goes on, numbered on, and nothing ended it.
+    w.send(to_client(cid, RtcEvent::LocalIceCandidate, b"after the replay")).await;
+    let got = c.recv().await;
+    assert_eq!(
+        (got.event(), &got.message[..]),
+        (RtcEvent::IceCandidate, &b"after the replay"[..]),
+        "{got:?}"
+    );
+    c.send(to_worker(24, RtcEvent::LocalIceCandidate, b"from the client")).await;
+    assert_eq!(&w.recv().await.message[..], b"from the client");
+    c.expect_quiet().await;
+}

@@ -41,6 +41,8 @@ const LOCATE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a resumable stream waits for the instances to say whether they hold its peer, at
 /// most (it stops at the holder's answer, or once every instance it knows alive said no).
 pub const ASK_WITHIN: Duration = Duration::from_millis(500);
+/// How long an answered ask is remembered: longer than a sealed message stays fresh (30 s).
+const ASKS_KEPT: Duration = Duration::from_secs(60);
 
 /// What the driver's own helpers and the server tell it.
 pub enum Control {
@@ -92,6 +94,9 @@ pub struct Driver {
     /// Where the bridge's count of live instances is published, for resume asks.
     pub alive: Arc<AtomicUsize>,
     pub holder: Arc<OnceLock<Arc<dyn Holder>>>,
+    /// The streams whose resume asks were answered lately: an ask is answered once (a replayed
+    /// one, within the seal's 30 s, would take the peer over again).
+    pub asked: HashMap<ConnId, Instant>,
 }
 
 /// Milliseconds since the Unix epoch: the clock of the seals.
@@ -258,6 +263,12 @@ impl Driver {
         let Some(conn) = ask.conn.map(|c| ConnId { at: c.at, instance: c.instance }) else { return };
         if conn.instance == self.me || conn.instance == 0 {
             return;
+        }
+        let now = Instant::now();
+        self.asked.retain(|_, at| now.duration_since(*at) < ASKS_KEPT);
+        if self.asked.insert(conn, now).is_some() {
+            rejected(Kind::ResumeAsk).increment(1);
+            return warn_throttled!(stream = %conn, "a resume ask answered already (a replay): ignored");
         }
         let held = self.hold(conn, &ask);
         let answer = wire::ResumeAnswer { instance: self.me, held }.encode_to_vec();

@@ -341,6 +341,7 @@ impl Cluster {
             tunnels: tunnels.clone(),
             alive: alive.clone(),
             holder: holder.clone(),
+            asked: Default::default(),
         };
         let subscriptions = driver.subscribe().await?;
         let inputs = driver::Inputs {

@@ -20,8 +20,7 @@ use crate::auth::Granted;
 use crate::cluster::tunnels::{Ask, Holder, TunnelRx, TunnelTx};
 use crate::core::{PeerId, Role};
 use crate::peer::conn::shutting_down;
-use crate::peer::resume::Resumables;
-use crate::peer::resume::{Attachment, Resumed};
+use crate::peer::resume::{Attachment, Resumables, Resumed};
 
 impl Edge {
     /// A resumable stream of `id` whose peer is not held here, on a gRPC stream: in a cluster,

@@ -592,7 +592,7 @@ pub fn wire_conn(conn: ConnId) -> wire::Conn {
     wire::Conn { at: conn.at, instance: conn.instance }
 }
 
-fn conn_id(conn: wire::Conn) -> ConnId {
+pub(super) fn conn_id(conn: wire::Conn) -> ConnId {
     ConnId { at: conn.at, instance: conn.instance }
 }
 

@@ -260,7 +260,7 @@ impl Driver {
         let Ok(ask) = wire::ResumeAsk::decode(opened.body) else {
             return rejected(Kind::ResumeAsk).increment(1);
         };
-        let Some(conn) = ask.conn.map(|c| ConnId { at: c.at, instance: c.instance }) else { return };
+        let Some(conn) = ask.conn.map(super::bridge::conn_id) else { return };
         if conn.instance == self.me || conn.instance == 0 {
             return;
         }

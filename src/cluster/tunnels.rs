@@ -168,7 +168,7 @@ impl Tunnels {
     /// A tunnel record from `from`. Returns the record to answer with: a tunnel not (or no
     /// longer) open here is ended, so that the other side stops.
     pub fn receive(&mut self, from: InstanceId, record: wire::Tunnel) -> Option<Kind> {
-        let conn = record.conn.map(|c| ConnId { at: c.at, instance: c.instance })?;
+        let conn = record.conn.map(super::bridge::conn_id)?;
         let Some(entry) = self.open.get_mut(&conn) else {
             if record.end.is_some() {
                 return None;
@@ -234,7 +234,7 @@ impl Tunnels {
 }
 
 fn tunnel(conn: ConnId) -> wire::Tunnel {
-    wire::Tunnel { conn: Some(wire::Conn { at: conn.at, instance: conn.instance }), ..Default::default() }
+    wire::Tunnel { conn: Some(super::bridge::wire_conn(conn)), ..Default::default() }
 }
 
 fn end_of(status: Option<&Status>) -> wire::TunnelEnd {

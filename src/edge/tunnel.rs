@@ -15,7 +15,7 @@ use std::sync::{Arc, Weak};
 use futures::StreamExt;
 use tonic::Status;
 
-use super::{Edge, Inbound, client, worker};
+use super::{Edge, Inbound, Opening, client, worker};
 use crate::auth::Granted;
 use crate::cluster::tunnels::{Ask, Holder, TunnelRx, TunnelTx};
 use crate::core::{PeerId, Role};
@@ -57,18 +57,14 @@ impl Holder for Holding {
                 if !edge.clients.holds(ask.id) {
                     return false;
                 }
-                let attachment = Attachment::new();
-                edge.tasks.spawn(pump(Resumed::new(attachment.clone()), tx, Held::new(&edge)));
-                let opening = super::Opening::Resumable { after: ask.after, attachment };
+                let opening = tunnelled(&edge, &ask, tx);
                 edge.tasks.spawn(client::serve(edge.clone(), opening, ask.id, granted, rx));
             }
             Role::Worker => {
                 if !edge.workers.holds(ask.id) {
                     return false;
                 }
-                let attachment = Attachment::new();
-                edge.tasks.spawn(pump(Resumed::new(attachment.clone()), tx, Held::new(&edge)));
-                let opening = super::Opening::Resumable { after: ask.after, attachment };
+                let opening = tunnelled(&edge, &ask, tx);
                 edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, rx));
             }
         }
@@ -79,6 +75,13 @@ impl Holder for Holding {
         );
         true
     }
+}
+
+/// A resumable opening whose response stream is pumped to the front through `tx`.
+fn tunnelled<M: prost::Message + Send + 'static>(edge: &Arc<Edge>, ask: &Ask, tx: TunnelTx) -> Opening<M> {
+    let attachment = Attachment::new();
+    edge.tasks.spawn(pump(Resumed::new(attachment.clone()), tx, Held::new(edge)));
+    Opening::Resumable { after: ask.after, attachment }
 }
 
 /// Counts a peer held here for a stream elsewhere while its tunnel lasts.

@@ -156,10 +156,28 @@ fn one_bridge() -> (Bridge, Arc<Shards<Peer>>, Stream) {
 /// An instance never named by the fuzzer's frames (those are skipped).
 const PROBE: u64 = 0x000d_d50f_f1ce;
 
+/// The probe's stream: the newest of its client, so that a session the fuzzed frame opened for
+/// the same client on a newer stream cannot refuse it (as it rightly refuses an older stream's
+/// OFFER). Frames that name a stream as new are skipped.
+const PROBE_CONN: ConnId = ConnId { at: u64::MAX, instance: PROBE };
+
+/// Whether a decoded frame is one the probe cannot follow: sent by the probe's instance, or
+/// naming a stream at least as new as the probe's.
+fn names_the_probe(frame: &wire::Frame) -> bool {
+    let newest = |conn: &Option<wire::Conn>| conn.as_ref().is_some_and(|c| c.at == u64::MAX);
+    frame.from == PROBE
+        || frame.records.iter().any(|r| match &r.kind {
+            Some(wire::record::Kind::ClientSignal(s)) => newest(&s.conn),
+            Some(wire::record::Kind::ToClient(m)) => newest(&m.conn),
+            Some(wire::record::Kind::ClientGone(g)) => newest(&g.conn),
+            _ => false,
+        })
+}
+
 /// Bytes arriving on this instance's inbox as a link frame, then a well-formed frame from
 /// another instance: whatever came first, the bridge does not panic and still delivers.
 pub fn link_frame(data: &[u8]) {
-    if wire::Frame::decode(data).is_ok_and(|f| f.from == PROBE) {
+    if wire::Frame::decode(data).is_ok_and(|f| names_the_probe(&f)) {
         return;
     }
     let (mut bridge, _shards, mut worker) = one_bridge();
@@ -172,7 +190,7 @@ pub fn link_frame(data: &[u8]) {
     worker.written();
     let offer = wire::ClientSignal {
         client: CLIENT,
-        conn: Some(wire_conn(ConnId { at: 1, instance: PROBE })),
+        conn: Some(wire_conn(PROBE_CONN)),
         worker: WORKER,
         event: RtcEvent::Offer as i32,
         payload: Bytes::from_static(b"probe"),

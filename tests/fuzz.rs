@@ -135,3 +135,27 @@ proptest! {
         fuzzing::token(&data);
     }
 }
+
+/// Found by the property above (CI, 2026-12-02): a frame opening a session for the probe's
+/// client on another instance's stream. The probe's OFFER, from the newest stream of that
+/// client, still reaches the worker (it supersedes the other stream's session).
+#[test]
+fn link_frame_with_a_session_of_the_probes_client() {
+    for at in [1, 2, u64::MAX - 1] {
+        let offer = wire::ClientSignal {
+            client: 100,
+            conn: Some(wire::Conn { at, instance: 0xa }),
+            worker: 7,
+            event: distributor::pb::RtcEvent::Offer as i32,
+            payload: bytes::Bytes::from_static(b"earlier"),
+        };
+        let frame = wire::Frame {
+            from: 0xa,
+            epoch: 1,
+            seq: 1,
+            records: vec![wire::Record { kind: Some(Kind::ClientSignal(offer)) }],
+            ..Default::default()
+        };
+        fuzzing::link_frame(&frame.encode_to_vec());
+    }
+}

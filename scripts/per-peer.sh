@@ -4,8 +4,10 @@
 # Each measurement gets a fresh server on a free loopback port (stopped by its PID after):
 #   1. idle peers sharing 64 connections per side (as behind a multiplexing proxy);
 #   2. idle peers with a connection each (as separate processes and devices connect);
-#   3. all of them connecting at once, each on its own connection (a storm);
-#   4. the same storm across a 2-instance cluster on the local NATS cluster: workers on one
+#   3. the floor: the same idle streams against a bare tonic echo server and the h2 crate
+#      alone, in both shapes;
+#   4. all of them connecting at once, each on its own connection (a storm);
+#   5. the same storm across a 2-instance cluster on the local NATS cluster: workers on one
 #      instance (each registration subscribed and claimed through NATS before its
 #      acknowledgement), clients on the other.
 # Prints one line each; the JSON reports stay in .run/per-peer/.
@@ -34,6 +36,24 @@ for connections in 64 0; do
     shape=$([ "$connections" = 0 ] && echo "a connection each" || echo "sharing $connections per side")
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'idle, {sys.argv[2]}: {r[\"peers\"]} peers, {r[\"server_rss_per_peer_kib\"]:.1f} KiB per peer ({r[\"server_rss_before_mib\"]:.1f} -> {r[\"server_rss_connected_mib\"]:.1f} MiB), idle CPU {r[\"server_cpu_seconds\"]} s')" \
         "$run/idle-$connections.json" "$shape"
+done
+
+# The floor under those figures: the same idle streams (as many as the distributor's peers)
+# against a bare tonic echo server on the same proto (a task and a channel per stream) and
+# against the h2 crate alone (no hyper, no tonic), in both shapes.
+for stack in tonic h2; do
+    for connections in 64 0; do
+        port=$(free_port)
+        start "echo-$stack-$connections" "$load" echo-server --stack "$stack" --listen "127.0.0.1:$port"
+        wait_port "$port"
+        "$load" idle --echo --echo-shape relay --pairs "$pairs" --connections "$connections" \
+            --server-pid "$started_pid" --duration 2s --clients-at "http://127.0.0.1:$port" --json \
+            >"$run/idle-$stack-$connections.json"
+        stop_started; pids=()
+        shape=$([ "$connections" = 0 ] && echo "a connection each" || echo "sharing $connections per side")
+        python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'idle, bare {sys.argv[3]} server, {sys.argv[2]}: {r[\"peers\"]} streams, {r[\"server_rss_per_peer_kib\"]:.1f} KiB per stream ({r[\"server_rss_before_mib\"]:.1f} -> {r[\"server_rss_connected_mib\"]:.1f} MiB)')" \
+            "$run/idle-$stack-$connections.json" "$shape" "$stack"
+    done
 done
 
 server storm

@@ -47,6 +47,11 @@ enum Scenario {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:50060")]
         listen: std::net::SocketAddr,
+        /// `tonic`: a tonic service, as the distributor is served. `h2`: the h2 crate alone
+        /// (no hyper, no tonic) answering every stream and echoing its bytes, to tell what
+        /// each layer of the stack costs per connection.
+        #[arg(long, value_enum, default_value_t = echo::Stack::Tonic)]
+        stack: echo::Stack,
     },
     /// Raw NATS publish to subscribe through a cluster, in the same pattern as `relay`.
     NatsCeiling(nats::NatsLoad),
@@ -156,7 +161,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
-            Scenario::EchoServer { listen } => echo::serve(listen).await,
+            Scenario::EchoServer { listen, stack } => echo::serve(listen, stack).await,
             Scenario::Relay(load) => report::print(&peers::relay(load.clone()).await?, load.json),
             Scenario::Handshake(load) => report::print(&peers::handshake(load.clone()).await?, load.json),
             Scenario::Idle(load) => peers::idle(load).await,

@@ -1,20 +1,23 @@
 //! The hot path without I/O: the wire codec, the state machine, the router, the shard threads,
-//! and the cross-instance frame. End-to-end numbers come from `distributor-load`.
+//! a peer's response writer, and the cross-instance frame. End-to-end numbers come from
+//! `distributor-load`.
 
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use distributor::cluster::wire;
 use distributor::core::session::{State, step};
 use distributor::core::{
     CloseReason, Command, ConnId, DeliverError, Outbound, PeerId, PeerSink, Reply, Role, Router, Signal,
 };
-use distributor::pb::{ClientRtcMessage, RtcEvent};
+use distributor::pb::{ClientRtcMessage, RtcEvent, WorkerRtcMessage};
+use distributor::peer::{Conn, OutboundStream, Sink};
 use distributor::shards::Shards;
+use futures::Stream;
 use prost::Message;
 
 /// A peer whose deliveries only count.
@@ -251,6 +254,53 @@ fn wait_for(counters: &[Arc<AtomicU64>], target: u64) {
     }
 }
 
+/// Streams a server writes to in turn (the end-to-end runs' 1000 pairs).
+const WRITER_STREAMS: u64 = 2_000;
+
+/// A peer's response writer, from its queue to the encoded message: plain streams, and numbered
+/// ones (resumable: each message kept for replay, the last 1,024 per peer). The streams are
+/// written in turn and each payload is a slice of a shared 512 B buffer, as tonic decodes
+/// them, so that what the numbered streams keep leaves the cache as it does in a server.
+fn writer(c: &mut Criterion) {
+    let mut group = c.benchmark_group("writer");
+    group.throughput(Throughput::Elements(1));
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    // The queue's bound is also what a numbered stream keeps: 1,024 by default (2 million
+    // messages over 2,000 streams, far more than the caches hold), 16 for comparison.
+    for (name, numbered, queue) in
+        [("plain", false, 1024), ("numbered", true, 1024), ("numbered, 16 kept", true, 16)]
+    {
+        let mut streams: Vec<(Sink, OutboundStream<WorkerRtcMessage>)> = (1..=WRITER_STREAMS)
+            .map(|at| {
+                let id = ConnId { at, instance: 1 };
+                let encode = distributor::edge::encode::for_worker;
+                if numbered { Conn::open_numbered(id, queue, encode) } else { Conn::open(id, queue, encode) }
+            })
+            .collect();
+        let mut buffer = BytesMut::new();
+        let mut next = 0;
+        group.bench_function(BenchmarkId::new(name, "2000 streams, 200 B"), |b| {
+            b.iter(|| {
+                if buffer.len() < 200 {
+                    buffer = BytesMut::from(&[7u8; 512][..]);
+                }
+                let payload = buffer.split_to(200).freeze();
+                let count = streams.len();
+                let (sink, out) = &mut streams[next];
+                next = (next + 1) % count;
+                let msg = Outbound::relay(RtcEvent::IceCandidate, 7, next as i64, payload);
+                sink.try_deliver(msg).expect("room");
+                match std::pin::Pin::new(out).poll_next(&mut cx) {
+                    std::task::Poll::Ready(Some(Ok(written))) => black_box(written),
+                    other => panic!("not written: {:?}", other.map(|o| o.map(|r| r.map(|_| ())))),
+                };
+            })
+        });
+    }
+    group.finish();
+}
+
 fn envelope(c: &mut Criterion) {
     let mut group = c.benchmark_group("envelope");
     const RECORDS: usize = 64;
@@ -297,5 +347,5 @@ fn seal(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec, state_machine, router, shards, envelope, seal);
+criterion_group!(benches, codec, state_machine, router, shards, writer, envelope, seal);
 criterion_main!(benches);

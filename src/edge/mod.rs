@@ -12,6 +12,12 @@ mod worker;
 
 pub use tunnel::Holding;
 
+/// How each side's response writer encodes a message (what the benches measure).
+pub mod encode {
+    pub use super::client::encode as for_client;
+    pub use super::worker::encode as for_worker;
+}
+
 use std::future::Future;
 
 use futures::FutureExt;

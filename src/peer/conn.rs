@@ -9,7 +9,6 @@
 //! messages go through an unbounded channel that the count keeps bounded. 4 % less server CPU
 //! per message at window 32 (BENCHMARKS.md).
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::Status;
 
+use super::numbers::Numbers;
 use super::written;
 use crate::core::{CloseReason, ConnId, DeliverError, InstanceId, Outbound};
 use crate::pb::RtcEvent;
@@ -327,46 +327,6 @@ pub struct Numbering {
     pub seq: u64,
     /// In the welcome: whether the stream took over the peer's earlier one.
     pub resumed: bool,
-}
-
-/// A resumable peer's numbering: every message written after the welcome takes the next
-/// number, 1, 2, 3..., and the last `keep` of them stay here (references to their payloads,
-/// not copies) to be replayed to a stream that resumes the peer.
-pub struct Numbers {
-    next: u64,
-    written: VecDeque<(u64, Outbound)>,
-    keep: usize,
-}
-
-/// A stream resumed after a number older than what is kept: what it missed cannot be replayed.
-#[derive(Debug, PartialEq, Eq)]
-pub struct TooOld;
-
-impl Numbers {
-    fn new(keep: usize) -> Self {
-        Numbers { next: 1, written: VecDeque::with_capacity(keep.min(64)), keep: keep.max(1) }
-    }
-
-    fn number(&mut self, msg: &Outbound) -> u64 {
-        let seq = self.next;
-        self.next += 1;
-        if self.written.len() == self.keep {
-            self.written.pop_front();
-        }
-        self.written.push_back((seq, msg.clone()));
-        seq
-    }
-
-    /// What a peer that received up to `after` missed, in order with its numbers; `TooOld` if
-    /// some of it is no longer kept, or `after` was never sent.
-    pub fn after(&self, after: u64) -> Result<Vec<(u64, Outbound)>, TooOld> {
-        let last = self.next - 1;
-        let oldest = self.written.front().map_or(self.next, |(seq, _)| *seq);
-        if after > last || after + 1 < oldest {
-            return Err(TooOld);
-        }
-        Ok(self.written.iter().filter(|(seq, _)| *seq > after).cloned().collect())
-    }
 }
 
 impl<M> OutboundStream<M> {

@@ -7,6 +7,7 @@
 //! one queue of [`ToCluster`] commands.
 
 pub mod conn;
+pub mod numbers;
 mod remote;
 pub mod resume;
 pub(crate) mod written;

@@ -21,7 +21,8 @@ use tokio_stream::Stream;
 use tonic::Status;
 
 use super::Sink;
-use super::conn::{Numbering, OutboundStream, TooOld};
+use super::conn::{Numbering, OutboundStream};
+use super::numbers::TooOld;
 use crate::core::{Outbound, PeerId};
 
 /// A peer's outbound stream, shared by the streams that attach to it in turn.

@@ -293,7 +293,7 @@ fn writer(c: &mut Criterion) {
                 sink.try_deliver(msg).expect("room");
                 match std::pin::Pin::new(out).poll_next(&mut cx) {
                     std::task::Poll::Ready(Some(Ok(written))) => black_box(written),
-                    other => panic!("not written: {:?}", other.map(|o| o.map(|r| r.map(|_| ())))),
+                    other => panic!("not written: {other:?}"),
                 };
             })
         });

@@ -12,9 +12,8 @@ mod worker;
 
 pub use tunnel::Holding;
 
-/// How each side's response writer encodes a message (what the benches measure).
+/// How a worker's response writer encodes a message (for the writer's bench).
 pub mod encode {
-    pub use super::client::encode as for_client;
     pub use super::worker::encode as for_worker;
 }
 

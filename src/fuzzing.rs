@@ -158,18 +158,15 @@ const PROBE: u64 = 0x000d_d50f_f1ce;
 
 /// The probe's stream: the newest of its client, so that a session the fuzzed frame opened for
 /// the same client on a newer stream cannot refuse it (as it rightly refuses an older stream's
-/// OFFER). Frames that name a stream as new are skipped.
+/// OFFER). Frames whose client signals come from a stream as new are skipped.
 const PROBE_CONN: ConnId = ConnId { at: u64::MAX, instance: PROBE };
 
 /// Whether a decoded frame is one the probe cannot follow: sent by the probe's instance, or
-/// naming a stream at least as new as the probe's.
+/// opening a session on a stream at least as new as the probe's.
 fn names_the_probe(frame: &wire::Frame) -> bool {
-    let newest = |conn: &Option<wire::Conn>| conn.as_ref().is_some_and(|c| c.at == u64::MAX);
     frame.from == PROBE
         || frame.records.iter().any(|r| match &r.kind {
-            Some(wire::record::Kind::ClientSignal(s)) => newest(&s.conn),
-            Some(wire::record::Kind::ToClient(m)) => newest(&m.conn),
-            Some(wire::record::Kind::ClientGone(g)) => newest(&g.conn),
+            Some(wire::record::Kind::ClientSignal(s)) => s.conn.as_ref().is_some_and(|c| c.at == u64::MAX),
             _ => false,
         })
 }

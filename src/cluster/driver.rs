@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::bridge::{Bridge, Output};
 use super::directory::Lookup;
 use super::seal::{Kind, Opened, Seal};
-use super::tunnels::{self, Ask, Holder, TunnelCommand};
+use super::tunnels::{self, Ask, Hold, Holder, Released, TunnelCommand};
 use super::{Subjects, wire};
 use crate::core::{ConnId, InstanceId, Outbound, PeerId, Role};
 use crate::metrics as names;
@@ -270,14 +270,20 @@ impl Driver {
             rejected(Kind::ResumeAsk).increment(1);
             return warn_throttled!(stream = %conn, "a resume ask answered already (a replay): ignored");
         }
-        let held = self.hold(conn, &ask);
-        let answer = wire::ResumeAnswer { instance: self.me, held }.encode_to_vec();
+        let (held, released) = match self.hold(conn, &ask) {
+            Hold::NotHere => (false, None),
+            Hold::Tunnel => (true, None),
+            Hold::Released(r) => {
+                (false, Some(wire::Released { next_seq: r.next_seq, last_received: r.last_received }))
+            }
+        };
+        let answer = wire::ResumeAnswer { instance: self.me, held, released }.encode_to_vec();
         let sealed = self.seal.seal(Kind::ResumeAnswer, reply.as_str(), &answer, now_ms());
         let _ = self.nats.publish(reply, sealed).await;
     }
 
-    fn hold(&mut self, conn: ConnId, ask: &wire::ResumeAsk) -> bool {
-        let Some(holder) = self.holder.get().cloned() else { return false };
+    fn hold(&mut self, conn: ConnId, ask: &wire::ResumeAsk) -> Hold {
+        let Some(holder) = self.holder.get().cloned() else { return Hold::NotHere };
         let (events_tx, events, credit) = tunnels::channel();
         let open = TunnelCommand::Open {
             conn,
@@ -291,7 +297,7 @@ impl Driver {
         let role = if ask.worker { Role::Worker } else { Role::Client };
         let expires = (ask.expires_ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ask.expires_ms));
         let held = holder.hold(Ask { role, id: ask.id, after: ask.after, expires }, tx, rx);
-        if !held {
+        if held != Hold::Tunnel {
             self.bridge.tunnel(TunnelCommand::Forget { conn });
         }
         held
@@ -382,8 +388,9 @@ async fn locate(
     }
 }
 
-/// Asks every instance whether it holds the peer of `ask`: the holder's instance, or `None`
-/// once every one of the `alive` instances said no, nobody listens, or [`ASK_WITHIN`] passed.
+/// Asks every instance whether it holds the peer of `ask`: the holder's instance and whether it
+/// let the peer go, or `None` once every one of the `alive` instances said no, nobody listens,
+/// or [`ASK_WITHIN`] passed.
 pub async fn ask_holder(
     nats: &async_nats::Client,
     seal: &Seal,
@@ -391,7 +398,7 @@ pub async fn ask_holder(
     subject: String,
     ask: &wire::ResumeAsk,
     alive: usize,
-) -> Option<InstanceId> {
+) -> Option<(InstanceId, Option<Released>)> {
     let mut waiting = replies.wait();
     let request = seal.seal(Kind::ResumeAsk, &subject, &ask.encode_to_vec(), now_ms());
     nats.publish_with_reply(subject, waiting.subject.clone(), request).await.ok()?;
@@ -404,7 +411,11 @@ pub async fn ask_holder(
         }
         let Some(opened) = open(seal, Kind::ResumeAnswer, reply) else { continue };
         match wire::ResumeAnswer::decode(opened.body) {
-            Ok(answer) if answer.held && answer.instance != 0 => return Some(answer.instance),
+            Ok(answer) if answer.held && answer.instance != 0 => return Some((answer.instance, None)),
+            Ok(wire::ResumeAnswer { instance, released: Some(r), .. }) if instance != 0 => {
+                let released = Released { next_seq: r.next_seq, last_received: r.last_received };
+                return Some((instance, Some(released)));
+            }
             Ok(answer) => {
                 said_no.insert(answer.instance);
                 if alive > 0 && said_no.len() >= alive {

@@ -25,7 +25,8 @@
 //! - `<prefix>.claim`: a stream registered a worker or client id; older streams of it end.
 //! - `<prefix>.hb`: every instance's heartbeat, each second; one missing for 3 s is dead.
 //! - `<prefix>.resume`: a resumable stream of a peer not held on its instance asks which
-//!   instance holds it; each answers, the holder with a [`tunnels`] to the new stream.
+//!   instance holds it; each answers, the holder with a [`tunnels`] to the new stream, or,
+//!   for a peer with nothing to keep there, letting it go to the new stream's instance.
 
 pub mod bridge;
 mod clients;
@@ -52,7 +53,7 @@ use crate::shards::Shards;
 use bridge::Bridge;
 use driver::{Control, Driver};
 use seal::{Kind, Seal};
-use tunnels::{Holder, TunnelCommand, TunnelRx, TunnelTx};
+use tunnels::{Holder, Resumption, TunnelCommand};
 
 /// Generated from `proto/distributor/cluster/v1/link.proto`.
 pub mod wire {
@@ -372,9 +373,9 @@ impl Cluster {
     }
 
     /// A resumable stream `conn` of a peer not held here: asks the other instances which holds
-    /// it. The holder takes the peer over for this stream and tunnels to it: its halves are
-    /// returned. `None`: no instance holds the peer (or none answered in time), it starts
-    /// afresh here.
+    /// it. The holder lets the peer go to this instance, or takes it over for this stream and
+    /// tunnels to it (the tunnel's halves are returned). `None`: no instance holds the peer (or
+    /// none answered in time), it starts afresh here.
     pub async fn resume(
         &self,
         role: Role,
@@ -382,7 +383,7 @@ impl Cluster {
         after: u64,
         conn: ConnId,
         expires: Option<SystemTime>,
-    ) -> Option<(TunnelTx, TunnelRx)> {
+    ) -> Option<Resumption> {
         if !self.is_connected() {
             return None;
         }
@@ -410,9 +411,14 @@ impl Cluster {
         let alive = self.alive.load(Ordering::Relaxed);
         let (nats, seal, replies) = (&self.nats, &self.seal, &self.replies);
         match driver::ask_holder(nats, seal, replies, self.subjects.resume(), &ask, alive).await {
-            Some(instance) => {
+            Some((instance, None)) => {
                 let _ = self.tunnels.send(TunnelCommand::Bind { conn, instance });
-                Some(tunnels::halves(conn, instance, self.tunnels.clone(), events, credit))
+                let (tx, rx) = tunnels::halves(conn, instance, self.tunnels.clone(), events, credit);
+                Some(Resumption::Tunnel(tx, rx))
+            }
+            Some((_, Some(released))) => {
+                let _ = self.tunnels.send(TunnelCommand::Forget { conn });
+                Some(Resumption::Moved(released))
             }
             None => {
                 let _ = self.tunnels.send(TunnelCommand::Forget { conn });

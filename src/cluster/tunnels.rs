@@ -7,6 +7,10 @@
 //! route, and the state machine and the numbering are the holder's, exactly as on one
 //! instance. The tunnel is named by the front's stream ([`ConnId`]).
 //!
+//! Only a peer with something to keep there is tunnelled: one that holds no session and has
+//! received everything it was written is let go instead ([`Hold::Released`]), and the front's
+//! instance becomes its home, numbering on. Moving a peer with its sessions is not built.
+//!
 //! Flow control: each side sends at most [`TUNNEL_WINDOW`] messages beyond what the other side
 //! has taken (its credit, granted back every [`CREDIT_EVERY`] messages), so a slow peer holds
 //! the messages for it in its holder's bounded queue, as on one instance, and a fast one is
@@ -26,6 +30,7 @@ use tonic::Status;
 
 use super::wire::{self, record::Kind};
 use crate::core::{ConnId, InstanceId, PeerId, Role};
+pub use crate::peer::resume::Released;
 
 /// What a holder is asked: a stream of this peer came back on another instance.
 #[derive(Debug, Clone, Copy)]
@@ -40,9 +45,29 @@ pub struct Ask {
 
 /// Takes a peer held here over for a stream on another instance (implemented by the edge).
 pub trait Holder: Send + Sync {
-    /// If the peer of `ask` is held here, takes it over for the tunnel `tx`/`rx` and says so.
-    /// Called on the cluster's task: must not wait.
-    fn hold(&self, ask: Ask, tx: TunnelTx, rx: TunnelRx) -> bool;
+    /// If the peer of `ask` is held here, lets it go to the new stream's instance, or takes it
+    /// over for the tunnel `tx`/`rx`; says which. Called on the cluster's task: must not wait.
+    fn hold(&self, ask: Ask, tx: TunnelTx, rx: TunnelRx) -> Hold;
+}
+
+/// What the instance holding a peer did for its stream on another instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// The peer is not held here.
+    NotHere,
+    /// The peer stays here, served to the new stream through the tunnel.
+    Tunnel,
+    /// The peer holds no session and has everything it was written: it moves to the new
+    /// stream's instance, which numbers on (see [`Released`]).
+    Released(Released),
+}
+
+/// What became of a resumable stream's ask, on its own instance.
+pub enum Resumption {
+    /// The holder serves the peer through this tunnel.
+    Tunnel(TunnelTx, TunnelRx),
+    /// The holder let the peer go: it lives here from now on, numbered on from there.
+    Moved(Released),
 }
 
 /// Messages one side may send ahead of the other's credit.

@@ -167,8 +167,8 @@ pub trait PeerSink: Clone {
     fn deliver_owed(&self, msg: Outbound);
     /// Ends the stream with `reason`.
     fn close(&self, reason: CloseReason);
-    /// Counts one more session held by this client stream, unless it holds `max` already
-    /// (0: no cap). A client on another instance is counted there, so `true` by default.
+    /// Counts one more session held by this stream, unless it holds `max` already (0: no cap;
+    /// a worker's). A client on another instance is counted there, so `true` by default.
     fn open_session(&self, max: usize) -> bool {
         let _ = max;
         true

@@ -259,12 +259,19 @@ impl<P: PeerSink> Router<P> {
             // The session belonged to an older stream of this client: it ended with that stream.
             let old = entry.sessions.remove(&client).expect("just looked up");
             m.ended(&old);
+            entry.sink.close_session();
             entry.sink.deliver_owed(Outbound::peer_gone(worker, client));
+        }
+        // The worker's stream counts its sessions too, before the first message is queued
+        // (see `Conn::end_if_idle`).
+        if opens {
+            entry.sink.open_session(0);
         }
         let forwarded = session::forwarded(event);
         if let Err(e) = entry.sink.try_deliver(Outbound::relay(forwarded, worker, client, payload)) {
             if opens {
                 sink.close_session();
+                entry.sink.close_session();
             }
             return reply.send(e.refusal(Role::Worker, worker, client));
         }
@@ -345,6 +352,7 @@ impl<P: PeerSink> Router<P> {
                 match entry.sessions.entry(client) {
                     Entry::Occupied(s) if s.get().client.conn() == conn => {
                         m.ended(&s.remove());
+                        entry.sink.close_session();
                         entry.sink.deliver_owed(Outbound::peer_gone(*worker, client));
                         false
                     }
@@ -377,6 +385,7 @@ impl<P: PeerSink> Router<P> {
                     return true;
                 }
                 m.ended(session);
+                entry.sink.close_session();
                 entry.sink.deliver_owed(Outbound::peer_gone(*worker, *client));
                 unlink(&mut self.client_sessions, *client, *worker);
                 false

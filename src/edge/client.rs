@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use super::{Edge, Inbound, Opening, Reader, connected, tunnel};
 use crate::auth::Granted;
+use crate::cluster::tunnels::Resumption;
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{ClientRtcMessage, RtcEvent};
 use crate::peer::conn::shutting_down;
@@ -58,11 +59,15 @@ pub async fn serve(
         Opening::Resumable { after, attachment } => {
             let peers = &edge.clients;
             let held = edge.held_elsewhere(peers, Role::Client, client, after, granted.as_ref(), &inbound);
-            if let Some(tunnel) = held.await {
-                return tunnel::front(edge, tunnel, attachment, None, inbound).await;
-            }
+            let moved = match held.await {
+                Some(Resumption::Tunnel(tx, rx)) => {
+                    return tunnel::front(edge, (tx, rx), attachment, None, inbound).await;
+                }
+                Some(Resumption::Moved(released)) => Some(released),
+                None => None,
+            };
             let welcome = Outbound::relay(RtcEvent::Blank, 0, client, Bytes::new());
-            let attached = edge.attach(&edge.clients, client, after, &attachment, welcome, encode);
+            let attached = edge.attach(&edge.clients, client, after, &attachment, welcome, encode, moved);
             if let Some(replaced) = attached.replaced {
                 depart(edge.clone(), client, replaced).await;
             }

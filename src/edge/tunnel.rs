@@ -3,7 +3,8 @@
 //! - The **front**: a resumable stream here whose peer another instance holds. It forwards
 //!   what the peer sends, as read, and writes what the holder sends, as numbered there; it
 //!   neither registers nor claims the peer, and nothing of the peer's sessions is here.
-//! - The **holder**: the peer's home. It serves the tunnel as one more stream of the peer
+//! - The **holder**: the peer's home. A peer with nothing to keep there (no session, nothing
+//!   unreceived) is let go instead, and lives on the front's instance from then on. Else it serves the tunnel as one more stream of the peer
 //!   (`client::serve` / `worker::serve` reading a [`TunnelRx`]), so the takeover, the replay,
 //!   the rate limit, the token's expiry and the detach when the front's stream is cut are the
 //!   ones of a stream on this instance; a [`pump`] carries the peer's response stream to the
@@ -17,15 +18,16 @@ use tonic::Status;
 
 use super::{Edge, Inbound, Opening, client, worker};
 use crate::auth::Granted;
-use crate::cluster::tunnels::{Ask, Holder, TunnelRx, TunnelTx};
+use crate::cluster::tunnels::{Ask, Hold, Holder, Resumption, TunnelRx, TunnelTx};
 use crate::core::{PeerId, Role};
 use crate::peer::conn::shutting_down;
 use crate::peer::resume::{Attachment, Resumables, Resumed};
 
 impl Edge {
     /// A resumable stream of `id` whose peer is not held here, on a gRPC stream: in a cluster,
-    /// the instance that holds the peer takes it over for this stream, through a tunnel whose
-    /// halves are returned; `None`: the peer is opened here (afresh, or taken over locally).
+    /// the instance that holds the peer lets it go to this one, or takes it over for this
+    /// stream, through a tunnel whose halves are returned; `None`: the peer is opened here
+    /// (afresh, or taken over locally).
     pub(super) async fn held_elsewhere<M, I: Inbound<M>>(
         &self,
         peers: &Resumables<M>,
@@ -35,7 +37,7 @@ impl Edge {
         granted: Option<&Granted>,
         // Its type says whether the stream is itself a tunnel (which never fronts for a third).
         _inbound: &I,
-    ) -> Option<(TunnelTx, TunnelRx)> {
+    ) -> Option<Resumption> {
         let cluster = self.cluster.as_ref()?;
         if I::TUNNEL || peers.holds(id) {
             return None;
@@ -49,20 +51,32 @@ impl Edge {
 pub struct Holding(pub Weak<Edge>);
 
 impl Holder for Holding {
-    fn hold(&self, ask: Ask, tx: TunnelTx, rx: TunnelRx) -> bool {
-        let Some(edge) = self.0.upgrade() else { return false };
+    fn hold(&self, ask: Ask, tx: TunnelTx, rx: TunnelRx) -> Hold {
+        let Some(edge) = self.0.upgrade() else { return Hold::NotHere };
         let granted = ask.expires.map(|expires| Granted { id: ask.id, expires });
+        let released = match ask.role {
+            Role::Client => edge.clients.release(ask.id, ask.after),
+            Role::Worker => edge.workers.release(ask.id, ask.after),
+        };
+        if let Some(released) = released {
+            tracing::debug!(
+                id = ask.id,
+                role = ask.role.as_str(),
+                "resumable peer let go to another instance"
+            );
+            return Hold::Released(released);
+        }
         match ask.role {
             Role::Client => {
                 if !edge.clients.holds(ask.id) {
-                    return false;
+                    return Hold::NotHere;
                 }
                 let opening = tunnelled(&edge, &ask, tx);
                 edge.tasks.spawn(client::serve(edge.clone(), opening, ask.id, granted, rx));
             }
             Role::Worker => {
                 if !edge.workers.holds(ask.id) {
-                    return false;
+                    return Hold::NotHere;
                 }
                 let opening = tunnelled(&edge, &ask, tx);
                 edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, rx));
@@ -73,7 +87,7 @@ impl Holder for Holding {
             role = ask.role.as_str(),
             "resumable peer held here, served through a tunnel"
         );
-        true
+        Hold::Tunnel
     }
 }
 

@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use super::{Edge, Inbound, Opening, Reader, connected, tunnel};
 use crate::auth::Granted;
+use crate::cluster::tunnels::Resumption;
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{RtcEvent, WorkerRtcMessage};
 use crate::peer::conn::shutting_down;
@@ -90,12 +91,16 @@ pub async fn serve(
         Opening::Resumable { after, attachment } => {
             let (peers, raw) = (&edge.workers, inbound.as_ref().expect("read only the registration"));
             let held = edge.held_elsewhere(peers, Role::Worker, worker, after, granted.as_ref(), raw);
-            if let Some(tunnel) = held.await {
-                let inbound = inbound.take().expect("read only the registration");
-                return tunnel::front(edge, tunnel, attachment, Some(first), inbound).await;
-            }
+            let moved = match held.await {
+                Some(Resumption::Tunnel(tx, rx)) => {
+                    let inbound = inbound.take().expect("read only the registration");
+                    return tunnel::front(edge, (tx, rx), attachment, Some(first), inbound).await;
+                }
+                Some(Resumption::Moved(released)) => Some(released),
+                None => None,
+            };
             let welcome = Outbound::relay(RtcEvent::Blank, worker, 0, Bytes::new());
-            let attached = edge.attach(&edge.workers, worker, after, &attachment, welcome, encode);
+            let attached = edge.attach(&edge.workers, worker, after, &attachment, welcome, encode, moved);
             if let Some(replaced) = attached.replaced {
                 depart(edge.clone(), worker, replaced).await;
             }

@@ -22,6 +22,7 @@ use tokio_stream::Stream;
 use tonic::Status;
 
 use super::numbers::Numbers;
+use super::resume::Released;
 use super::written;
 use crate::core::{CloseReason, ConnId, DeliverError, InstanceId, Outbound};
 use crate::pb::RtcEvent;
@@ -87,7 +88,8 @@ pub struct Conn {
     close: OnceLock<Close>,
     /// Set when the stream ends, for any reason; read on every message, so a plain flag.
     ended: AtomicBool,
-    /// Sessions this stream holds as a client, on every shard and across instances.
+    /// Sessions this stream holds: as a client, on every shard and across instances; as a
+    /// worker, on its shard.
     sessions: AtomicUsize,
     /// The last number the peer gave one of its messages (resumable streams; 0: none yet).
     received: AtomicU64,
@@ -114,7 +116,14 @@ impl Conn {
             reader: AtomicWaker::new(),
             writer: AtomicWaker::new(),
         });
-        let stream = OutboundStream { rx, conn: conn.clone(), phase: Phase::Open, encode, numbers: None };
+        let stream = OutboundStream {
+            rx,
+            conn: conn.clone(),
+            phase: Phase::Open,
+            encode,
+            numbers: None,
+            resumed_welcome: false,
+        };
         (conn, stream)
     }
 
@@ -257,6 +266,29 @@ impl Conn {
         self.sessions.load(Ordering::Acquire)
     }
 
+    /// Ends the stream (`how`) if it is idle: nothing queued, no answer reserved (no message
+    /// of the peer's on its way), no session. In one step against the reading task and the
+    /// shards: the slots are taken all at once first, so that nothing can be reserved or
+    /// queued meanwhile, and a session a shard opens meanwhile (counted before its first
+    /// message is queued) is seen. A message the reading task read but could not reserve an
+    /// answer for is not routed, and not counted as received.
+    pub fn end_if_idle(&self, how: Close) -> bool {
+        const ALL: usize = usize::MAX / 2;
+        if self.sessions() > 0
+            || self.taken.compare_exchange(0, ALL, Ordering::AcqRel, Ordering::Acquire).is_err()
+        {
+            return false;
+        }
+        if self.sessions() > 0 {
+            // Owed messages may have been added meanwhile: only what was taken is given back.
+            self.taken.fetch_sub(ALL, Ordering::AcqRel);
+            self.reader.wake();
+            return false;
+        }
+        self.end(how);
+        true
+    }
+
     /// Ends the stream for a reason of the routing core's.
     pub fn close(&self, reason: CloseReason) {
         let status = match reason {
@@ -315,6 +347,8 @@ pub struct OutboundStream<M> {
     encode: Encode<M>,
     /// Resumable peers: the numbering, and what was written, for replay.
     numbers: Option<Numbers>,
+    /// The welcome says `resumed`: the peer moved here from another instance.
+    resumed_welcome: bool,
 }
 
 /// Turns a message into the peer's message type, with its number (resumable streams).
@@ -337,12 +371,23 @@ impl<M> OutboundStream<M> {
         let numbering = match &mut self.numbers {
             None => Numbering::default(),
             // The welcome is not numbered: it says what was last received from the peer.
-            Some(_) if msg.event == RtcEvent::Blank => {
-                Numbering { seq: self.conn.last_received(), resumed: false }
-            }
+            Some(_) if msg.event == RtcEvent::Blank => Numbering {
+                seq: self.conn.last_received(),
+                resumed: std::mem::take(&mut self.resumed_welcome),
+            },
             Some(numbers) => Numbering { seq: numbers.number(&msg), resumed: false },
         };
         (self.encode)(msg, numbering)
+    }
+
+    /// A resumable peer another instance let go (see [`Released`]) goes on here: numbered on
+    /// from there, and its welcome says it resumed.
+    pub fn moved_from(&mut self, released: Released) {
+        self.conn.received(released.last_received);
+        if let Some(numbers) = &mut self.numbers {
+            numbers.start_at(released.next_seq);
+        }
+        self.resumed_welcome = true;
     }
 
     /// The numbering of a resumable peer's stream.

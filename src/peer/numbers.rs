@@ -35,6 +35,17 @@ impl Numbers {
         Numbers { next: 1, written: VecDeque::with_capacity(keep.min(64)), keep: keep.max(1) }
     }
 
+    /// The number the next message written will take.
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// Numbers on from `next`, for a peer numbered up to `next - 1` elsewhere (nothing kept).
+    pub(super) fn start_at(&mut self, next: u64) {
+        self.written.clear();
+        self.next = next.max(1);
+    }
+
     pub(super) fn number(&mut self, msg: &Outbound) -> u64 {
         let seq = self.next;
         self.next += 1;

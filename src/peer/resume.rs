@@ -21,7 +21,7 @@ use tokio_stream::Stream;
 use tonic::Status;
 
 use super::Sink;
-use super::conn::{Numbering, OutboundStream};
+use super::conn::{Close, Numbering, OutboundStream};
 use super::numbers::TooOld;
 use crate::core::{Outbound, PeerId};
 
@@ -216,6 +216,26 @@ struct Entry<M> {
     attachment: Arc<Attachment<M>>,
     /// Counts the attachments, so that a grace period ends only the detachment it began with.
     generation: u64,
+    /// Let go to another instance (see [`Resumables::release`]): it departs from here without
+    /// having expired.
+    released: bool,
+}
+
+/// A peer let go to the instance its new stream is on: how its numbering goes on there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    /// The number the next message written to the peer takes.
+    pub next_seq: u64,
+    /// The last number the peer gave one of its messages.
+    pub last_received: u64,
+}
+
+/// How a detached peer's grace period ended.
+pub enum Expired {
+    /// It did not resume in time.
+    Expired(Sink),
+    /// It moved to another instance meanwhile.
+    Released(Sink),
 }
 
 /// What became of a stream that asked to resume.
@@ -299,7 +319,7 @@ impl<M> Resumables<M> {
     ) {
         let outbound = Arc::new(Mutex::new(outbound));
         attachment.bind(outbound.clone(), VecDeque::new());
-        let entry = Entry { sink, outbound, attachment: attachment.clone(), generation: 0 };
+        let entry = Entry { sink, outbound, attachment: attachment.clone(), generation: 0, released: false };
         if let Some(old) = self.peers.lock().expect("not poisoned").insert(id, entry) {
             old.attachment.end(Some(Status::aborted("this peer id was claimed by a newer stream")));
         }
@@ -313,15 +333,44 @@ impl<M> Resumables<M> {
         Arc::ptr_eq(&entry.attachment, attachment).then_some(entry.generation)
     }
 
-    /// The grace period of the detachment `generation` ran out: if the peer was not resumed
-    /// since, it is forgotten, and its queue returned, to end for good.
-    pub fn expire(&self, id: PeerId, generation: u64) -> Option<Sink> {
+    /// The grace period of the detachment `generation` ran out (or the peer was let go): if
+    /// the peer was not resumed since, it is forgotten, and its queue returned, to end for good.
+    pub fn expire(&self, id: PeerId, generation: u64) -> Option<Expired> {
         let mut peers = self.peers.lock().expect("not poisoned");
         let entry = peers.get(&id)?;
         if entry.generation != generation || !entry.attachment.is_ended() {
             return None;
         }
-        peers.remove(&id).map(|e| e.sink)
+        let entry = peers.remove(&id).expect("looked up");
+        Some(if entry.released { Expired::Released(entry.sink) } else { Expired::Expired(entry.sink) })
+    }
+
+    /// A stream of `id` on another instance, which received up to `after`, asks for the peer.
+    /// A peer that holds no session, has nothing queued or owed, and received everything it was
+    /// written has nothing to keep here: it is let go, and numbered on there. Its current
+    /// stream ends (`ABORTED`), then its queue (what is delivered to it from now on is refused
+    /// as to a peer gone), and it departs from here as any ended peer (with its last stream, or
+    /// its grace period). `None`: it stays here, to be served through a tunnel.
+    pub fn release(&self, id: PeerId, after: u64) -> Option<Released> {
+        let mut peers = self.peers.lock().expect("not poisoned");
+        let entry = peers.get_mut(&id)?;
+        if entry.sink.is_ended() {
+            return None;
+        }
+        // Under the lock its writer numbers under: nothing is written meanwhile.
+        let outbound = entry.outbound.lock().expect("not poisoned");
+        if outbound.numbers()?.next() != after + 1 {
+            return None;
+        }
+        let moved = || Status::aborted("this peer resumed on another instance");
+        if !entry.sink.end_if_idle(Close::Now(moved())) {
+            return None;
+        }
+        entry.attachment.end(Some(moved()));
+        let next_seq = after + 1;
+        drop(outbound);
+        entry.released = true;
+        Some(Released { next_seq, last_received: entry.sink.last_received() })
     }
 
     /// The peer left or ended for good on `attachment`: forgotten, if that is its current one.
@@ -353,5 +402,69 @@ impl<M> Resumables<M> {
             .values()
             .filter(|e| e.attachment.is_ended() && !e.sink.is_ended())
             .fold((0, 0), |(n, held), e| (n + 1, held + e.sink.queued()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use futures::FutureExt;
+    use tokio_stream::StreamExt;
+
+    use super::*;
+    use crate::core::ConnId;
+    use crate::pb::RtcEvent;
+    use crate::peer::Conn;
+
+    fn candidate() -> Outbound {
+        Outbound::relay(RtcEvent::IceCandidate, 7, 1, Bytes::from_static(b"c"))
+    }
+
+    #[test]
+    fn a_peer_is_let_go_only_with_no_session_nothing_owed_and_everything_received() {
+        let peers = Resumables::default();
+        let (sink, outbound) = Conn::open_numbered(ConnId { at: 1, instance: 1 }, 8, |m, _| m);
+        let attachment = Attachment::new();
+        peers.insert(7, sink.clone(), outbound, &attachment);
+        let mut stream = Resumed::new(attachment.clone());
+
+        sink.try_deliver(candidate()).unwrap();
+        assert_eq!(peers.release(7, 0), None, "a message queued");
+        assert!(matches!(stream.next().now_or_never(), Some(Some(Ok(_)))), "written, numbered 1");
+        assert_eq!(peers.release(7, 0), None, "the peer has not received 1");
+        let permit = sink.try_reserve().unwrap();
+        assert_eq!(peers.release(7, 1), None, "an answer owed to the peer");
+        drop(permit);
+        assert!(sink.open_session(0));
+        assert_eq!(peers.release(7, 1), None, "a session held");
+        assert!(sink.try_reserve().is_some(), "a release given up leaves the queue as it was");
+        sink.close_session();
+        sink.received(5);
+
+        assert_eq!(peers.release(7, 1), Some(Released { next_seq: 2, last_received: 5 }));
+        assert!(sink.is_ended() && attachment.is_taken_over(), "its queue and its stream end");
+        assert!(sink.try_deliver(candidate()).is_err() && sink.try_reserve().is_none());
+        assert!(!peers.holds(7) && peers.release(7, 1).is_none(), "let go once");
+        assert!(matches!(peers.expire(7, 0), Some(Expired::Released(_))), "departs without expiring");
+    }
+
+    #[test]
+    fn a_peer_moved_here_numbers_on_and_its_welcome_says_resumed() {
+        let (sink, mut outbound) =
+            Conn::open_numbered(ConnId { at: 1, instance: 2 }, 8, |m, n: Numbering| (m.event, n));
+        outbound.moved_from(Released { next_seq: 12, last_received: 4 });
+        sink.deliver_owed(Outbound::relay(RtcEvent::Blank, 7, 0, Bytes::new()));
+        sink.try_deliver(candidate()).unwrap();
+        let mut written = Vec::new();
+        while let Some(Some(Ok(m))) = outbound.next().now_or_never() {
+            written.push(m);
+        }
+        let welcome = Numbering { seq: 4, resumed: true };
+        assert_eq!(
+            written,
+            [(RtcEvent::Blank, welcome), (RtcEvent::IceCandidate, Numbering { seq: 12, resumed: false })]
+        );
+        assert!(outbound.numbers().unwrap().after(11).is_ok(), "a resume after 11 replays 12");
+        assert!(outbound.numbers().unwrap().after(10).is_err(), "what was written elsewhere is not here");
     }
 }

@@ -138,6 +138,41 @@ fn resume_cuts_and_resumes_streams_without_a_gap_or_a_repeat() {
     assert!(p("recovery_p50_us") > 0.0 && p("recovery_p50_us") <= p("recovery_p99_us"), "{report}");
 }
 
+/// The drain of an instance holding idle resumable workers: each moves to the other instance,
+/// and is offered there once the drained one has exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_drains_idle_workers_to_the_other_instance() {
+    let nats = common::nats::NatsCluster::start().await;
+    let creds = [
+        ("DISTRIBUTOR_NATS_USER", common::nats::USER),
+        ("DISTRIBUTOR_NATS_PASSWORD", common::nats::PASSWORD),
+    ];
+    let (url, prefix) = (nats.url_from(0), "distributor.loadidle");
+    let args = ["--nats-url", &url, "--nats-prefix", prefix, "--drain-timeout", "8s"];
+    let (b, d) = (Binary::start(&args, &creds), Binary::start(&args, &creds));
+    // Each hears the other's heartbeat (one a second) before the drain.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (b_url, d_url, pid) =
+        (format!("http://{}", b.addr), format!("http://{}", d.addr), d.pid().to_string());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_distributor-load"))
+            .args(["resume", "--idle-workers", "--pairs", "20", "--drain-pid", &pid, "--json"])
+            .args(["--workers-at", &d_url, "--resume-at", &b_url])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run distributor-load")
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "distributor-load resume --idle-workers failed");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
+    let counts = ["resumes", "not_resumed", "lost", "gaps", "repeats"].map(|k| report[k].as_u64());
+    assert_eq!(counts, [Some(20), Some(0), Some(0), Some(0), Some(0)], "{report}");
+    let exit = report["drained_exit_us"].as_f64().unwrap();
+    assert!(exit < 8e6, "the drained instance held nothing and stopped before its timeout: {report}");
+    drop(b);
+}
+
 #[test]
 fn storm_connects_every_peer_on_a_connection_of_its_own() {
     let server = Binary::start(&[], &[]);

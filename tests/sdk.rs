@@ -202,7 +202,7 @@ async fn a_drained_instance_moves_the_client_and_the_channel_keeps_echoing() {
     echo(&mut connection, 5).await;
     // The client's instance drains: RECONNECT, the SDK moves to the other instance and is
     // resumed there, served through the draining instance, which still holds it. When that
-    // instance stops, the peer starts afresh (moving its home is not built yet). The data
+    // instance stops, the peer starts afresh (a peer that holds a session does not move yet). The data
     // channel is not affected: it echoes throughout.
     let drained = tokio::spawn(a.shutdown());
     let want = Event::Reconnecting { reason: "the distributor asked".into() };
@@ -221,6 +221,39 @@ async fn a_drained_instance_moves_the_client_and_the_channel_keeps_echoing() {
     let _second = echo_worker(&b.url(), 32).await;
     let mut second = client.open(32).await.expect("a data channel through the new instance");
     echo(&mut second, 5).await;
+}
+
+/// An idle worker (no session) on a draining instance moves to the other one: resumed there
+/// once, and never asked again when the drained instance stops; clients reach it there.
+#[tokio::test]
+async fn a_drained_instance_moves_an_idle_worker_for_good() {
+    let nats = NatsCluster::start().await;
+    let (a, b) = (instance(&nats, 0).await, instance(&nats, 1).await);
+    let mut worker =
+        Worker::builder(a.url()).endpoint(b.url()).id(41).bind(LOOPBACK).connect().await.unwrap();
+    let mut events = worker.events();
+    let accepting = tokio::spawn(async move {
+        let connection = worker.accept().await.expect("a client's connection");
+        let (mut channel, _) = connection.split();
+        while let Some(data) = channel.recv().await {
+            if channel.send(data).await.is_err() {
+                break;
+            }
+        }
+    });
+    let drained = tokio::spawn(a.shutdown());
+    let want = Event::Reconnecting { reason: "the distributor asked".into() };
+    assert_eq!(next_event(&mut events).await, want);
+    assert_eq!(next_event(&mut events).await, Event::Resumed { recovered: true }, "moved to B");
+    let stopped = tokio::time::timeout(Duration::from_secs(3), drained).await;
+    stopped.expect("nothing held there: A stops at once").unwrap().expect("a clean drain");
+    let client = client(&b.url()).connect().await.unwrap();
+    let mut connection = client.open(41).await.expect("the worker is reached on B");
+    echo(&mut connection, 5).await;
+    let again = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
+    assert!(again.is_err(), "the worker stays where it moved: {again:?}");
+    drop(connection);
+    accepting.abort();
 }
 
 /// `distributor worker` as its own process, echoing.

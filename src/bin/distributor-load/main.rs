@@ -16,6 +16,7 @@
 mod chaos;
 mod datachannel;
 mod echo;
+mod idle;
 mod nats;
 mod peers;
 mod report;

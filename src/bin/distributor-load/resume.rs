@@ -62,6 +62,11 @@ pub struct ResumeLoad {
     /// is set up; each client resumes at --resume-at when told RECONNECT.
     #[arg(long)]
     pub drain_pid: Option<u32>,
+    /// In drain mode: workers only, resumable, holding no session, on --workers-at (the
+    /// drained instance); each resumes at --resume-at when told RECONNECT, and is offered there
+    /// by a client once the drained instance has exited.
+    #[arg(long, requires = "drain_pid")]
+    pub idle_workers: bool,
     /// In drain mode, how long each client reads on after resuming.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub after_drain: Duration,
@@ -84,6 +89,13 @@ pub struct ResumeReport {
     pub recovery_p50_us: f64,
     pub recovery_p99_us: f64,
     pub recovery_max_us: f64,
+    /// Drain of idle workers: from the SIGTERM to the drained instance's exit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drained_exit_us: Option<f64>,
+    /// Drain of idle workers: workers not offered where they resumed once the drained
+    /// instance was gone (their stream ended with it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost: Option<u64>,
 }
 
 struct Pair {
@@ -97,6 +109,10 @@ struct Pair {
 
 pub async fn run(load: ResumeLoad) -> anyhow::Result<()> {
     let load = Arc::new(load);
+    if let (true, Some(pid)) = (load.idle_workers, load.drain_pid) {
+        let report = crate::idle::run(load.clone(), pid).await?;
+        return print(&load, &report);
+    }
     let per_pair = if load.drain_pid.is_some() { 1 } else { load.resumes.div_ceil(load.pairs.max(1) as u64) };
     let ready = Arc::new(tokio::sync::Barrier::new(load.pairs + 1));
     let (drained, drained_at) = tokio::sync::watch::channel(None);
@@ -117,16 +133,35 @@ pub async fn run(load: ResumeLoad) -> anyhow::Result<()> {
     let mut recovery = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for task in tasks {
         let (r, h) = task.await??;
-        report.resumes += r.resumes;
-        report.not_resumed += r.not_resumed;
-        report.gaps += r.gaps;
-        report.repeats += r.repeats;
-        report.received += r.received;
+        report.add(&r);
         recovery.add(&h)?;
     }
-    report.recovery_p50_us = recovery.value_at_quantile(0.5) as f64;
-    report.recovery_p99_us = recovery.value_at_quantile(0.99) as f64;
-    report.recovery_max_us = recovery.max() as f64;
+    report.recovery(&recovery);
+    print(&load, &report)
+}
+
+impl ResumeReport {
+    /// Adds one pair's (or worker's) counts.
+    pub fn add(&mut self, r: &ResumeReport) {
+        self.resumes += r.resumes;
+        self.not_resumed += r.not_resumed;
+        self.gaps += r.gaps;
+        self.repeats += r.repeats;
+        self.received += r.received;
+        if let Some(lost) = r.lost {
+            self.lost = Some(self.lost.unwrap_or(0) + lost);
+        }
+    }
+
+    /// The recovery times' quantiles.
+    pub fn recovery(&mut self, recovery: &Histogram<u64>) {
+        self.recovery_p50_us = recovery.value_at_quantile(0.5) as f64;
+        self.recovery_p99_us = recovery.value_at_quantile(0.99) as f64;
+        self.recovery_max_us = recovery.max() as f64;
+    }
+}
+
+fn print(load: &ResumeLoad, report: &ResumeReport) -> anyhow::Result<()> {
     if load.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -142,11 +177,18 @@ pub async fn run(load: ResumeLoad) -> anyhow::Result<()> {
             report.recovery_p99_us,
             report.recovery_max_us
         );
+        if let Some(exit) = report.drained_exit_us {
+            println!(
+                "(idle workers: SIGTERM to the acknowledgement of the next stream; the drained instance exited {:.0} ms after its SIGTERM; {} workers lost with it)",
+                exit / 1000.0,
+                report.lost.unwrap_or(0)
+            );
+        }
     }
     Ok(())
 }
 
-async fn next<M>(rx: &mut Streaming<M>, what: &str) -> anyhow::Result<M> {
+pub async fn next<M>(rx: &mut Streaming<M>, what: &str) -> anyhow::Result<M> {
     match timeout(Duration::from_secs(10), rx.message()).await {
         Ok(Ok(Some(msg))) => Ok(msg),
         Ok(Ok(None)) => anyhow::bail!("{what}: the stream ended"),

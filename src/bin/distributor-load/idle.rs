@@ -1,0 +1,151 @@
+//! `resume --idle-workers --drain-pid P`: the drain of an instance whose resumable workers hold
+//! no session (workers between clients). Each worker registers at `--workers-at` (the drained
+//! instance) with `x-resume-after: 0`, on a connection of its own; once all are registered,
+//! the instance gets SIGTERM. Each worker, told `RECONNECT`, opens its next stream at
+//! `--resume-at` (its old one still open, as the SDK does) and should move there: `resumed:
+//! true`, numbered on. Once the drained instance has exited, a client of its own at
+//! `--resume-at` offers each worker, which must get the `OFFER` numbered right after its
+//! `RECONNECT`: it lives on where it resumed, not through the instance that is gone.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use distributor::pb::client_service_client::ClientServiceClient;
+use distributor::pb::worker_service_client::WorkerServiceClient;
+use distributor::pb::{ClientRtcMessage, RtcEvent, WorkerRtcMessage};
+use hdrhistogram::Histogram;
+use tokio::sync::{Barrier, mpsc, watch};
+use tokio::time::{Instant, sleep};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Streaming};
+
+use crate::resume::{ResumeLoad, ResumeReport, next};
+
+/// Opens a resumable worker stream at `url` after `after` and reads its acknowledgement.
+async fn open_worker(
+    url: &str,
+    worker: i64,
+    after: u64,
+) -> anyhow::Result<(mpsc::Sender<WorkerRtcMessage>, Streaming<WorkerRtcMessage>, WorkerRtcMessage)> {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(WorkerRtcMessage::register(worker)).await?;
+    let mut request = Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert("x-resume-after", after.to_string().parse()?);
+    let mut rx = WorkerServiceClient::new(crate::peers::connect(url).await?)
+        .negotiate_peer_connection(request)
+        .await?
+        .into_inner();
+    let ack = next(&mut rx, "the registration's acknowledgement").await?;
+    anyhow::ensure!(
+        ack.event() == RtcEvent::Blank,
+        "worker {worker}: expected the acknowledgement, got {ack:?}"
+    );
+    Ok((tx, rx, ack))
+}
+
+/// One idle worker through the drain; what it saw, and the time from the SIGTERM to its
+/// acknowledgement at `--resume-at`.
+async fn worker(
+    load: Arc<ResumeLoad>,
+    id: i64,
+    ready: Arc<Barrier>,
+    mut sigterm: watch::Receiver<Option<Instant>>,
+    mut exited: watch::Receiver<bool>,
+) -> anyhow::Result<(ResumeReport, Option<u64>)> {
+    let mut report = ResumeReport::default();
+    let drained = load.workers_at.as_deref().unwrap_or(&load.clients_at);
+    let set_up = open_worker(drained, id, 0).await;
+    ready.wait().await;
+    let (_old_tx, mut old_rx, _) = set_up?;
+    let reconnect = next(&mut old_rx, "RECONNECT").await?;
+    anyhow::ensure!(
+        reconnect.event() == RtcEvent::Reconnect,
+        "worker {id}: expected RECONNECT, got {reconnect:?}"
+    );
+    report.received += 1;
+    let resume_at = load.resume_at.as_deref().unwrap_or(drained);
+    let (_tx, mut rx, ack) = open_worker(resume_at, id, reconnect.seq).await?;
+    report.resumes += 1;
+    let took = sigterm.wait_for(Option::is_some).await?.expect("set").elapsed();
+    if !ack.resumed {
+        report.not_resumed += 1;
+    }
+    drop(old_rx);
+    exited.wait_for(|e| *e).await?;
+    // A client of its own offers it, at the instance it moved to.
+    let (ctx, crx) = mpsc::channel(4);
+    ctx.send(ClientRtcMessage::to_worker(id, RtcEvent::Offer, &b"v=0 offer"[..])).await?;
+    let client = ClientServiceClient::new(crate::peers::connect(resume_at).await?)
+        .negotiate_peer_connection(Request::new(ReceiverStream::new(crx)))
+        .await?
+        .into_inner();
+    let offer = match next(&mut rx, "the OFFER after the drain").await {
+        Ok(offer) if offer.event() == RtcEvent::Offer => offer,
+        // Its stream ended with the drained instance, or its client was refused.
+        _ => {
+            report.lost = Some(1);
+            return Ok((report, Some(took.as_micros() as u64)));
+        }
+    };
+    report.received += 1;
+    match offer.seq {
+        seq if ack.resumed && seq == reconnect.seq + 1 => {}
+        seq if seq <= reconnect.seq => report.repeats += 1,
+        seq if ack.resumed => report.gaps += seq - reconnect.seq - 1,
+        _ => {}
+    }
+    drop((ctx, client));
+    Ok((report, Some(took.as_micros() as u64)))
+}
+
+/// Runs the idle workers' drain (see the module docs).
+pub async fn run(load: Arc<ResumeLoad>, pid: u32) -> anyhow::Result<ResumeReport> {
+    let ready = Arc::new(Barrier::new(load.pairs + 1));
+    let (sigterm_tx, sigterm) = watch::channel(None);
+    let (exited_tx, exited) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for i in 0..load.pairs {
+        let id = load.first_worker + i as i64;
+        let (load, ready, sigterm, exited) = (load.clone(), ready.clone(), sigterm.clone(), exited.clone());
+        tasks.push(tokio::spawn(worker(load, id, ready, sigterm, exited)));
+    }
+    ready.wait().await;
+    let at = Instant::now();
+    let _ = sigterm_tx.send(Some(at));
+    let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    anyhow::ensure!(status.success(), "cannot send SIGTERM to {pid}");
+    while running(pid)? {
+        anyhow::ensure!(at.elapsed() < Duration::from_secs(30), "{pid} still runs 30 s after SIGTERM");
+        sleep(Duration::from_millis(5)).await;
+    }
+    let exit = at.elapsed();
+    let _ = exited_tx.send(true);
+    let mut report =
+        ResumeReport { drained_exit_us: Some(exit.as_micros() as f64), lost: Some(0), ..Default::default() };
+    let mut recovery = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for task in tasks {
+        let (r, took) = task.await??;
+        report.add(&r);
+        if let Some(took) = took {
+            recovery.saturating_record(took);
+        }
+    }
+    report.recovery(&recovery);
+    Ok(report)
+}
+
+/// Whether process `pid` still runs: not once it has exited, even if its parent has not reaped
+/// it yet (a zombie, which `kill -0` still finds).
+fn running(pid: u32) -> anyhow::Result<bool> {
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command's name, which is in parentheses.
+        return Ok(!stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X'])));
+    }
+    if std::path::Path::new("/proc/self/stat").exists() {
+        return Ok(false);
+    }
+    let status =
+        std::process::Command::new("kill").args(["-0", &pid.to_string()]).stderr(Stdio::null()).status()?;
+    Ok(status.success())
+}

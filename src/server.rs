@@ -183,6 +183,7 @@ pub async fn run(
             health.set_not_serving::<ClientServiceServer<ClientEdge>>().await;
             health.set_not_serving::<WorkerServiceServer<WorkerEdge>>().await;
             edge.shut_down();
+            tokio::spawn(tell_idle_peers(Arc::downgrade(&edge)));
             let _ = fired_tx.send(());
         }
     };
@@ -250,4 +251,20 @@ pub async fn run(
     }
     tracing::info!("distributor stopped");
     Ok(())
+}
+
+/// While the drain lasts: a resumable peer that resumed elsewhere through a tunnel, because it
+/// held a session here, is told `RECONNECT` again once it holds none, so that its next resume
+/// moves it (and this instance stops holding it); checked every 100 ms.
+async fn tell_idle_peers(edge: std::sync::Weak<Edge>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(100));
+    while let Some(edge) = {
+        every.tick().await;
+        edge.upgrade()
+    } {
+        if edge.shutdown.is_cancelled() {
+            return;
+        }
+        edge.reconnect(true);
+    }
 }

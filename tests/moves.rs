@@ -162,3 +162,47 @@ async fn a_peer_with_a_session_is_tunnelled_and_moves_once_it_holds_none() {
     assert_eq!((offer.event(), offer.client_id, offer.seq), (RtcEvent::Offer, cid, 3), "{offer:?}");
     w.expect_quiet().await;
 }
+
+/// During a drain, a worker that resumed elsewhere through a tunnel (it held a session) is told
+/// `RECONNECT` again once its last session has ended, and its next resume moves it: the drained
+/// instance stops before its drain timeout, and the worker is reached where it moved.
+#[tokio::test]
+async fn during_a_drain_a_peer_whose_last_session_ends_is_told_to_reconnect_and_moves() {
+    let nats = NatsCluster::start().await;
+    let b = instance(&nats, "m3").await;
+    let mut a = process(&nats, "m3", "6s");
+    let a_server = TestServer::external(&a.addr);
+    reach_each_other(&a_server, &b, 3500).await;
+    let after = |n: u64| [("x-resume-after", n.to_string())];
+    let mut w = worker_with(&a_server, 36, &after(0)).await;
+    let (mut c, cid) = client(&b).await;
+    c.send(to_worker(36, RtcEvent::Offer, b"offer")).await;
+    assert_eq!(w.recv().await.seq, 1);
+    w.send(to_client(cid, RtcEvent::Answer, b"answer")).await;
+    assert_eq!(c.recv().await.event(), RtcEvent::Answer);
+    let drained = Instant::now();
+    let exit = tokio::task::spawn_blocking(move || (a.terminate(), Instant::now()));
+    let reconnect = w.recv().await;
+    assert_eq!((reconnect.event(), reconnect.seq), (RtcEvent::Reconnect, 2), "{reconnect:?}");
+    let mut w = open_worker(b.channel().await, &after(2), blank(36)).await.unwrap();
+    assert!(w.recv().await.resumed, "through a tunnel to A, which holds its session");
+    c.close();
+    let gone = w.recv().await;
+    assert_eq!((gone.event(), gone.seq), (RtcEvent::PeerGone, 3), "{gone:?}");
+    let again = w.recv().await;
+    assert_eq!((again.event(), again.seq), (RtcEvent::Reconnect, 4), "told again, idle now: {again:?}");
+    let mut w = open_worker(b.channel().await, &after(4), blank(36)).await.unwrap();
+    let ack = w.recv().await;
+    assert_eq!((ack.event(), ack.resumed), (RtcEvent::Blank, true), "{ack:?}");
+    let (status, exited) = exit.await.unwrap();
+    assert!(status.success(), "{status:?}");
+    let took = exited.duration_since(drained);
+    assert!(
+        took < Duration::from_secs(5),
+        "it held nothing any more: stopped before its 6 s drain ({took:?})"
+    );
+    let (c, cid) = client(&b).await;
+    c.send(to_worker(36, RtcEvent::Offer, b"after the drain")).await;
+    let offer = w.recv().await;
+    assert_eq!((offer.event(), offer.client_id, offer.seq), (RtcEvent::Offer, cid, 5), "{offer:?}");
+}

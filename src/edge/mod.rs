@@ -142,17 +142,23 @@ impl Edge {
     pub fn shut_down(&self) {
         self.stopping.store(true, Ordering::Release);
         self.draining.cancel();
-        let mut told =
-            self.clients.reconnect_all(|id| Outbound::relay(RtcEvent::Reconnect, 0, id, Bytes::new()));
-        told.extend(
-            self.workers.reconnect_all(|id| Outbound::relay(RtcEvent::Reconnect, id, 0, Bytes::new())),
-        );
+        let told = self.reconnect(false);
         let streams = self.streams.lock().expect("not poisoned");
         for conn in streams.values().filter_map(Weak::upgrade) {
             if !told.contains(&conn.id()) {
                 conn.end(Close::Drain(Some(shutting_down())));
             }
         }
+    }
+
+    /// Tells resumable peers `RECONNECT` (see [`Resumables::reconnect`]): during a drain, every
+    /// one at first, then those that came to hold nothing here (`idle_only`).
+    pub fn reconnect(&self, idle_only: bool) -> Vec<ConnId> {
+        let client = |id| Outbound::relay(RtcEvent::Reconnect, 0, id, Bytes::new());
+        let worker = |id| Outbound::relay(RtcEvent::Reconnect, id, 0, Bytes::new());
+        let mut told = self.clients.reconnect(idle_only, client);
+        told.extend(self.workers.reconnect(idle_only, worker));
+        told
     }
 
     /// The drain is over: every stream left ends (what is queued is written, then

@@ -219,6 +219,8 @@ struct Entry<M> {
     /// Let go to another instance (see [`Resumables::release`]): it departs from here without
     /// having expired.
     released: bool,
+    /// The generation of the attachment last told `RECONNECT` by a drain.
+    told: Option<u64>,
 }
 
 /// A peer let go to the instance its new stream is on: how its numbering goes on there.
@@ -319,7 +321,14 @@ impl<M> Resumables<M> {
     ) {
         let outbound = Arc::new(Mutex::new(outbound));
         attachment.bind(outbound.clone(), VecDeque::new());
-        let entry = Entry { sink, outbound, attachment: attachment.clone(), generation: 0, released: false };
+        let entry = Entry {
+            sink,
+            outbound,
+            attachment: attachment.clone(),
+            generation: 0,
+            released: false,
+            told: None,
+        };
         if let Some(old) = self.peers.lock().expect("not poisoned").insert(id, entry) {
             old.attachment.end(Some(Status::aborted("this peer id was claimed by a newer stream")));
         }
@@ -381,14 +390,23 @@ impl<M> Resumables<M> {
         }
     }
 
-    /// The drain begins: every peer with an open stream is told `reconnect(id)`; returns their
-    /// streams.
-    pub fn reconnect_all(&self, reconnect: impl Fn(PeerId) -> Outbound) -> Vec<crate::core::ConnId> {
-        let peers = self.peers.lock().expect("not poisoned");
+    /// A drain tells every peer with an open stream `reconnect(id)`, once per stream: at its
+    /// start, each (`idle_only` false); then, as they come to hold no session and have nothing
+    /// queued, those that resumed elsewhere through a tunnel still holding one, so that they
+    /// resume again, and move (see [`Self::release`]). Returns the streams told.
+    pub fn reconnect(
+        &self,
+        idle_only: bool,
+        reconnect: impl Fn(PeerId) -> Outbound,
+    ) -> Vec<crate::core::ConnId> {
+        let mut peers = self.peers.lock().expect("not poisoned");
         let mut told = Vec::new();
-        for (id, entry) in peers.iter() {
-            if !entry.attachment.is_ended() && !entry.sink.is_ended() {
+        for (id, entry) in peers.iter_mut() {
+            let open = !entry.attachment.is_ended() && !entry.sink.is_ended();
+            let idle = entry.sink.sessions() == 0 && entry.sink.queued() == 0;
+            if open && entry.told != Some(entry.generation) && (idle || !idle_only) {
                 entry.sink.deliver_owed(reconnect(*id));
+                entry.told = Some(entry.generation);
                 told.push(entry.sink.id());
             }
         }
@@ -446,6 +464,28 @@ mod tests {
         assert!(sink.try_deliver(candidate()).is_err() && sink.try_reserve().is_none());
         assert!(!peers.holds(7) && peers.release(7, 1).is_none(), "let go once");
         assert!(matches!(peers.expire(7, 0), Some(Expired::Released(_))), "departs without expiring");
+    }
+
+    #[test]
+    fn a_drain_tells_each_stream_once_and_a_resumed_one_again_once_it_holds_nothing() {
+        let peers = Resumables::default();
+        let (sink, outbound) = Conn::open_numbered(ConnId { at: 1, instance: 1 }, 8, |m, _| m);
+        let first = Attachment::new();
+        peers.insert(7, sink.clone(), outbound, &first);
+        let mut stream = Resumed::new(first.clone());
+        assert!(sink.open_session(0));
+        let reconnect = |id| Outbound::relay(RtcEvent::Reconnect, id, 0, Bytes::new());
+        assert_eq!(peers.reconnect(false, reconnect), [sink.id()], "every open stream at first");
+        assert!(matches!(stream.next().now_or_never(), Some(Some(Ok(m))) if m.event == RtcEvent::Reconnect));
+        assert!(peers.reconnect(false, reconnect).is_empty(), "once per stream");
+        // It resumes on a new stream (through a tunnel), its session still held.
+        let second = Attachment::new();
+        let welcome = Outbound::relay(RtcEvent::Blank, 7, 0, Bytes::new());
+        assert!(matches!(peers.take_over(7, 1, &second, welcome), Resume::Resumed(_)));
+        assert!(peers.reconnect(true, reconnect).is_empty(), "it holds a session");
+        sink.close_session();
+        assert_eq!(peers.reconnect(true, reconnect), [sink.id()], "idle on its new stream: told again");
+        assert!(peers.reconnect(true, reconnect).is_empty());
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub const RESUMES: &str = "distributor_resumes_total";
 pub const DETACHED_PEERS: &str = "distributor_detached_peers";
 pub const HELD_MESSAGES: &str = "distributor_held_messages";
 pub const TUNNELS: &str = "distributor_tunnels";
+pub const PEERS_MOVED: &str = "distributor_peers_moved_total";
 
 /// Buckets of cross-instance latencies: a round trip through NATS takes 0.1 ms to seconds.
 const LATENCY_BUCKETS: &[f64] =
@@ -89,6 +90,10 @@ fn describe() {
          (a detached peer that did not come back in time)."
     );
     describe_gauge!(DETACHED_PEERS, "Resumable peers whose stream ended without them leaving (sampled).");
+    describe_counter!(
+        PEERS_MOVED,
+        "Resumable peers with nothing to keep here let go to the instance they resumed on, by role."
+    );
     describe_gauge!(HELD_MESSAGES, "Messages queued for detached peers (sampled).");
     describe_gauge!(
         TUNNELS,

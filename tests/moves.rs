@@ -11,7 +11,7 @@ use common::nats::NatsCluster;
 use common::*;
 use distributor::cluster::NatsConfig;
 use distributor::config::Config;
-use distributor::pb::RtcEvent;
+use distributor::pb::{RtcEvent, WorkerRtcMessage};
 
 /// A peer on `here` reaches a worker on `there`, both ways.
 async fn reach_each_other(a: &TestServer, b: &TestServer, probe: i64) {
@@ -36,8 +36,13 @@ async fn instance(nats: &NatsCluster, prefix: &str) -> TestServer {
 
 /// An instance as its own process (to be drained), on NATS node 0 first.
 fn process(nats: &NatsCluster, prefix: &str, drain: &str) -> Binary {
+    process_with(nats, prefix, &["--drain-timeout", drain])
+}
+
+fn process_with(nats: &NatsCluster, prefix: &str, extra: &[&str]) -> Binary {
     let (url, prefix) = (nats.url_from(0), format!("distributor.{prefix}"));
-    let args = ["--nats-url", &url, "--nats-prefix", &prefix, "--shards", "2", "--drain-timeout", drain];
+    let mut args = vec!["--nats-url", &url, "--nats-prefix", &prefix, "--shards", "2"];
+    args.extend_from_slice(extra);
     let creds = [
         ("DISTRIBUTOR_NATS_USER", common::nats::USER),
         ("DISTRIBUTOR_NATS_PASSWORD", common::nats::PASSWORD),
@@ -205,4 +210,45 @@ async fn during_a_drain_a_peer_whose_last_session_ends_is_told_to_reconnect_and_
     c.send(to_worker(36, RtcEvent::Offer, b"after the drain")).await;
     let offer = w.recv().await;
     assert_eq!((offer.event(), offer.client_id, offer.seq), (RtcEvent::Offer, cid, 5), "{offer:?}");
+}
+
+/// Out of any drain: an idle worker cut on one instance and back on another moves there (the
+/// first counts it), so that the first may die without taking the worker with it.
+#[tokio::test]
+async fn an_idle_peer_cut_on_one_instance_moves_to_the_one_it_resumes_on() {
+    let nats = NatsCluster::start().await;
+    let b = instance(&nats, "m4").await;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut a = process_with(&nats, "m4", &["--metrics-listen", &metrics]);
+    let a_server = TestServer::external(&a.addr);
+    reach_each_other(&a_server, &b, 3700).await;
+    let after = |n: u64| [("x-resume-after", n.to_string())];
+    let mut w = worker_with(&a_server, 38, &after(0)).await;
+    w.send(WorkerRtcMessage { event: RtcEvent::Ping as i32, seq: 1, ..Default::default() }).await;
+    let pong = w.recv().await;
+    assert_eq!((pong.event(), pong.seq), (RtcEvent::Ping, 1), "{pong:?}");
+    w.cut();
+    let mut w = open_worker(b.channel().await, &after(1), blank(38)).await.unwrap();
+    let ack = w.recv().await;
+    assert_eq!((ack.event(), ack.resumed, ack.seq), (RtcEvent::Blank, true, 1), "{ack:?}");
+    let moved = metric(&metrics_text(&metrics), "distributor_peers_moved_total{role=\"worker\"}");
+    assert_eq!(moved, 1.0);
+    // A client on A reaches it on B (A heard its claim); then A dies, and it stays.
+    let (c, cid) = client(&a_server).await;
+    c.send(to_worker(38, RtcEvent::Offer, b"from A")).await;
+    let offer = w.recv().await;
+    assert_eq!((offer.event(), offer.client_id, offer.seq), (RtcEvent::Offer, cid, 2), "{offer:?}");
+    a.kill();
+    // Within the liveness bound (about 4 s).
+    let gone = tokio::time::timeout(Duration::from_secs(8), w.rx_message()).await.expect("in time");
+    let gone = gone.expect("the stream goes on").expect("a message");
+    assert_eq!(
+        (gone.event(), gone.client_id, gone.seq),
+        (RtcEvent::PeerGone, cid, 3),
+        "its client died with A"
+    );
+    let (c, cid) = client(&b).await;
+    c.send(to_worker(38, RtcEvent::Offer, b"from B")).await;
+    let offer = w.recv().await;
+    assert_eq!((offer.event(), offer.client_id, offer.seq), (RtcEvent::Offer, cid, 4), "{offer:?}");
 }

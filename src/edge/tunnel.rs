@@ -59,6 +59,7 @@ impl Holder for Holding {
             Role::Worker => edge.workers.release(ask.id, ask.after),
         };
         if let Some(released) = released {
+            metrics::counter!(crate::metrics::PEERS_MOVED, "role" => ask.role.as_str()).increment(1);
             tracing::debug!(
                 id = ask.id,
                 role = ask.role.as_str(),

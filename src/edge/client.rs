@@ -59,15 +59,16 @@ pub async fn serve(
         Opening::Resumable { after, attachment } => {
             let peers = &edge.clients;
             let held = edge.held_elsewhere(peers, Role::Client, client, after, granted.as_ref(), &inbound);
-            let moved = match held.await {
+            let welcome = Outbound::relay(RtcEvent::Blank, 0, client, Bytes::new());
+            let attached = match held.await {
                 Some(Resumption::Tunnel(tx, rx)) => {
                     return tunnel::front(edge, (tx, rx), attachment, None, inbound).await;
                 }
-                Some(Resumption::Moved(released)) => Some(released),
-                None => None,
+                Some(Resumption::Moved(released)) => {
+                    edge.adopt(&edge.clients, client, &attachment, encode, released)
+                }
+                None => edge.attach(&edge.clients, client, after, &attachment, welcome, encode),
             };
-            let welcome = Outbound::relay(RtcEvent::Blank, 0, client, Bytes::new());
-            let attached = edge.attach(&edge.clients, client, after, &attachment, welcome, encode, moved);
             if let Some(replaced) = attached.replaced {
                 depart(edge.clone(), client, replaced).await;
             }

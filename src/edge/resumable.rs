@@ -65,11 +65,9 @@ impl Edge {
             }
         }
     }
+
     /// Attaches a resumable stream of `id` (received up to `after`) to its peer: takes the
-    /// peer over if it is known here and what it missed is kept, else opens it afresh, or, if
-    /// another instance let it go to this one (`moved`), opens it numbered on from there (its
-    /// welcome says `resumed`, but it registers here as a new peer does).
-    #[allow(clippy::too_many_arguments)]
+    /// peer over if it is known here and what it missed is kept, else opens it afresh.
     pub(super) fn attach<M>(
         &self,
         peers: &Resumables<M>,
@@ -78,17 +76,7 @@ impl Edge {
         attachment: &Arc<Attachment<M>>,
         welcome: Outbound,
         encode: Encode<M>,
-        moved: Option<Released>,
     ) -> Attached {
-        if let Some(released) = moved {
-            resumes("resumed").increment(1);
-            let conn = self.conn_clock.next(self.instance);
-            let (sink, mut outbound) = Conn::open_numbered(conn, self.peer_queue, encode);
-            outbound.moved_from(released);
-            self.track(&sink);
-            peers.insert(id, sink.clone(), outbound, attachment);
-            return Attached { sink, resumed: false, replaced: None };
-        }
         let outcome = match peers.take_over(id, after, attachment, welcome) {
             Resume::Resumed(sink) => {
                 resumes("resumed").increment(1);
@@ -109,6 +97,26 @@ impl Edge {
         self.track(&sink);
         peers.insert(id, sink.clone(), outbound, attachment);
         Attached { sink, resumed: false, replaced: outcome }
+    }
+
+    /// Opens a resumable peer that another instance let go to this one (see [`Released`]):
+    /// numbered on from there, its welcome says `resumed`, and it registers here as a new peer
+    /// does.
+    pub(super) fn adopt<M>(
+        &self,
+        peers: &Resumables<M>,
+        id: PeerId,
+        attachment: &Arc<Attachment<M>>,
+        encode: Encode<M>,
+        released: Released,
+    ) -> Attached {
+        resumes("resumed").increment(1);
+        let conn = self.conn_clock.next(self.instance);
+        let (sink, mut outbound) = Conn::open_numbered(conn, self.peer_queue, encode);
+        outbound.moved_from(released);
+        self.track(&sink);
+        peers.insert(id, sink.clone(), outbound, attachment);
+        Attached { sink, resumed: false, replaced: None }
     }
 
     /// A resumable peer's stream ended without the peer leaving: it stays detached for
@@ -170,6 +178,7 @@ impl Edge {
             None => depart(self.clone(), sink).await,
         }
     }
+
     /// Samples the resumable peers' gauges: detached peers, messages held for them.
     pub fn sample_resumes(&self) {
         let (clients, held_c) = self.clients.detached();

@@ -4,11 +4,11 @@
 //!   what the peer sends, as read, and writes what the holder sends, as numbered there; it
 //!   neither registers nor claims the peer, and nothing of the peer's sessions is here.
 //! - The **holder**: the peer's home. A peer with nothing to keep there (no session, nothing
-//!   unreceived) is let go instead, and lives on the front's instance from then on. Else it serves the tunnel as one more stream of the peer
-//!   (`client::serve` / `worker::serve` reading a [`TunnelRx`]), so the takeover, the replay,
-//!   the rate limit, the token's expiry and the detach when the front's stream is cut are the
-//!   ones of a stream on this instance; a [`pump`] carries the peer's response stream to the
-//!   front.
+//!   unreceived) is let go instead, and lives on the front's instance from then on. Else it
+//!   serves the tunnel as one more stream of the peer (`client::serve` / `worker::serve`
+//!   reading a [`TunnelRx`]), so the takeover, the replay, the rate limit, the token's expiry
+//!   and the detach when the front's stream is cut are the ones of a stream on this instance;
+//!   a [`pump`] carries the peer's response stream to the front.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};

@@ -91,16 +91,17 @@ pub async fn serve(
         Opening::Resumable { after, attachment } => {
             let (peers, raw) = (&edge.workers, inbound.as_ref().expect("read only the registration"));
             let held = edge.held_elsewhere(peers, Role::Worker, worker, after, granted.as_ref(), raw);
-            let moved = match held.await {
+            let welcome = Outbound::relay(RtcEvent::Blank, worker, 0, Bytes::new());
+            let attached = match held.await {
                 Some(Resumption::Tunnel(tx, rx)) => {
                     let inbound = inbound.take().expect("read only the registration");
                     return tunnel::front(edge, (tx, rx), attachment, Some(first), inbound).await;
                 }
-                Some(Resumption::Moved(released)) => Some(released),
-                None => None,
+                Some(Resumption::Moved(released)) => {
+                    edge.adopt(&edge.workers, worker, &attachment, encode, released)
+                }
+                None => edge.attach(&edge.workers, worker, after, &attachment, welcome, encode),
             };
-            let welcome = Outbound::relay(RtcEvent::Blank, worker, 0, Bytes::new());
-            let attached = edge.attach(&edge.workers, worker, after, &attachment, welcome, encode, moved);
             if let Some(replaced) = attached.replaced {
                 depart(edge.clone(), worker, replaced).await;
             }

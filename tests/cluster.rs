@@ -690,7 +690,7 @@ async fn when_the_holder_dies_its_tunnelled_peer_starts_afresh() {
 /// each is told `RECONNECT`, resumes on the other instance (`resumed: true`, served through the
 /// draining instance, which holds it, until the drain ends), and finishes its negotiation there:
 /// every message is delivered once, numbered on without a gap. When the drain ends, the
-/// sessions that instance held end with it (moving them is not built yet): the streams
+/// sessions that instance held end with it (a peer moves only once it holds none): the streams
 /// tunnelled to it end `UNAVAILABLE`, and the workers hear `PEER_GONE`.
 #[tokio::test]
 async fn on_a_drain_resumable_clients_resume_on_another_instance_and_finish_their_negotiations() {

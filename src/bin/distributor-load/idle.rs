@@ -1,7 +1,7 @@
-//! `resume --idle-workers --drain-pid P`: the drain of an instance whose resumable workers hold
-//! no session (workers between clients). Each worker registers at `--workers-at` (the drained
-//! instance) with `x-resume-after: 0`, on a connection of its own; once all are registered,
-//! the instance gets SIGTERM. Each worker, told `RECONNECT`, opens its next stream at
+//! `resume --idle-workers --drain-pid P` (or `--drain-cmd 'docker stop ...'`): the drain of an
+//! instance whose resumable workers hold no session (workers between clients). Each worker
+//! registers at `--workers-at` (the drained instance) with `x-resume-after: 0`, on a
+//! connection of its own; once all are registered, the instance gets SIGTERM. Each worker, told `RECONNECT`, opens its next stream at
 //! `--resume-at` (its old one still open, as the SDK does) and should move there: `resumed:
 //! true`, numbered on. Once the drained instance has exited, a client of its own at
 //! `--resume-at` offers each worker, which must get the `OFFER` numbered right after its
@@ -99,8 +99,16 @@ async fn worker(
     Ok((report, Some(took.as_micros() as u64)))
 }
 
+/// How the instance is drained.
+pub enum Drain {
+    /// SIGTERM to this process; drained once it has exited.
+    Pid(u32),
+    /// This shell command, which returns once the instance has exited.
+    Command(String),
+}
+
 /// Runs the idle workers' drain (see the module docs).
-pub async fn run(load: Arc<ResumeLoad>, pid: u32) -> anyhow::Result<ResumeReport> {
+pub async fn run(load: Arc<ResumeLoad>, drain: Drain) -> anyhow::Result<ResumeReport> {
     let ready = Arc::new(Barrier::new(load.pairs + 1));
     let (sigterm_tx, sigterm) = watch::channel(None);
     let (exited_tx, exited) = watch::channel(false);
@@ -113,11 +121,24 @@ pub async fn run(load: Arc<ResumeLoad>, pid: u32) -> anyhow::Result<ResumeReport
     ready.wait().await;
     let at = Instant::now();
     let _ = sigterm_tx.send(Some(at));
-    let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
-    anyhow::ensure!(status.success(), "cannot send SIGTERM to {pid}");
-    while running(pid)? {
-        anyhow::ensure!(at.elapsed() < Duration::from_secs(30), "{pid} still runs 30 s after SIGTERM");
-        sleep(Duration::from_millis(5)).await;
+    match drain {
+        Drain::Pid(pid) => {
+            let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+            anyhow::ensure!(status.success(), "cannot send SIGTERM to {pid}");
+            while running(pid)? {
+                anyhow::ensure!(
+                    at.elapsed() < Duration::from_secs(30),
+                    "{pid} still runs 30 s after SIGTERM"
+                );
+                sleep(Duration::from_millis(5)).await;
+            }
+        }
+        Drain::Command(command) => {
+            let shell = command.clone();
+            let run = move || std::process::Command::new("sh").args(["-c", &shell]).status();
+            let status = tokio::task::spawn_blocking(run).await??;
+            anyhow::ensure!(status.success(), "the drain command failed ({status}): {command}");
+        }
     }
     let exit = at.elapsed();
     let _ = exited_tx.send(true);

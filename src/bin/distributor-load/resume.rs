@@ -65,8 +65,12 @@ pub struct ResumeLoad {
     /// In drain mode: workers only, resumable, holding no session, on --workers-at (the
     /// drained instance); each resumes at --resume-at when told RECONNECT, and is offered there
     /// by a client once the drained instance has exited.
-    #[arg(long, requires = "drain_pid")]
+    #[arg(long)]
     pub idle_workers: bool,
+    /// With --idle-workers, instead of --drain-pid: drain by running this shell command, which
+    /// returns once the instance has exited (e.g. `docker stop`).
+    #[arg(long, requires = "idle_workers", conflicts_with = "drain_pid")]
+    pub drain_cmd: Option<String>,
     /// In drain mode, how long each client reads on after resuming.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub after_drain: Duration,
@@ -109,8 +113,13 @@ struct Pair {
 
 pub async fn run(load: ResumeLoad) -> anyhow::Result<()> {
     let load = Arc::new(load);
-    if let (true, Some(pid)) = (load.idle_workers, load.drain_pid) {
-        let report = crate::idle::run(load.clone(), pid).await?;
+    if load.idle_workers {
+        let drain = match (load.drain_pid, &load.drain_cmd) {
+            (Some(pid), _) => crate::idle::Drain::Pid(pid),
+            (None, Some(command)) => crate::idle::Drain::Command(command.clone()),
+            (None, None) => anyhow::bail!("--idle-workers drains: give --drain-pid or --drain-cmd"),
+        };
+        let report = crate::idle::run(load.clone(), drain).await?;
         return print(&load, &report);
     }
     let per_pair = if load.drain_pid.is_some() { 1 } else { load.resumes.div_ceil(load.pairs.max(1) as u64) };

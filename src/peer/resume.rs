@@ -438,13 +438,19 @@ mod tests {
         Outbound::relay(RtcEvent::IceCandidate, 7, 1, Bytes::from_static(b"c"))
     }
 
-    #[test]
-    fn a_peer_is_let_go_only_with_no_session_nothing_owed_and_everything_received() {
-        let peers = Resumables::default();
+    /// Peer 7, resumable, held with one stream attached: its queue, that stream, what it writes.
+    fn held(peers: &Resumables<Outbound>) -> (Sink, Arc<Attachment<Outbound>>, Resumed<Outbound>) {
         let (sink, outbound) = Conn::open_numbered(ConnId { at: 1, instance: 1 }, 8, |m, _| m);
         let attachment = Attachment::new();
         peers.insert(7, sink.clone(), outbound, &attachment);
-        let mut stream = Resumed::new(attachment.clone());
+        let stream = Resumed::new(attachment.clone());
+        (sink, attachment, stream)
+    }
+
+    #[test]
+    fn a_peer_is_let_go_only_with_no_session_nothing_owed_and_everything_received() {
+        let peers = Resumables::default();
+        let (sink, attachment, mut stream) = held(&peers);
 
         sink.try_deliver(candidate()).unwrap();
         assert_eq!(peers.release(7, 0), None, "a message queued");
@@ -469,10 +475,7 @@ mod tests {
     #[test]
     fn a_drain_tells_each_stream_once_and_a_resumed_one_again_once_it_holds_nothing() {
         let peers = Resumables::default();
-        let (sink, outbound) = Conn::open_numbered(ConnId { at: 1, instance: 1 }, 8, |m, _| m);
-        let first = Attachment::new();
-        peers.insert(7, sink.clone(), outbound, &first);
-        let mut stream = Resumed::new(first.clone());
+        let (sink, _first, mut stream) = held(&peers);
         assert!(sink.open_session(0));
         let reconnect = |id| Outbound::relay(RtcEvent::Reconnect, id, 0, Bytes::new());
         assert_eq!(peers.reconnect(false, reconnect), [sink.id()], "every open stream at first");

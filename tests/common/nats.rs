@@ -42,7 +42,7 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts three routed nodes and waits until a message crosses from the last to the first.
+    /// Starts three routed nodes and waits until a message crosses between every two of them.
     pub async fn start() -> Self {
         Self::start_with(None, "1MB").await
     }
@@ -130,7 +130,7 @@ impl NatsCluster {
         }
     }
 
-    /// Waits until a message published on the last node reaches a subscriber on the first.
+    /// Waits until a message published on each node reaches a subscriber on each other node.
     pub async fn wait_routed(&mut self) {
         assert!(self.routed().await, "a nats-server exited");
     }
@@ -140,7 +140,7 @@ impl NatsCluster {
         self.nodes.iter_mut().any(|n| n.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))))
     }
 
-    /// Waits until a message published on the last node reaches a subscriber on the first;
+    /// Waits until a message published on each node reaches a subscriber on each other node;
     /// `false` if a node exited meanwhile.
     async fn routed(&mut self) -> bool {
         // Generous: on a 2-core machine under load, a node can take over 15 s to accept.
@@ -165,21 +165,37 @@ impl NatsCluster {
             };
             clients.push(client);
         }
-        let (first, last) = (&clients[0], &clients[2]);
-        // Under `distributor.`, which the shipped user may use.
-        let mut sub = first.subscribe("distributor.ready").await.unwrap();
-        first.flush().await.unwrap();
-        loop {
-            last.publish("distributor.ready", "?".into()).await.unwrap();
-            last.flush().await.unwrap();
-            if tokio::time::timeout(Duration::from_millis(100), sub.next()).await.is_ok() {
-                return true;
+        // Every node's interest must reach every other node: a message published on each node
+        // arrives at a subscriber on each of the others (the full mesh of routes forms a pair
+        // at a time; one pair routed says nothing of the others).
+        for to in 0..3 {
+            // Under `distributor.`, which the shipped user may use.
+            let subject = format!("distributor.ready.{to}");
+            let mut sub = clients[to].subscribe(subject.clone()).await.unwrap();
+            clients[to].flush().await.unwrap();
+            for from in (0..3).filter(|from| *from != to) {
+                loop {
+                    clients[from].publish(subject.clone(), from.to_string().into()).await.unwrap();
+                    clients[from].flush().await.unwrap();
+                    let heard = tokio::time::timeout(Duration::from_millis(100), async {
+                        while let Some(msg) = sub.next().await {
+                            if msg.payload == from.to_string().as_bytes() {
+                                return;
+                            }
+                        }
+                        std::future::pending::<()>().await
+                    });
+                    if heard.await.is_ok() {
+                        break;
+                    }
+                    if self.exited() {
+                        return false;
+                    }
+                    assert!(Instant::now() < deadline, "the NATS cluster did not form routes");
+                }
             }
-            if self.exited() {
-                return false;
-            }
-            assert!(Instant::now() < deadline, "the NATS cluster did not form routes");
         }
+        true
     }
 }
 

@@ -20,7 +20,7 @@ use tokio::time::{Instant, sleep};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Streaming};
 
-use crate::resume::{ResumeLoad, ResumeReport, next};
+use crate::resume::{ResumeLoad, ResumeReport, next, sigterm};
 
 /// Opens a resumable worker stream at `url` after `after` and reads its acknowledgement.
 async fn open_worker(
@@ -45,14 +45,14 @@ async fn open_worker(
 }
 
 /// One idle worker through the drain; what it saw, and the time from the SIGTERM to its
-/// acknowledgement at `--resume-at`.
+/// acknowledgement at `--resume-at`, in microseconds.
 async fn worker(
     load: Arc<ResumeLoad>,
     id: i64,
     ready: Arc<Barrier>,
-    mut sigterm: watch::Receiver<Option<Instant>>,
+    mut sigtermed: watch::Receiver<Option<Instant>>,
     mut exited: watch::Receiver<bool>,
-) -> anyhow::Result<(ResumeReport, Option<u64>)> {
+) -> anyhow::Result<(ResumeReport, u64)> {
     let mut report = ResumeReport::default();
     let drained = load.workers_at.as_deref().unwrap_or(&load.clients_at);
     let set_up = open_worker(drained, id, 0).await;
@@ -67,7 +67,7 @@ async fn worker(
     let resume_at = load.resume_at.as_deref().unwrap_or(drained);
     let (_tx, mut rx, ack) = open_worker(resume_at, id, reconnect.seq).await?;
     report.resumes += 1;
-    let took = sigterm.wait_for(Option::is_some).await?.expect("set").elapsed();
+    let took = sigtermed.wait_for(Option::is_some).await?.expect("set").elapsed().as_micros() as u64;
     if !ack.resumed {
         report.not_resumed += 1;
     }
@@ -85,7 +85,7 @@ async fn worker(
         // Its stream ended with the drained instance, or its client was refused.
         _ => {
             report.lost = Some(1);
-            return Ok((report, Some(took.as_micros() as u64)));
+            return Ok((report, took));
         }
     };
     report.received += 1;
@@ -96,7 +96,7 @@ async fn worker(
         _ => {}
     }
     drop((ctx, client));
-    Ok((report, Some(took.as_micros() as u64)))
+    Ok((report, took))
 }
 
 /// How the instance is drained.
@@ -110,21 +110,21 @@ pub enum Drain {
 /// Runs the idle workers' drain (see the module docs).
 pub async fn run(load: Arc<ResumeLoad>, drain: Drain) -> anyhow::Result<ResumeReport> {
     let ready = Arc::new(Barrier::new(load.pairs + 1));
-    let (sigterm_tx, sigterm) = watch::channel(None);
+    let (sigterm_tx, sigtermed) = watch::channel(None);
     let (exited_tx, exited) = watch::channel(false);
     let mut tasks = Vec::new();
     for i in 0..load.pairs {
         let id = load.first_worker + i as i64;
-        let (load, ready, sigterm, exited) = (load.clone(), ready.clone(), sigterm.clone(), exited.clone());
-        tasks.push(tokio::spawn(worker(load, id, ready, sigterm, exited)));
+        let (load, ready, sigtermed, exited) =
+            (load.clone(), ready.clone(), sigtermed.clone(), exited.clone());
+        tasks.push(tokio::spawn(worker(load, id, ready, sigtermed, exited)));
     }
     ready.wait().await;
     let at = Instant::now();
     let _ = sigterm_tx.send(Some(at));
     match drain {
         Drain::Pid(pid) => {
-            let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
-            anyhow::ensure!(status.success(), "cannot send SIGTERM to {pid}");
+            sigterm(pid)?;
             while running(pid)? {
                 anyhow::ensure!(
                     at.elapsed() < Duration::from_secs(30),
@@ -148,9 +148,7 @@ pub async fn run(load: Arc<ResumeLoad>, drain: Drain) -> anyhow::Result<ResumeRe
     for task in tasks {
         let (r, took) = task.await??;
         report.add(&r);
-        if let Some(took) = took {
-            recovery.saturating_record(took);
-        }
+        recovery.saturating_record(took);
     }
     report.recovery(&recovery);
     Ok(report)

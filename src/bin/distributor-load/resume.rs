@@ -135,8 +135,7 @@ pub async fn run(load: ResumeLoad) -> anyhow::Result<()> {
     if let Some(pid) = load.drain_pid {
         ready.wait().await;
         let _ = drained.send(Some(Instant::now()));
-        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
-        anyhow::ensure!(status.success(), "cannot send SIGTERM to {pid}");
+        sigterm(pid)?;
     }
     let mut report = ResumeReport::default();
     let mut recovery = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
@@ -168,6 +167,13 @@ impl ResumeReport {
         self.recovery_p99_us = recovery.value_at_quantile(0.99) as f64;
         self.recovery_max_us = recovery.max() as f64;
     }
+}
+
+/// Sends SIGTERM to `pid` (the instance a drain mode drains).
+pub fn sigterm(pid: u32) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    anyhow::ensure!(status.success(), "cannot send SIGTERM to {pid}");
+    Ok(())
 }
 
 fn print(load: &ResumeLoad, report: &ResumeReport) -> anyhow::Result<()> {

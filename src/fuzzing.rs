@@ -219,8 +219,12 @@ pub fn claim_and_heartbeat(data: &[u8]) {
     bridge.heartbeat(Bytes::copy_from_slice(data), sent_at, now);
     bridge.tick(now);
     while bridge.poll_output().is_some() {}
-    let own =
-        wire::Claim { worker: true, id: WORKER, conn: Some(wire::Conn { at: u64::MAX, instance: 0xb }) };
+    let own = wire::Claim {
+        worker: true,
+        id: WORKER,
+        conn: Some(wire::Conn { at: u64::MAX, instance: 0xb }),
+        moved_from: 0,
+    };
     bridge.claim(own.encode_to_vec().into());
     if wire::Claim::decode(data).is_err() {
         assert!(!worker.sink.is_ended(), "only a claim can end a stream");

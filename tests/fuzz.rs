@@ -89,8 +89,9 @@ fn frame() -> impl Strategy<Value = Vec<u8>> {
 
 fn claim_or_beat() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
-        (any::<bool>(), id(), conn())
-            .prop_map(|(worker, id, conn)| wire::Claim { worker, id, conn }.encode_to_vec()),
+        (any::<bool>(), id(), conn(), prop_oneof![Just(0u64), Just(0xa), Just(0xb), any::<u64>()]).prop_map(
+            |(worker, id, conn, moved_from)| wire::Claim { worker, id, conn, moved_from }.encode_to_vec()
+        ),
         (prop_oneof![Just(0xau64), Just(0xb), any::<u64>()], any::<bool>())
             .prop_map(|(instance, leaving)| wire::Heartbeat { instance, leaving }.encode_to_vec()),
         bytes(64),

@@ -1,7 +1,8 @@
 //! Resumable peers that move home: a peer with nothing to keep on its instance (no session,
-//! nothing it has not received) that resumes on another instance lives there from then on,
-//! numbered on, instead of being served through a tunnel to the old one. So an instance that
-//! drains lets its idle peers go at once and stops early, and they are not lost when it stops.
+//! nothing it has not received), and a worker with its sessions, that resumes on another
+//! instance lives there from then on, numbered on, instead of being served through a tunnel to
+//! the old one. So an instance that drains lets its peers go at once and stops early, and they
+//! are not lost when it stops.
 //! Real gRPC, a real 3-node NATS cluster, the drained instance a real process.
 mod common;
 
@@ -11,7 +12,7 @@ use common::nats::NatsCluster;
 use common::*;
 use distributor::cluster::NatsConfig;
 use distributor::config::Config;
-use distributor::pb::{RtcEvent, WorkerRtcMessage};
+use distributor::pb::{ErrorCode, RtcEvent, WorkerRtcMessage};
 
 /// A peer on `here` reaches a worker on `there`, both ways.
 async fn reach_each_other(a: &TestServer, b: &TestServer, probe: i64) {
@@ -132,47 +133,88 @@ async fn a_drained_instance_lets_its_idle_peers_go_and_stops_early() {
     }
 }
 
-/// A peer that holds a session stays on its instance when it resumes elsewhere (served through
-/// a tunnel); once its last session ends, its next resume moves it.
+/// A worker that holds sessions and resumes on another instance moves there with them: what
+/// was held for it while it was cut comes first, numbered on; its clients on a third instance
+/// and on its old one reach it where it is; and when its old instance dies, only the session
+/// of the client that died with it ends.
 #[tokio::test]
-async fn a_peer_with_a_session_is_tunnelled_and_moves_once_it_holds_none() {
+async fn a_worker_with_sessions_moves_with_them_and_outlives_its_old_instance() {
     let nats = NatsCluster::start().await;
-    let (a, b) = (instance(&nats, "m2").await, instance(&nats, "m2").await);
-    reach_each_other(&a, &b, 3300).await;
+    let (b, c) = (instance(&nats, "m2").await, instance(&nats, "m2").await);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut a = process_with(&nats, "m2", &["--metrics-listen", &metrics]);
+    let a_server = TestServer::external(&a.addr);
+    reach_each_other(&a_server, &b, 3300).await;
+    reach_each_other(&c, &b, 3310).await;
     let after = |n: u64| [("x-resume-after", n.to_string())];
-    let mut w = worker_with(&a, 34, &after(0)).await;
-    let (mut c, cid) = client(&a).await;
-    c.send(to_worker(34, RtcEvent::Offer, b"offer")).await;
+    let mut w = worker_with(&a_server, 34, &after(0)).await;
+    // A client on a third instance, mid-negotiation (answered), and one on A (offered).
+    let (mut far, far_id) = client(&c).await;
+    far.send(to_worker(34, RtcEvent::Offer, b"offer far")).await;
     assert_eq!(w.recv().await.seq, 1);
+    w.send(to_client(far_id, RtcEvent::Answer, b"answer far")).await;
+    assert_eq!(far.recv().await.event(), RtcEvent::Answer);
+    let (mut near, near_id) = client(&a_server).await;
+    near.send(to_worker(34, RtcEvent::Offer, b"offer near")).await;
+    assert_eq!(w.recv().await.seq, 2);
     w.cut();
-    let mut w = open_worker(b.channel().await, &after(1), blank(34)).await.unwrap();
-    assert!(w.recv().await.resumed, "served through A, which holds its session");
-    // The session is on A: its client there reaches the worker through the tunnel.
-    w.send(to_client(cid, RtcEvent::Answer, b"answer")).await;
-    assert_eq!(c.recv().await.event(), RtcEvent::Answer);
-    c.close();
-    let gone = w.recv().await;
-    assert_eq!((gone.event(), gone.seq), (RtcEvent::PeerGone, 2), "{gone:?}");
-    // No session any more: the next resume moves the worker to B, and A, which ends its old
-    // stream, serves it no longer.
-    w.cut();
+    // Held on A while the worker is away: numbered 3 when written, on B.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    far.send(to_worker(34, RtcEvent::LocalIceCandidate, b"held")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
     let mut w = open_worker(b.channel().await, &after(2), blank(34)).await.unwrap();
+    // Sent while the worker moves: whether it reaches A before the move, while the worker is
+    // on its way (it follows), or B after C heard the claim, it arrives right after the rest.
+    far.send(to_worker(34, RtcEvent::LocalIceCandidate, b"racing")).await;
     let ack = w.recv().await;
     assert_eq!((ack.event(), ack.resumed), (RtcEvent::Blank, true), "{ack:?}");
-    let shut = a.shutdown();
-    tokio::time::timeout(Duration::from_secs(10), shut).await.expect("A stops").expect("cleanly");
-    let (c, cid) = client(&b).await;
-    c.send(to_worker(34, RtcEvent::Offer, b"on B")).await;
-    let offer = w.recv().await;
-    assert_eq!((offer.event(), offer.client_id, offer.seq), (RtcEvent::Offer, cid, 3), "{offer:?}");
+    let held = w.recv().await;
+    assert_eq!((held.event(), held.client_id, held.seq), (RtcEvent::IceCandidate, far_id, 3), "{held:?}");
+    assert_eq!(&held.message[..], b"held");
+    let racing = w.recv().await;
+    assert_eq!(
+        (racing.event(), racing.seq, &racing.message[..]),
+        (RtcEvent::IceCandidate, 4, &b"racing"[..])
+    );
+    let moved = metric(&metrics_text(&metrics), "distributor_peers_moved_total{role=\"worker\"}");
+    assert_eq!(moved, 1.0, "A counts the move");
+
+    // Both sessions go on from where they stood, on B.
+    far.send(to_worker(34, RtcEvent::AcceptAnswer, b"")).await;
+    let accepted = w.recv().await;
+    assert_eq!((accepted.event(), accepted.client_id, accepted.seq), (RtcEvent::AcceptAnswer, far_id, 5));
+    w.send(to_client(near_id, RtcEvent::Answer, b"answer near")).await;
+    let answer = near.recv().await;
+    assert_eq!((answer.event(), &answer.message[..]), (RtcEvent::Answer, &b"answer near"[..]));
+    near.send(to_worker(34, RtcEvent::LocalIceCandidate, b"near candidate")).await;
+    let candidate = w.recv().await;
+    assert_eq!((candidate.event(), candidate.client_id, candidate.seq), (RtcEvent::IceCandidate, near_id, 6));
+    // The state machine moved too: the far client's answer was accepted already.
+    far.send(to_worker(34, RtcEvent::AcceptAnswer, b"")).await;
+    assert_client_error(&far.recv().await, ErrorCode::InvalidTransition, 34);
+
+    // A dies: the client on it goes with it; the far client's session stays, on B.
+    a.kill();
+    let gone = tokio::time::timeout(Duration::from_secs(8), w.rx_message()).await.expect("in time");
+    let gone = gone.expect("the stream goes on").expect("a message");
+    assert_eq!((gone.event(), gone.client_id, gone.seq), (RtcEvent::PeerGone, near_id, 7), "{gone:?}");
+    w.send(to_client(far_id, RtcEvent::LocalIceCandidate, b"after A")).await;
+    let candidate = far.recv().await;
+    assert_eq!((candidate.event(), &candidate.message[..]), (RtcEvent::IceCandidate, &b"after A"[..]));
+    far.send(to_worker(34, RtcEvent::LocalIceCandidate, b"still here")).await;
+    assert_eq!(w.recv().await.seq, 8);
+    far.expect_quiet().await;
     w.expect_quiet().await;
 }
 
-/// During a drain, a worker that resumed elsewhere through a tunnel (it held a session) is told
-/// `RECONNECT` again once its last session has ended, and its next resume moves it: the drained
-/// instance stops before its drain timeout, and the worker is reached where it moved.
+/// A drain, for a worker mid-negotiation: told `RECONNECT`, it resumes on the other instance
+/// and moves there with its session, so that the drained instance has nothing left to serve
+/// and stops early, and the negotiation finishes after it stopped. A client with a session is
+/// still served through a tunnel; it is told `RECONNECT` again once its last session ended,
+/// and its next resume moves it.
 #[tokio::test]
-async fn during_a_drain_a_peer_whose_last_session_ends_is_told_to_reconnect_and_moves() {
+async fn a_drained_instance_moves_a_worker_with_its_session_and_a_client_once_it_holds_none() {
     let nats = NatsCluster::start().await;
     let b = instance(&nats, "m3").await;
     let mut a = process(&nats, "m3", "6s");
@@ -185,31 +227,47 @@ async fn during_a_drain_a_peer_whose_last_session_ends_is_told_to_reconnect_and_
     assert_eq!(w.recv().await.seq, 1);
     w.send(to_client(cid, RtcEvent::Answer, b"answer")).await;
     assert_eq!(c.recv().await.event(), RtcEvent::Answer);
+    // A resumable client on A with a session with a worker on B.
+    let mut w2 = worker(&b, 37).await;
+    let client_meta = |n: u64| [("x-client-id", "37000".to_string()), ("x-resume-after", n.to_string())];
+    let (mut c2, _) = client_with(&a_server, &client_meta(0)).await;
+    c2.send(to_worker(37, RtcEvent::Offer, b"offer 2")).await;
+    assert_eq!(w2.recv().await.event(), RtcEvent::Offer);
+
     let drained = Instant::now();
     let exit = tokio::task::spawn_blocking(move || (a.terminate(), Instant::now()));
     let reconnect = w.recv().await;
     assert_eq!((reconnect.event(), reconnect.seq), (RtcEvent::Reconnect, 2), "{reconnect:?}");
     let mut w = open_worker(b.channel().await, &after(2), blank(36)).await.unwrap();
-    assert!(w.recv().await.resumed, "through a tunnel to A, which holds its session");
-    c.close();
-    let gone = w.recv().await;
-    assert_eq!((gone.event(), gone.seq), (RtcEvent::PeerGone, 3), "{gone:?}");
-    let again = w.recv().await;
-    assert_eq!((again.event(), again.seq), (RtcEvent::Reconnect, 4), "told again, idle now: {again:?}");
-    let mut w = open_worker(b.channel().await, &after(4), blank(36)).await.unwrap();
     let ack = w.recv().await;
     assert_eq!((ack.event(), ack.resumed), (RtcEvent::Blank, true), "{ack:?}");
+    let reconnect = c2.recv().await;
+    assert_eq!((reconnect.event(), reconnect.seq), (RtcEvent::Reconnect, 1), "{reconnect:?}");
+    let mut c2 = open_client(b.channel().await, &client_meta(1)).await.unwrap();
+    assert!(c2.recv().await.resumed, "through a tunnel to A, which holds its session");
+    // The client's session ends (its worker leaves): told again, it moves.
+    w2.close();
+    let gone = c2.recv().await;
+    assert_eq!((gone.event(), gone.seq), (RtcEvent::PeerGone, 2), "{gone:?}");
+    let again = c2.recv().await;
+    assert_eq!((again.event(), again.seq), (RtcEvent::Reconnect, 3), "idle now: {again:?}");
+    let mut c2 = open_client(b.channel().await, &client_meta(3)).await.unwrap();
+    assert!(c2.recv().await.resumed);
+
     let (status, exited) = exit.await.unwrap();
     assert!(status.success(), "{status:?}");
     let took = exited.duration_since(drained);
-    assert!(
-        took < Duration::from_secs(5),
-        "it held nothing any more: stopped before its 6 s drain ({took:?})"
-    );
-    let (c, cid) = client(&b).await;
-    c.send(to_worker(36, RtcEvent::Offer, b"after the drain")).await;
+    assert!(took < Duration::from_secs(5), "nothing held there: stopped before its 6 s drain ({took:?})");
+    // The negotiation finishes on B, where the worker moved with its session.
+    c.send(to_worker(36, RtcEvent::AcceptAnswer, b"")).await;
+    let accepted = w.recv().await;
+    assert_eq!((accepted.event(), accepted.client_id, accepted.seq), (RtcEvent::AcceptAnswer, cid, 3));
+    w.send(to_client(cid, RtcEvent::LocalIceCandidate, b"candidate")).await;
+    assert_eq!(c.recv().await.event(), RtcEvent::IceCandidate);
+    c2.send(to_worker(36, RtcEvent::Offer, b"the moved client")).await;
     let offer = w.recv().await;
-    assert_eq!((offer.event(), offer.client_id, offer.seq), (RtcEvent::Offer, cid, 5), "{offer:?}");
+    assert_eq!((offer.event(), offer.client_id, offer.seq), (RtcEvent::Offer, 37_000, 4), "{offer:?}");
+    c.expect_quiet().await;
 }
 
 /// Out of any drain: an idle worker cut on one instance and back on another moves there (the

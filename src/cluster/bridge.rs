@@ -161,6 +161,17 @@ impl Bridge {
                 self.client_signal(client, &sink, worker, signal, now)
             }
             ToCluster::ClientGone { client, conn } => self.client_gone(client, conn),
+            ToCluster::ImportWorker { worker, sink, moved, done } => {
+                self.import_worker(worker, sink, *moved);
+                let _ = done.send(());
+            }
+            ToCluster::Forward { client, sink, worker, to, signal } => {
+                self.forward_moved(client, sink, worker, to, signal)
+            }
+            ToCluster::MovedAway { worker, to, clients, done } => {
+                self.moved_away(worker, to, clients);
+                let _ = done.send(());
+            }
         }
     }
 
@@ -333,6 +344,9 @@ impl Bridge {
                     let refusal = Outbound::error(ErrorCode::InvalidTransition, s.worker, s.client, reason);
                     return self.links.push(from, to_client_record(conn, refusal), Origin::Owed);
                 };
+                if conn.instance == self.me {
+                    return self.returning(s.client, conn, s.worker, event, s.payload);
+                }
                 let remote = self
                     .remote
                     .entry(conn)
@@ -508,6 +522,9 @@ impl Bridge {
         // Streams opened here from now on are newer than this one, whatever the clocks say.
         self.clock.observe(conn.at);
         let (role, shard) = if claim.worker {
+            if claim.moved_from != 0 {
+                self.clients.repoint(claim.id, claim.moved_from, conn.instance);
+            }
             let waiting = self.directory.claimed(claim.id, conn.instance);
             self.release(claim.id, Ok(conn.instance), waiting);
             (Role::Worker, self.shards.of_worker(claim.id))
@@ -560,41 +577,11 @@ impl Bridge {
     }
 }
 
-/// Counts and reports a record this instance cannot act on. Records come only from instances
-/// that hold the cluster's key, so this is a version mismatch or a bug, never a peer's doing.
-fn malformed(from: InstanceId, what: &str) {
-    metrics::counter!(names::CLUSTER_REJECTED, "kind" => "record").increment(1);
-    crate::warn_throttled!(instance = format!("{from:x}"), "record dropped: {what}");
-}
+mod moves;
+mod records;
 
-fn to_client_record(conn: ConnId, msg: Outbound) -> Kind {
-    Kind::ToClient(wire::ToClient {
-        client: msg.client,
-        conn: Some(wire_conn(conn)),
-        worker: msg.worker,
-        event: msg.event as i32,
-        payload: msg.payload,
-        error_code: msg.error as i32,
-    })
-}
-
-fn to_worker_record(msg: Outbound) -> Kind {
-    Kind::ToWorker(wire::ToWorker {
-        worker: msg.worker,
-        client: msg.client,
-        event: msg.event as i32,
-        payload: msg.payload,
-        error_code: msg.error as i32,
-    })
-}
-
-pub fn wire_conn(conn: ConnId) -> wire::Conn {
-    wire::Conn { at: conn.at, instance: conn.instance }
-}
-
-pub(super) fn conn_id(conn: wire::Conn) -> ConnId {
-    ConnId { at: conn.at, instance: conn.instance }
-}
+pub use records::{conn_id, wire_conn};
+use records::{malformed, to_client_record, to_worker_record};
 
 #[cfg(test)]
 mod tests;

@@ -69,6 +69,39 @@ impl LocalClients {
         Ok(())
     }
 
+    /// The local stream `conn`, if it sends across.
+    pub fn sink(&self, conn: ConnId) -> Option<Sink> {
+        self.by_conn.get(&conn).map(|local| local.sink.clone())
+    }
+
+    /// A worker moved here with a session of the local stream `conn`: the session is no longer
+    /// across, and the worker's shard takes the stream over with its count of the session.
+    pub fn take_session(&mut self, conn: ConnId, worker: PeerId) -> Option<Sink> {
+        let local = self.by_conn.get_mut(&conn)?;
+        local.workers.remove(&worker)?;
+        Some(local.sink.clone())
+    }
+
+    /// A worker moved from here to `instance` with a session of this local stream, which the
+    /// stream counts already: the session is across from now on.
+    pub fn adopt(&mut self, client: PeerId, sink: &Sink, worker: PeerId, instance: InstanceId) {
+        self.open(client, sink);
+        if let Some(local) = self.by_conn.get_mut(&sink.id()) {
+            local.workers.insert(worker, instance);
+        }
+    }
+
+    /// `worker` moved from instance `from` to `to` with its sessions: they are there now.
+    pub fn repoint(&mut self, worker: PeerId, from: InstanceId, to: InstanceId) {
+        for local in self.by_conn.values_mut() {
+            if let Some(at) = local.workers.get_mut(&worker)
+                && *at == from
+            {
+                *at = to;
+            }
+        }
+    }
+
     /// The stream `conn` ended: forgotten. Returns the instances its sessions are on, to tell
     /// them (none if it never sent across).
     pub fn gone(&mut self, conn: ConnId) -> Vec<InstanceId> {
@@ -196,5 +229,31 @@ mod tests {
         assert_eq!((next(&mut out).unwrap().event, sink.is_ended()), (RtcEvent::PeerGone, false));
         assert_eq!(clients.gone(sink.id()), Vec::<InstanceId>::new());
         assert_eq!(clients.deliver(sink.id(), 0xb, Outbound::peer_gone(71, 5)), Err(DeliverError::Closed));
+    }
+
+    #[test]
+    fn a_moved_worker_s_sessions_follow_it_and_keep_their_count() {
+        let mut clients = LocalClients::default();
+        let (sink, mut out) = stream(1, 8);
+        clients.open(5, &sink);
+        clients.send(sink.id(), 70, 0xb, RtcEvent::Offer, 0).unwrap();
+        clients.send(sink.id(), 71, 0xb, RtcEvent::Offer, 0).unwrap();
+        // Worker 70 moved from 0xb to 0xc: its session is there now, and 0xb's end spares it.
+        clients.repoint(70, 0xb, 0xc);
+        clients.repoint(71, 0xd, 0xc);
+        clients.instance_gone(0xb);
+        let gone = next(&mut out).expect("PEER_GONE");
+        assert_eq!((gone.event, gone.worker), (RtcEvent::PeerGone, 71));
+        assert!(next(&mut out).is_none());
+        assert_eq!(sink.sessions(), 1);
+        // It moves here: the session is no longer across; the stream keeps its count.
+        assert!(clients.take_session(sink.id(), 70).is_some());
+        assert!(clients.take_session(sink.id(), 70).is_none(), "taken once");
+        assert_eq!((clients.gone(sink.id()), sink.sessions()), (vec![], 1));
+        // A worker moving away from here with a session of a local stream: across from now on.
+        let (other, _out) = stream(2, 8);
+        assert!(other.open_session(0));
+        clients.adopt(6, &other, 72, 0xe);
+        assert_eq!((clients.gone(other.id()), other.sessions()), (vec![0xe], 1));
     }
 }

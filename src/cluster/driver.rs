@@ -270,16 +270,21 @@ impl Driver {
             rejected(Kind::ResumeAsk).increment(1);
             return warn_throttled!(stream = %conn, "a resume ask answered already (a replay): ignored");
         }
-        let (held, released) = match self.hold(conn, &ask) {
-            Hold::NotHere => (false, None),
-            Hold::Tunnel => (true, None),
-            Hold::Released(r) => {
-                (false, Some(wire::Released { next_seq: r.next_seq, last_received: r.last_received }))
+        match self.hold(conn, &ask) {
+            // A worker moving with its sessions: answered once its shard handed them over.
+            Hold::Moving(moving) => {
+                let (nats, seal, me, tunnels) =
+                    (self.nats.clone(), self.seal.clone(), self.me, self.tunnels.clone());
+                tokio::spawn(async move {
+                    let held = moving.await.unwrap_or(Hold::NotHere);
+                    if !matches!(held, Hold::Tunnel) {
+                        let _ = tunnels.send(TunnelCommand::Forget { conn });
+                    }
+                    answer(&nats, &seal, reply, me, held).await;
+                });
             }
-        };
-        let answer = wire::ResumeAnswer { instance: self.me, held, released }.encode_to_vec();
-        let sealed = self.seal.seal(Kind::ResumeAnswer, reply.as_str(), &answer, now_ms());
-        let _ = self.nats.publish(reply, sealed).await;
+            held => answer(&self.nats, &self.seal, reply, self.me, held).await,
+        }
     }
 
     fn hold(&mut self, conn: ConnId, ask: &wire::ResumeAsk) -> Hold {
@@ -296,8 +301,9 @@ impl Driver {
         let (tx, rx) = tunnels::halves(conn, conn.instance, self.tunnels.clone(), events, credit);
         let role = if ask.worker { Role::Worker } else { Role::Client };
         let expires = (ask.expires_ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ask.expires_ms));
-        let held = holder.hold(Ask { role, id: ask.id, after: ask.after, expires }, tx, rx);
-        if held != Hold::Tunnel {
+        let held =
+            holder.hold(Ask { role, id: ask.id, after: ask.after, expires, front: conn.instance }, tx, rx);
+        if !matches!(held, Hold::Tunnel | Hold::Moving(_)) {
             self.bridge.tunnel(TunnelCommand::Forget { conn });
         }
         held
@@ -388,9 +394,30 @@ async fn locate(
     }
 }
 
-/// Asks every instance whether it holds the peer of `ask`: the holder's instance and whether it
-/// let the peer go, or `None` once every one of the `alive` instances said no, nobody listens,
-/// or [`ASK_WITHIN`] passed.
+/// Answers a resume ask with what this instance did.
+async fn answer(
+    nats: &async_nats::Client,
+    seal: &Seal,
+    reply: async_nats::Subject,
+    me: InstanceId,
+    held: Hold,
+) {
+    let mut answer = wire::ResumeAnswer { instance: me, ..Default::default() };
+    match held {
+        Hold::NotHere | Hold::Moving(_) => {}
+        Hold::Tunnel => answer.held = true,
+        Hold::Released(r) => {
+            answer.released = Some(wire::Released { next_seq: r.next_seq, last_received: r.last_received })
+        }
+        Hold::Moved(moved) => answer.moved = Some(super::moves::to_wire(&moved)),
+    }
+    let sealed = seal.seal(Kind::ResumeAnswer, reply.as_str(), &answer.encode_to_vec(), now_ms());
+    let _ = nats.publish(reply, sealed).await;
+}
+
+/// Asks every instance whether it holds the peer of `ask`: the holder's instance and what it
+/// did (`Tunnel`, `Released`, `Moved`), or `None` once every one of the `alive` instances said
+/// no, nobody listens, or [`ASK_WITHIN`] passed.
 pub async fn ask_holder(
     nats: &async_nats::Client,
     seal: &Seal,
@@ -398,7 +425,7 @@ pub async fn ask_holder(
     subject: String,
     ask: &wire::ResumeAsk,
     alive: usize,
-) -> Option<(InstanceId, Option<Released>)> {
+) -> Option<(InstanceId, Hold)> {
     let mut waiting = replies.wait();
     let request = seal.seal(Kind::ResumeAsk, &subject, &ask.encode_to_vec(), now_ms());
     nats.publish_with_reply(subject, waiting.subject.clone(), request).await.ok()?;
@@ -411,10 +438,17 @@ pub async fn ask_holder(
         }
         let Some(opened) = open(seal, Kind::ResumeAnswer, reply) else { continue };
         match wire::ResumeAnswer::decode(opened.body) {
-            Ok(answer) if answer.held && answer.instance != 0 => return Some((answer.instance, None)),
+            Ok(answer) if answer.held && answer.instance != 0 => {
+                return Some((answer.instance, Hold::Tunnel));
+            }
             Ok(wire::ResumeAnswer { instance, released: Some(r), .. }) if instance != 0 => {
                 let released = Released { next_seq: r.next_seq, last_received: r.last_received };
-                return Some((instance, Some(released)));
+                return Some((instance, Hold::Released(released)));
+            }
+            Ok(wire::ResumeAnswer { instance, moved: Some(m), .. }) if instance != 0 => {
+                // One this instance cannot take over as it is starts afresh here.
+                let moved = super::moves::from_wire(instance, m)?;
+                return Some((instance, Hold::Moved(Box::new(moved))));
             }
             Ok(answer) => {
                 said_no.insert(answer.instance);

@@ -22,11 +22,13 @@
 //! - `<prefix>.i.<instance>`: an instance's inbox: link frames (records and acknowledgements).
 //! - `<prefix>.w.<worker>`: subscribed by the instance a worker is registered on, for requests
 //!   that locate it.
-//! - `<prefix>.claim`: a stream registered a worker or client id; older streams of it end.
+//! - `<prefix>.claim`: a stream registered a worker or client id; older streams of it end. A
+//!   worker that moved with its sessions names the instance it came from.
 //! - `<prefix>.hb`: every instance's heartbeat, each second; one missing for 3 s is dead.
 //! - `<prefix>.resume`: a resumable stream of a peer not held on its instance asks which
 //!   instance holds it; each answers, the holder with a [`tunnels`] to the new stream, or,
-//!   for a peer with nothing to keep there, letting it go to the new stream's instance.
+//!   for a peer with nothing to keep there, letting it go to the new stream's instance, or,
+//!   for a worker, moving it there with its sessions ([`moves`]).
 
 pub mod bridge;
 mod clients;
@@ -35,6 +37,7 @@ mod driver;
 pub mod link;
 pub mod links;
 pub mod liveness;
+mod moves;
 pub mod seal;
 pub mod tunnels;
 
@@ -53,7 +56,7 @@ use crate::shards::Shards;
 use bridge::Bridge;
 use driver::{Control, Driver};
 use seal::{Kind, Seal};
-use tunnels::{Holder, Resumption, TunnelCommand};
+use tunnels::{Hold, Holder, MovedWorker, Resumption, TunnelCommand};
 
 /// Generated from `proto/distributor/cluster/v1/link.proto`.
 pub mod wire {
@@ -166,6 +169,24 @@ struct ToOtherInstances {
 }
 
 impl Elsewhere<Peer> for ToOtherInstances {
+    fn forward(
+        &mut self,
+        client: PeerId,
+        sink: &Peer,
+        worker: PeerId,
+        to: InstanceId,
+        signal: Signal<PeerReply>,
+    ) {
+        let command = ToCluster::Forward { client, sink: sink.clone(), worker, to, signal };
+        if let Err(e) = self.queue.try_send(command) {
+            let (mpsc::error::TrySendError::Full(command) | mpsc::error::TrySendError::Closed(command)) = e;
+            if let ToCluster::Forward { signal, .. } = command {
+                let reason = "the cross-instance queue is full";
+                refuse(signal.reply, ErrorCode::ClusterUnavailable, worker, client, reason);
+            }
+        }
+    }
+
     fn to_worker(&mut self, client: PeerId, sink: &Peer, worker: PeerId, signal: Signal<PeerReply>) {
         let Peer::Local(sink) = sink else {
             // A client elsewhere located the worker here, and it is not (any more): its own
@@ -411,19 +432,42 @@ impl Cluster {
         let alive = self.alive.load(Ordering::Relaxed);
         let (nats, seal, replies) = (&self.nats, &self.seal, &self.replies);
         match driver::ask_holder(nats, seal, replies, self.subjects.resume(), &ask, alive).await {
-            Some((instance, None)) => {
+            Some((instance, Hold::Tunnel)) => {
                 let _ = self.tunnels.send(TunnelCommand::Bind { conn, instance });
                 let (tx, rx) = tunnels::halves(conn, instance, self.tunnels.clone(), events, credit);
                 Some(Resumption::Tunnel(tx, rx))
             }
-            Some((_, Some(released))) => {
+            other => {
                 let _ = self.tunnels.send(TunnelCommand::Forget { conn });
-                Some(Resumption::Moved(released))
+                match other? {
+                    (_, Hold::Released(released)) => Some(Resumption::Moved(released)),
+                    (_, Hold::Moved(moved)) => Some(Resumption::MovedWith(moved)),
+                    _ => None,
+                }
             }
-            None => {
-                let _ = self.tunnels.send(TunnelCommand::Forget { conn });
-                None
-            }
+        }
+    }
+
+    /// A worker moved here with its sessions (`moved`): its shard takes them over, with what
+    /// it had not received, before this returns (and before its claim tells the others).
+    pub async fn import_worker(&self, worker: PeerId, sink: crate::peer::Sink, moved: Box<MovedWorker>) {
+        let (done, imported) = oneshot::channel();
+        if self.queue.send(ToCluster::ImportWorker { worker, sink, moved, done }).await.is_ok() {
+            let _ = imported.await;
+        }
+    }
+
+    /// A worker moved from here to `to` with its sessions: those of its clients that are on
+    /// this instance now talk to it there.
+    pub async fn moved_away(
+        &self,
+        worker: PeerId,
+        to: InstanceId,
+        clients: Vec<(PeerId, crate::peer::Sink)>,
+    ) {
+        let (done, noted) = oneshot::channel();
+        if self.queue.send(ToCluster::MovedAway { worker, to, clients, done }).await.is_ok() {
+            let _ = noted.await;
         }
     }
 
@@ -442,10 +486,17 @@ impl Cluster {
     /// unreachable, async-nats stops taking commands once its queue is full, and a local
     /// registration must not wait for that. The subscription and the claim go on in the
     /// background and reach NATS when it is back.
-    pub async fn register_worker(&self, worker: PeerId, conn: ConnId) -> Registration {
+    /// A worker that moved here with its sessions (`moved_from`) says so in its claim.
+    pub async fn register_worker(
+        &self,
+        worker: PeerId,
+        conn: ConnId,
+        moved_from: Option<InstanceId>,
+    ) -> Registration {
         let (ready, registered) = oneshot::channel();
         let (nats, seal, me) = (self.nats.clone(), self.seal.clone(), self.instance);
-        let (subject, claim) = (self.subjects.worker(worker), self.sealed_claim(Role::Worker, worker, conn));
+        let claim = self.sealed_claim(Role::Worker, worker, conn, moved_from);
+        let subject = self.subjects.worker(worker);
         let claims = self.subjects.claim();
         let task = tokio::spawn(async move {
             let subscriber = match nats.subscribe(subject).await {
@@ -475,15 +526,26 @@ impl Cluster {
     /// when NATS takes it.
     pub async fn claim(&self, role: Role, id: PeerId, conn: ConnId) {
         let (nats, subject, claim) =
-            (self.nats.clone(), self.subjects.claim(), self.sealed_claim(role, id, conn));
+            (self.nats.clone(), self.subjects.claim(), self.sealed_claim(role, id, conn, None));
         let publish = tokio::spawn(async move { publish_claim(&nats, subject, claim, id).await });
         if tokio::time::timeout(REGISTER_WAIT, publish).await.is_err() {
             crate::warn_throttled!(id, "NATS does not take the claim: it goes out once NATS is back");
         }
     }
 
-    fn sealed_claim(&self, role: Role, id: PeerId, conn: ConnId) -> bytes::Bytes {
-        let claim = wire::Claim { worker: role == Role::Worker, id, conn: Some(bridge::wire_conn(conn)) };
+    fn sealed_claim(
+        &self,
+        role: Role,
+        id: PeerId,
+        conn: ConnId,
+        moved_from: Option<InstanceId>,
+    ) -> bytes::Bytes {
+        let claim = wire::Claim {
+            worker: role == Role::Worker,
+            id,
+            conn: Some(bridge::wire_conn(conn)),
+            moved_from: moved_from.unwrap_or(0),
+        };
         self.seal.seal(Kind::Claim, &self.subjects.claim(), &claim.encode_to_vec(), driver::now_ms())
     }
 

@@ -9,7 +9,10 @@
 //!
 //! Only a peer with something to keep there is tunnelled: one that holds no session and has
 //! received everything it was written is let go instead ([`Hold::Released`]), and the front's
-//! instance becomes its home, numbering on. Moving a peer with its sessions is not built.
+//! instance becomes its home, numbering on. A worker with sessions moves with them
+//! ([`Hold::Moved`]): its shard hands its router entry over, and what it had not received goes
+//! along. A client with sessions (which live on its workers' shards, wherever they are) is
+//! still tunnelled.
 //!
 //! Flow control: each side sends at most [`TUNNEL_WINDOW`] messages beyond what the other side
 //! has taken (its credit, granted back every [`CREDIT_EVERY`] messages), so a slow peer holds
@@ -29,7 +32,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tonic::Status;
 
 use super::wire::{self, record::Kind};
-use crate::core::{ConnId, InstanceId, PeerId, Role};
+use crate::core::session::State;
+use crate::core::{ConnId, InstanceId, Outbound, PeerId, Role};
 pub use crate::peer::resume::Released;
 
 /// What a holder is asked: a stream of this peer came back on another instance.
@@ -41,6 +45,8 @@ pub struct Ask {
     pub after: u64,
     /// When the new stream's token expires (auth on).
     pub expires: Option<SystemTime>,
+    /// The new stream's instance.
+    pub front: InstanceId,
 }
 
 /// Takes a peer held here over for a stream on another instance (implemented by the edge).
@@ -51,7 +57,7 @@ pub trait Holder: Send + Sync {
 }
 
 /// What the instance holding a peer did for its stream on another instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Hold {
     /// The peer is not held here.
     NotHere,
@@ -60,6 +66,26 @@ pub enum Hold {
     /// The peer holds no session and has everything it was written: it moves to the new
     /// stream's instance, which numbers on (see [`Released`]).
     Released(Released),
+    /// A worker with sessions is on its way to the new stream's instance: the answer comes
+    /// once its shard has handed its sessions over (or it stays, through the tunnel, if its
+    /// old stream could not be stopped in time).
+    Moving(tokio::sync::oneshot::Receiver<Hold>),
+    /// The worker moved, with its sessions.
+    Moved(Box<MovedWorker>),
+}
+
+/// A worker that moved to another instance with its sessions: what its new home takes over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MovedWorker {
+    /// The instance it moved from.
+    pub from: InstanceId,
+    /// The number of `messages[0]`, and of the next message written if there is none.
+    pub first_seq: u64,
+    pub last_received: u64,
+    /// What it had not received and what was queued for it, in order.
+    pub messages: Vec<Outbound>,
+    /// Its sessions: each client's stream and where the negotiation stands.
+    pub sessions: Vec<(PeerId, ConnId, State)>,
 }
 
 /// What became of a resumable stream's ask, on its own instance.
@@ -68,6 +94,8 @@ pub enum Resumption {
     Tunnel(TunnelTx, TunnelRx),
     /// The holder let the peer go: it lives here from now on, numbered on from there.
     Moved(Released),
+    /// The holder moved the worker here with its sessions.
+    MovedWith(Box<MovedWorker>),
 }
 
 /// Messages one side may send ahead of the other's credit.

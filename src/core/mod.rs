@@ -15,7 +15,7 @@ pub mod session;
 #[cfg(test)]
 mod tests;
 
-pub use router::{Command, Elsewhere, Router, Signal};
+pub use router::{Command, Elsewhere, HandedSession, MOVE_WAITING, MOVING_FOR, Router, Signal};
 
 /// Sends a refusal of one of a peer's own messages through the room reserved for its answer.
 pub fn refuse<R: Reply>(reply: R, code: ErrorCode, worker: PeerId, client: PeerId, reason: impl Into<Bytes>) {

@@ -67,7 +67,30 @@ pub enum Command<P: PeerSink> {
     InstanceGone {
         instance: InstanceId,
     },
+    /// The worker's stream `conn` moves to instance `to` with its sessions: its entry leaves
+    /// this shard, handed to `then`; what its clients send it meanwhile follows it there (see
+    /// [`moves`]).
+    ExportWorker {
+        worker: PeerId,
+        conn: ConnId,
+        to: InstanceId,
+        then: Box<dyn FnOnce(Vec<HandedSession<P>>) + Send + Sync>,
+    },
+    /// A worker moved here from another instance: registered as `RegisterWorker` does, its
+    /// `sessions` taken over, and `messages` (what it had not received there) queued right
+    /// after its acknowledgement.
+    ImportWorker {
+        worker: PeerId,
+        sink: P,
+        sessions: Vec<HandedSession<P>>,
+        messages: Vec<Outbound>,
+    },
 }
+
+mod moves;
+
+use moves::Moved;
+pub use moves::{HandedSession, MOVE_WAITING, MOVING_FOR};
 
 /// A peer's message for the other side of a session. It carries `reply`, a slot reserved in the
 /// sender's queue, so that a refusal always reaches the sender whatever else is queued for it.
@@ -81,6 +104,17 @@ pub struct Signal<R> {
 pub trait Elsewhere<P: PeerSink>: Send {
     /// Takes the message of `sink`, a local client, on, or refuses it through `signal.reply`.
     fn to_worker(&mut self, client: PeerId, sink: &P, worker: PeerId, signal: Signal<P::Reply>);
+
+    /// Takes the message of `sink` (a local client, or one on another instance) on to
+    /// `worker`, which moved from here to `instance`, or refuses it through `signal.reply`.
+    fn forward(
+        &mut self,
+        client: PeerId,
+        sink: &P,
+        worker: PeerId,
+        instance: InstanceId,
+        signal: Signal<P::Reply>,
+    );
 }
 
 struct WorkerEntry<P> {
@@ -104,6 +138,8 @@ pub struct Router<P: PeerSink> {
     clients: HashMap<PeerId, P>,
     /// For each client, the workers on this shard it holds a session with.
     client_sessions: HashMap<PeerId, Vec<PeerId>>,
+    /// Workers that moved to another instance with their sessions, lately.
+    moved: HashMap<PeerId, Moved<P>>,
     elsewhere: Option<Box<dyn Elsewhere<P>>>,
     /// Sessions one client stream may hold (0: no cap), counted by its sink across shards.
     max_sessions: usize,
@@ -123,6 +159,7 @@ impl<P: PeerSink> Router<P> {
             workers: HashMap::default(),
             clients: HashMap::default(),
             client_sessions: HashMap::default(),
+            moved: HashMap::default(),
             elsewhere,
             max_sessions: 0,
             metrics: RouterMetrics::new(),
@@ -144,12 +181,12 @@ impl<P: PeerSink> Router<P> {
     /// Handles one command. `now` is read only by the commands that time something (an
     /// `OFFER` starts the offer-to-answer clock, an `ANSWER` stops it), so a caller that routes
     /// message by message pays for no clock read on the others.
-    pub fn handle(&mut self, command: Command<P>, now: impl FnOnce() -> Instant) {
+    pub fn handle(&mut self, command: Command<P>, mut now: impl FnMut() -> Instant) {
         match command {
             Command::RegisterWorker { worker, sink } => self.register_worker(worker, sink),
             Command::RegisterClient { client, sink } => self.register_client(client, sink),
             Command::FromClient { client, sink, worker, signal } => {
-                self.client_message(client, sink, worker, signal, now)
+                self.client_message(client, sink, worker, signal, &mut now)
             }
             Command::FromWorker { worker, conn, client, signal } => {
                 self.worker_message(worker, conn, client, signal, now)
@@ -162,6 +199,9 @@ impl<P: PeerSink> Router<P> {
                 }
             }
             Command::Evict { role: Role::Worker, id, newer } => {
+                if !self.moved.is_empty() {
+                    self.moved_claimed(id, newer, now());
+                }
                 if self.workers.get(&id).is_some_and(|w| w.sink.conn() < newer) {
                     let old = self.workers.remove(&id).expect("just looked up");
                     old.sink.close(CloseReason::Superseded);
@@ -176,7 +216,16 @@ impl<P: PeerSink> Router<P> {
                     current.remove().close(CloseReason::Superseded);
                 }
             }
-            Command::InstanceGone { instance } => self.instance_gone(instance),
+            Command::InstanceGone { instance } => {
+                self.moved_instance_gone(instance);
+                self.instance_gone(instance)
+            }
+            Command::ExportWorker { worker, conn, to, then } => {
+                self.export_worker(worker, conn, to, then, now())
+            }
+            Command::ImportWorker { worker, sink, sessions, messages } => {
+                self.import_worker(worker, sink, sessions, messages)
+            }
         }
     }
 
@@ -220,7 +269,7 @@ impl<P: PeerSink> Router<P> {
         sink: P,
         worker: PeerId,
         signal: Signal<P::Reply>,
-        now: impl FnOnce() -> Instant,
+        mut now: impl FnMut() -> Instant,
     ) {
         let m = &self.metrics;
         let Signal { event, payload, reply } = signal;
@@ -229,6 +278,12 @@ impl<P: PeerSink> Router<P> {
             return refuse(reply, ErrorCode::InvalidTransition, worker, client, reason);
         }
         let Some(entry) = self.workers.get_mut(&worker) else {
+            let signal = Signal { event, payload, reply };
+            let Some((sink, Signal { event, payload, reply })) =
+                self.for_moved(client, sink, worker, signal, &mut now)
+            else {
+                return;
+            };
             if let Some(elsewhere) = self.elsewhere.as_mut()
                 && sink.remote().is_none()
             {

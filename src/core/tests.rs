@@ -266,3 +266,117 @@ fn cid(at: u64) -> ConnId {
 
 /// The router against a reference model (property test).
 mod model;
+
+/// Where a router sends what is not for its own workers: (client, worker, instance, event),
+/// instance 0 for a local client's message to a worker registered elsewhere.
+#[derive(Clone, Default)]
+struct Sent(Arc<Mutex<Vec<SentTo>>>);
+
+type SentTo = (PeerId, PeerId, InstanceId, RtcEvent);
+
+impl Elsewhere<TestSink> for Sent {
+    fn to_worker(&mut self, client: PeerId, _: &TestSink, worker: PeerId, signal: Signal<TestReply>) {
+        self.0.lock().unwrap().push((client, worker, 0, signal.event));
+    }
+
+    fn forward(
+        &mut self,
+        client: PeerId,
+        _: &TestSink,
+        worker: PeerId,
+        to: InstanceId,
+        signal: Signal<TestReply>,
+    ) {
+        self.0.lock().unwrap().push((client, worker, to, signal.event));
+    }
+}
+
+impl Sent {
+    fn take(&self) -> Vec<SentTo> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+#[test]
+fn a_worker_exported_with_its_sessions_goes_on_where_it_is_imported() {
+    use crate::core::session::State;
+    let sent = Sent::default();
+    let mut a = Harness { router: Router::new(Some(Box::new(sent.clone()))), now: Instant::now() };
+    let w = a.worker(1, 1);
+    let (c, c2) = (a.client(100, 2), a.client(101, 4));
+    a.client_sends(100, &c, 1, RtcEvent::Offer);
+    a.worker_sends(1, &w, 100, RtcEvent::Answer);
+    a.client_sends(101, &c2, 1, RtcEvent::Offer);
+    w.take();
+    c.take();
+    let handed = Arc::new(Mutex::new(None));
+    let into = handed.clone();
+    let then = Box::new(move |sessions| *into.lock().unwrap() = Some(sessions));
+    a.run(Command::ExportWorker { worker: 1, conn: cid(1), to: 0xb, then });
+    let sessions = handed.lock().unwrap().take().expect("handed over at once");
+    let mut states: Vec<_> = sessions.iter().map(|s| (s.client, s.state)).collect();
+    states.sort_by_key(|(client, _)| *client);
+    assert_eq!(states, [(100, State::Answered), (101, State::Offered)]);
+    assert_eq!(a.router.session_count(), 0);
+    assert!(w.take().is_empty() && c.take().is_empty(), "nobody hears of the move");
+    // Meanwhile, what its clients send it waits for its claim, in order, then follows it.
+    a.client_sends(100, &c, 1, RtcEvent::AcceptAnswer);
+    a.client_sends(100, &c, 1, RtcEvent::LocalIceCandidate);
+    assert!(sent.take().is_empty() && c.take().is_empty());
+    a.run(Command::Evict { role: Role::Worker, id: 1, newer: ConnId { at: 9, instance: 0xb } });
+    assert_eq!(
+        sent.take(),
+        [(100, 1, 0xb, RtcEvent::AcceptAnswer), (100, 1, 0xb, RtcEvent::LocalIceCandidate)]
+    );
+    // Once the claim is heard, this instance's own clients find it as any worker elsewhere.
+    a.client_sends(101, &c2, 1, RtcEvent::LocalIceCandidate);
+    assert_eq!(sent.take(), [(101, 1, 0, RtcEvent::LocalIceCandidate)]);
+
+    // Its new home: acknowledged, then what it had not received, then its sessions go on.
+    let mut b = Harness::new();
+    let moved = TestSink::new(5);
+    let held = Outbound::relay(RtcEvent::IceCandidate, 1, 100, Bytes::from_static(b"held"));
+    b.run(Command::ImportWorker { worker: 1, sink: moved.clone(), sessions, messages: vec![held] });
+    assert_eq!(moved.events(), [(RtcEvent::Blank, OK), (RtcEvent::IceCandidate, OK)]);
+    assert_eq!(b.router.session_count(), 2);
+    b.client_sends(100, &c, 1, RtcEvent::AcceptAnswer);
+    b.client_sends(100, &c, 1, RtcEvent::AcceptAnswer);
+    assert_eq!(moved.events(), [(RtcEvent::AcceptAnswer, OK)], "the state came along");
+    assert_eq!(c.events(), [(RtcEvent::Error, ErrorCode::InvalidTransition)]);
+    b.worker_sends(1, &moved, 101, RtcEvent::Answer);
+    assert_eq!(c2.events(), [(RtcEvent::Answer, OK)]);
+    b.run(Command::ClientGone { client: 101, conn: cid(4), departure: () });
+    assert_eq!(moved.events(), [(RtcEvent::PeerGone, OK)]);
+}
+
+#[test]
+fn what_waits_for_a_moved_worker_that_never_arrives_is_refused() {
+    let sent = Sent::default();
+    let mut a = Harness { router: Router::new(Some(Box::new(sent.clone()))), now: Instant::now() };
+    a.worker(1, 1);
+    a.worker(2, 3);
+    let c = a.client(100, 2);
+    a.client_sends(100, &c, 1, RtcEvent::Offer);
+    a.client_sends(100, &c, 2, RtcEvent::Offer);
+    for worker in [1, 2] {
+        let then = Box::new(|_| {});
+        a.run(Command::ExportWorker { worker, conn: cid(if worker == 1 { 1 } else { 3 }), to: 0xb, then });
+    }
+    a.client_sends(100, &c, 1, RtcEvent::LocalIceCandidate);
+    a.client_sends(100, &c, 2, RtcEvent::LocalIceCandidate);
+    // The instance it went to dies: it is gone.
+    a.run(Command::InstanceGone { instance: 0xb });
+    assert_eq!(c.events(), [(RtcEvent::Error, ErrorCode::PeerNotConnected); 2]);
+    // A claim never came within MOVING_FOR: the same, and later messages are as for any
+    // worker not registered here.
+    a.run(Command::ExportWorker { worker: 1, conn: cid(1), to: 0xc, then: Box::new(|_| {}) });
+    let w = a.worker(1, 6);
+    let then = Box::new(|_| {});
+    a.run(Command::ExportWorker { worker: 1, conn: cid(6), to: 0xc, then });
+    a.client_sends(100, &c, 1, RtcEvent::Offer);
+    assert!(c.take().is_empty() && w.take().is_empty(), "waits");
+    a.now += MOVING_FOR;
+    a.client_sends(100, &c, 1, RtcEvent::Offer);
+    assert_eq!(c.events(), [(RtcEvent::Error, ErrorCode::PeerNotConnected)]);
+    assert_eq!(sent.take(), [(100, 1, 0, RtcEvent::Offer)]);
+}

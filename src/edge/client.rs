@@ -67,7 +67,10 @@ pub async fn serve(
                 Some(Resumption::Moved(released)) => {
                     edge.adopt(&edge.clients, client, &attachment, encode, released)
                 }
-                None => edge.attach(&edge.clients, client, after, &attachment, welcome, encode),
+                // Only a worker moves with its sessions.
+                Some(Resumption::MovedWith(_)) | None => {
+                    edge.attach(&edge.clients, client, after, &attachment, welcome, encode)
+                }
             };
             if let Some(replaced) = attached.replaced {
                 depart(edge.clone(), client, replaced).await;

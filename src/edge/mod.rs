@@ -306,6 +306,9 @@ fn expired() -> Close {
 
 impl<M, I> Drop for Reader<M, I> {
     fn drop(&mut self) {
+        if let Some(attachment) = &self.attachment {
+            attachment.stop_reading();
+        }
         // A resumable peer outlives its streams: it is forgotten when it departs.
         if self.attachment.is_none() {
             self.edge.forget(self.sink.id());

@@ -4,7 +4,9 @@
 //!   what the peer sends, as read, and writes what the holder sends, as numbered there; it
 //!   neither registers nor claims the peer, and nothing of the peer's sessions is here.
 //! - The **holder**: the peer's home. A peer with nothing to keep there (no session, nothing
-//!   unreceived) is let go instead, and lives on the front's instance from then on. Else it
+//!   unreceived) is let go instead, and lives on the front's instance from then on; a worker
+//!   moves there with its sessions ([`move_worker`]). Else (a client with sessions, a worker
+//!   whose old stream does not stop reading in time or has too much to take along) it
 //!   serves the tunnel as one more stream of the peer (`client::serve` / `worker::serve`
 //!   reading a [`TunnelRx`]), so the takeover, the replay, the rate limit, the token's expiry
 //!   and the detach when the front's stream is cut are the ones of a stream on this instance;
@@ -12,16 +14,20 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
 
 use futures::StreamExt;
 use tonic::Status;
 
 use super::{Edge, Inbound, Opening, client, worker};
 use crate::auth::Granted;
-use crate::cluster::tunnels::{Ask, Hold, Holder, Resumption, TunnelRx, TunnelTx};
-use crate::core::{PeerId, Role};
+use crate::cluster::tunnels::{Ask, Hold, Holder, MovedWorker, Resumption, TunnelRx, TunnelTx};
+use crate::core::{Command, HandedSession, PeerId, PeerSink, Role};
+use crate::peer::Peer;
 use crate::peer::conn::shutting_down;
-use crate::peer::resume::{Attachment, Resumables, Resumed};
+use crate::peer::resume::{Attachment, Moving, Resumables, Resumed};
 
 impl Edge {
     /// A resumable stream of `id` whose peer is not held here, on a gRPC stream: in a cluster,
@@ -79,6 +85,11 @@ impl Holder for Holding {
                 if !edge.workers.holds(ask.id) {
                     return Hold::NotHere;
                 }
+                if let Some(moving) = edge.workers.begin_move(ask.id, ask.after) {
+                    let (answer, answered) = oneshot::channel();
+                    edge.tasks.spawn(move_worker(edge.clone(), ask, granted, moving, (tx, rx), answer));
+                    return Hold::Moving(answered);
+                }
                 let opening = tunnelled(&edge, &ask, tx);
                 edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, rx));
             }
@@ -90,6 +101,69 @@ impl Holder for Holding {
         );
         Hold::Tunnel
     }
+}
+
+/// How long a moving worker's old stream has to stop reading (it waits for room in its queue
+/// only if the worker does not read): past it, the worker stays, served through the tunnel.
+const STOP_READING_WITHIN: Duration = Duration::from_millis(150);
+
+/// Moves a worker with its sessions to the instance of its new stream: once its old stream's
+/// reading task has handed everything it read to the shard, the shard hands the worker's
+/// sessions over, and what it had not received goes along (see [`MovedWorker`]).
+async fn move_worker(
+    edge: Arc<Edge>,
+    ask: Ask,
+    granted: Option<Granted>,
+    moving: Moving,
+    (tx, rx): (TunnelTx, TunnelRx),
+    answer: oneshot::Sender<Hold>,
+) {
+    let _held = Held::new(&edge);
+    if tokio::time::timeout(STOP_READING_WITHIN, moving.stream.wait()).await.is_err() {
+        let opening = tunnelled(&edge, &ask, tx);
+        edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, rx));
+        let _ = answer.send(Hold::Tunnel);
+        return;
+    }
+    let (handed, sessions) = oneshot::channel();
+    let then = Box::new(move |sessions| {
+        let _ = handed.send(sessions);
+    });
+    let export = Command::ExportWorker { worker: ask.id, conn: moving.sink.id(), to: ask.front, then };
+    let shard = edge.shards.of_worker(ask.id);
+    let sessions = match edge.shards.send(shard, export).await {
+        Ok(()) => sessions.await.unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    let taken = edge.workers.finish_move(ask.id, ask.after, &moving);
+    let (mut local, mut handed) = (Vec::new(), Vec::with_capacity(sessions.len()));
+    for HandedSession { client, sink, state } in sessions {
+        handed.push((client, sink.conn(), state));
+        if let Peer::Local(sink) = sink {
+            local.push((client, sink));
+        }
+    }
+    if let Some(cluster) = &edge.cluster {
+        cluster.moved_away(ask.id, ask.front, local).await;
+    }
+    metrics::counter!(crate::metrics::PEERS_MOVED, "role" => "worker").increment(1);
+    tracing::debug!(
+        worker = ask.id,
+        sessions = handed.len(),
+        "worker moved to another instance with its sessions"
+    );
+    let moved = MovedWorker {
+        from: edge.instance,
+        first_seq: ask.after + 1,
+        last_received: taken.last_received,
+        messages: taken.messages,
+        sessions: handed,
+    };
+    let _ = answer.send(Hold::Moved(Box::new(moved)));
+    // Then it departs from here as any ended worker: its shard has nothing of it any more, and
+    // its registration, which answered locates, ends.
+    edge.forget(moving.sink.id());
+    worker::depart(edge.clone(), ask.id, moving.sink.clone()).await;
 }
 
 /// A resumable opening whose response stream is pumped to the front through `tx`.

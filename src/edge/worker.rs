@@ -12,6 +12,7 @@ use crate::cluster::tunnels::Resumption;
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{RtcEvent, WorkerRtcMessage};
 use crate::peer::conn::shutting_down;
+use crate::peer::resume::Released;
 use crate::peer::{Close, Numbering, Peer, PeerReply, Sink};
 
 pub fn encode(msg: Outbound, numbering: Numbering) -> WorkerRtcMessage {
@@ -86,6 +87,8 @@ pub async fn serve(
             };
         }
     };
+    // A worker that moved here with its sessions (from its holder's answer).
+    let mut imported = None;
     let (sink, mut reader, attachment, resumed) = match opening {
         Opening::Plain(sink) => (sink, plain_reader.expect("read the registration"), None, false),
         Opening::Resumable { after, attachment } => {
@@ -99,6 +102,12 @@ pub async fn serve(
                 }
                 Some(Resumption::Moved(released)) => {
                     edge.adopt(&edge.workers, worker, &attachment, encode, released)
+                }
+                Some(Resumption::MovedWith(moved)) => {
+                    let released = Released { next_seq: moved.first_seq, last_received: moved.last_received };
+                    let attached = edge.adopt(&edge.workers, worker, &attachment, encode, released);
+                    imported = Some(moved);
+                    attached
                 }
                 None => edge.attach(&edge.workers, worker, after, &attachment, welcome, encode),
             };
@@ -117,13 +126,21 @@ pub async fn serve(
     if !resumed {
         // In a cluster, the registration is acknowledged only once other instances can find
         // it; it is held as long as the worker is (a resumable one's across its streams).
-        if let Some(cluster) = &edge.cluster {
-            let registration = cluster.register_worker(worker, sink.id()).await;
+        // A moved worker's sessions are in its shard before its claim tells other instances.
+        if let (Some(cluster), Some(moved)) = (&edge.cluster, imported) {
+            let from = moved.from;
+            cluster.import_worker(worker, sink.clone(), moved).await;
+            let registration = cluster.register_worker(worker, sink.id(), Some(from)).await;
             edge.keep(&sink, registration);
-        }
-        let register = Command::RegisterWorker { worker, sink: Peer::Local(sink.clone()) };
-        if shards.send(shard, register).await.is_err() {
-            return sink.end(Close::Now(shutting_down()));
+        } else {
+            if let Some(cluster) = &edge.cluster {
+                let registration = cluster.register_worker(worker, sink.id(), None).await;
+                edge.keep(&sink, registration);
+            }
+            let register = Command::RegisterWorker { worker, sink: Peer::Local(sink.clone()) };
+            if shards.send(shard, register).await.is_err() {
+                return sink.end(Close::Now(shutting_down()));
+            }
         }
     }
     let gauge = connected(Role::Worker);
@@ -159,7 +176,7 @@ fn no_registration(within: std::time::Duration) -> Status {
 }
 
 /// A worker stream is gone for good: its shard ends its sessions.
-async fn depart(edge: Arc<Edge>, worker: PeerId, sink: Sink) {
+pub(super) async fn depart(edge: Arc<Edge>, worker: PeerId, sink: Sink) {
     let shards = &edge.shards;
     if shards.send(shards.of_worker(worker), Command::WorkerGone { worker, conn: sink.id() }).await.is_err() {
         sink.end(Close::Now(shutting_down()));

@@ -390,6 +390,17 @@ impl<M> OutboundStream<M> {
         self.resumed_welcome = true;
     }
 
+    /// Takes what is queued and not yet written, in order (a worker moving to another
+    /// instance takes it along).
+    pub fn take_queued(&mut self) -> Vec<Outbound> {
+        let mut queued = Vec::new();
+        while let Ok(msg) = self.rx.try_recv() {
+            self.conn.free_slot();
+            queued.push(msg);
+        }
+        queued
+    }
+
     /// The numbering of a resumable peer's stream.
     pub fn numbers(&self) -> Option<&Numbers> {
         self.numbers.as_ref()

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 
 use super::{PeerReply, Sink};
-use crate::core::{ConnId, DeliverError, Outbound, PeerId, Signal};
+use crate::core::{ConnId, DeliverError, InstanceId, Outbound, PeerId, Signal};
 
 /// What the shards and the edge hand to the cluster bridge for workers on other instances. One
 /// queue for all of it, so that what one sender hands over stays in its order: a client's
@@ -19,6 +19,25 @@ pub enum ToCluster {
     ClientSignal { client: PeerId, sink: Sink, worker: PeerId, signal: Signal<PeerReply> },
     /// A local client stream ended, after every message it sent was routed (see [`Departure`]).
     ClientGone { client: PeerId, conn: ConnId },
+    /// A client's message (`sink` here or on another instance) for a worker that moved from
+    /// here to `to`: it follows the worker there.
+    Forward { client: PeerId, sink: super::Peer, worker: PeerId, to: InstanceId, signal: Signal<PeerReply> },
+    /// A worker moved here from another instance with its sessions: the bridge finds their
+    /// clients' streams and hands them to the worker's shard; `done` once it has.
+    ImportWorker {
+        worker: PeerId,
+        sink: Sink,
+        moved: Box<crate::cluster::tunnels::MovedWorker>,
+        done: tokio::sync::oneshot::Sender<()>,
+    },
+    /// A worker moved from here to `to` with its sessions: these local clients of it now talk
+    /// to it across; `done` once the bridge knows.
+    MovedAway {
+        worker: PeerId,
+        to: InstanceId,
+        clients: Vec<(PeerId, Sink)>,
+        done: tokio::sync::oneshot::Sender<()>,
+    },
 }
 
 /// The sending end of the bridge's queue.

@@ -50,6 +50,9 @@ pub struct Attachment<M> {
     /// What to write, once the peer is known (a worker's after its registration); taken by
     /// the response writer.
     bound: Mutex<Option<Bound<M>>>,
+    /// Set once its reading task has stopped: everything it read was handed to the shards.
+    stopped_reading: AtomicBool,
+    stopped: tokio::sync::Notify,
 }
 
 impl<M> Attachment<M> {
@@ -60,7 +63,26 @@ impl<M> Attachment<M> {
             reader: AtomicWaker::new(),
             writer: AtomicWaker::new(),
             bound: Mutex::new(None),
+            stopped_reading: AtomicBool::new(false),
+            stopped: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Its reading task stopped (for that task, as its last step).
+    pub fn stop_reading(&self) {
+        self.stopped_reading.store(true, Ordering::Release);
+        self.stopped.notify_waiters();
+    }
+
+    /// Resolves once its reading task stopped (at once if it has).
+    pub async fn reading_stopped(&self) {
+        loop {
+            let notified = self.stopped.notified();
+            if self.stopped_reading.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Ends this stream (not the peer) with `status`, or quietly (`None`: the peer went away).
@@ -232,6 +254,35 @@ pub struct Released {
     pub last_received: u64,
 }
 
+/// The most messages a worker takes along when it moves with its sessions (what it had not
+/// received, and what was queued for it); one with more stays, served through a tunnel.
+pub const MOVE_AT_MOST: usize = 256;
+
+/// A worker on its way to another instance with its sessions (see [`Resumables::begin_move`]).
+pub struct Moving {
+    pub sink: Sink,
+    /// Its stream until now, ended: its reading task must stop before the sessions leave.
+    pub stream: Arc<dyn StoppedReading>,
+}
+
+/// A stream whose reading task can be waited for.
+pub trait StoppedReading: Send + Sync {
+    fn wait(&self) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+}
+
+impl<M: Send + 'static> StoppedReading for Attachment<M> {
+    fn wait(&self) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.reading_stopped())
+    }
+}
+
+/// What a moved worker takes along.
+pub struct TakenAlong {
+    /// What it had not received, then what was queued for it: numbered on from `after` + 1.
+    pub messages: Vec<Outbound>,
+    pub last_received: u64,
+}
+
 /// How a detached peer's grace period ended.
 pub enum Expired {
     /// It did not resume in time.
@@ -382,6 +433,51 @@ impl<M> Resumables<M> {
         Some(Released { next_seq, last_received: entry.sink.last_received() })
     }
 
+    /// A worker's stream on another instance, which received up to `after`, asks for it while
+    /// it holds sessions: it moves there with them if what it would take along is kept and
+    /// small (at most [`MOVE_AT_MOST`] messages). Its current stream ends (`ABORTED`); its
+    /// queue stays open until the shard has handed its sessions over ([`Self::finish_move`]).
+    /// `None`: it stays, served through a tunnel.
+    pub fn begin_move(&self, id: PeerId, after: u64) -> Option<Moving>
+    where
+        M: Send + 'static,
+    {
+        let mut peers = self.peers.lock().expect("not poisoned");
+        let entry = peers.get_mut(&id)?;
+        if entry.sink.is_ended() {
+            return None;
+        }
+        let outbound = entry.outbound.lock().expect("not poisoned");
+        let numbers = outbound.numbers()?;
+        let unreceived = numbers.next().checked_sub(after + 1)? as usize;
+        if numbers.after(after).is_err() || unreceived + entry.sink.queued() > MOVE_AT_MOST {
+            return None;
+        }
+        entry.attachment.end(Some(Status::aborted("this peer resumed on another instance")));
+        drop(outbound);
+        // Its grace period, if it was detached, no longer applies.
+        entry.generation += 1;
+        Some(Moving { sink: entry.sink.clone(), stream: entry.attachment.clone() })
+    }
+
+    /// The shard handed the moving worker's sessions over: nothing more is queued for it here.
+    /// Takes what it had not received (after `after`) and what is queued, ends its queue, and
+    /// forgets it.
+    pub fn finish_move(&self, id: PeerId, after: u64, moving: &Moving) -> TakenAlong {
+        let mut peers = self.peers.lock().expect("not poisoned");
+        let mut messages = Vec::new();
+        if let Some(entry) = peers.get(&id).filter(|e| Arc::ptr_eq(&e.sink, &moving.sink)) {
+            let mut outbound = entry.outbound.lock().expect("not poisoned");
+            let missed = outbound.numbers().map(|n| n.after(after));
+            messages.extend(missed.into_iter().flatten().flatten().map(|(_, msg)| msg));
+            messages.extend(outbound.take_queued());
+            drop(outbound);
+            peers.remove(&id);
+        }
+        moving.sink.end(Close::Now(Status::aborted("this peer resumed on another instance")));
+        TakenAlong { messages, last_received: moving.sink.last_received() }
+    }
+
     /// The peer left or ended for good on `attachment`: forgotten, if that is its current one.
     pub fn remove(&self, id: PeerId, attachment: &Arc<Attachment<M>>) {
         let mut peers = self.peers.lock().expect("not poisoned");
@@ -424,90 +520,4 @@ impl<M> Resumables<M> {
 }
 
 #[cfg(test)]
-mod tests {
-    use bytes::Bytes;
-    use futures::FutureExt;
-    use tokio_stream::StreamExt;
-
-    use super::*;
-    use crate::core::ConnId;
-    use crate::pb::RtcEvent;
-    use crate::peer::Conn;
-
-    fn candidate() -> Outbound {
-        Outbound::relay(RtcEvent::IceCandidate, 7, 1, Bytes::from_static(b"c"))
-    }
-
-    /// Peer 7, resumable, held with one stream attached: its queue, that stream, what it writes.
-    fn held(peers: &Resumables<Outbound>) -> (Sink, Arc<Attachment<Outbound>>, Resumed<Outbound>) {
-        let (sink, outbound) = Conn::open_numbered(ConnId { at: 1, instance: 1 }, 8, |m, _| m);
-        let attachment = Attachment::new();
-        peers.insert(7, sink.clone(), outbound, &attachment);
-        let stream = Resumed::new(attachment.clone());
-        (sink, attachment, stream)
-    }
-
-    #[test]
-    fn a_peer_is_let_go_only_with_no_session_nothing_owed_and_everything_received() {
-        let peers = Resumables::default();
-        let (sink, attachment, mut stream) = held(&peers);
-
-        sink.try_deliver(candidate()).unwrap();
-        assert_eq!(peers.release(7, 0), None, "a message queued");
-        assert!(matches!(stream.next().now_or_never(), Some(Some(Ok(_)))), "written, numbered 1");
-        assert_eq!(peers.release(7, 0), None, "the peer has not received 1");
-        let permit = sink.try_reserve().unwrap();
-        assert_eq!(peers.release(7, 1), None, "an answer owed to the peer");
-        drop(permit);
-        assert!(sink.open_session(0));
-        assert_eq!(peers.release(7, 1), None, "a session held");
-        assert!(sink.try_reserve().is_some(), "a release given up leaves the queue as it was");
-        sink.close_session();
-        sink.received(5);
-
-        assert_eq!(peers.release(7, 1), Some(Released { next_seq: 2, last_received: 5 }));
-        assert!(sink.is_ended() && attachment.is_taken_over(), "its queue and its stream end");
-        assert!(sink.try_deliver(candidate()).is_err() && sink.try_reserve().is_none());
-        assert!(!peers.holds(7) && peers.release(7, 1).is_none(), "let go once");
-        assert!(matches!(peers.expire(7, 0), Some(Expired::Released(_))), "departs without expiring");
-    }
-
-    #[test]
-    fn a_drain_tells_each_stream_once_and_a_resumed_one_again_once_it_holds_nothing() {
-        let peers = Resumables::default();
-        let (sink, _first, mut stream) = held(&peers);
-        assert!(sink.open_session(0));
-        let reconnect = |id| Outbound::relay(RtcEvent::Reconnect, id, 0, Bytes::new());
-        assert_eq!(peers.reconnect(false, reconnect), [sink.id()], "every open stream at first");
-        assert!(matches!(stream.next().now_or_never(), Some(Some(Ok(m))) if m.event == RtcEvent::Reconnect));
-        assert!(peers.reconnect(false, reconnect).is_empty(), "once per stream");
-        // It resumes on a new stream (through a tunnel), its session still held.
-        let second = Attachment::new();
-        let welcome = Outbound::relay(RtcEvent::Blank, 7, 0, Bytes::new());
-        assert!(matches!(peers.take_over(7, 1, &second, welcome), Resume::Resumed(_)));
-        assert!(peers.reconnect(true, reconnect).is_empty(), "it holds a session");
-        sink.close_session();
-        assert_eq!(peers.reconnect(true, reconnect), [sink.id()], "idle on its new stream: told again");
-        assert!(peers.reconnect(true, reconnect).is_empty());
-    }
-
-    #[test]
-    fn a_peer_moved_here_numbers_on_and_its_welcome_says_resumed() {
-        let (sink, mut outbound) =
-            Conn::open_numbered(ConnId { at: 1, instance: 2 }, 8, |m, n: Numbering| (m.event, n));
-        outbound.moved_from(Released { next_seq: 12, last_received: 4 });
-        sink.deliver_owed(Outbound::relay(RtcEvent::Blank, 7, 0, Bytes::new()));
-        sink.try_deliver(candidate()).unwrap();
-        let mut written = Vec::new();
-        while let Some(Some(Ok(m))) = outbound.next().now_or_never() {
-            written.push(m);
-        }
-        let welcome = Numbering { seq: 4, resumed: true };
-        assert_eq!(
-            written,
-            [(RtcEvent::Blank, welcome), (RtcEvent::IceCandidate, Numbering { seq: 12, resumed: false })]
-        );
-        assert!(outbound.numbers().unwrap().after(11).is_ok(), "a resume after 11 replays 12");
-        assert!(outbound.numbers().unwrap().after(10).is_err(), "what was written elsewhere is not here");
-    }
-}
+mod tests;

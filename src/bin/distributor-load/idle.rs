@@ -6,6 +6,11 @@
 //! true`, numbered on. Once the drained instance has exited, a client of its own at
 //! `--resume-at` offers each worker, which must get the `OFFER` numbered right after its
 //! `RECONNECT`: it lives on where it resumed, not through the instance that is gone.
+//!
+//! With `--with-sessions`, each worker holds a session when the drain begins instead: a client
+//! of its own at `--resume-at` has offered and the worker answered. Once the drained instance
+//! has exited, the client accepts the answer, which the worker must get, numbered right after
+//! its `RECONNECT`: the session moved with it.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -55,33 +60,43 @@ async fn worker(
 ) -> anyhow::Result<(ResumeReport, u64)> {
     let mut report = ResumeReport::default();
     let drained = load.workers_at.as_deref().unwrap_or(&load.clients_at);
-    let set_up = open_worker(drained, id, 0).await;
+    let resume_at = load.resume_at.as_deref().unwrap_or(drained);
+    let mut set_up = open_worker(drained, id, 0).await;
+    let session = match (&mut set_up, load.with_sessions) {
+        (Ok((tx, rx, _)), true) => Some(mid_negotiation(resume_at, id, tx, rx).await),
+        _ => None,
+    };
     ready.wait().await;
-    let (_old_tx, mut old_rx, _) = set_up?;
+    let (old_tx, mut old_rx, _) = set_up?;
+    let session = session.transpose()?;
     let reconnect = next(&mut old_rx, "RECONNECT").await?;
     anyhow::ensure!(
         reconnect.event() == RtcEvent::Reconnect,
         "worker {id}: expected RECONNECT, got {reconnect:?}"
     );
     report.received += 1;
-    let resume_at = load.resume_at.as_deref().unwrap_or(drained);
     let (_tx, mut rx, ack) = open_worker(resume_at, id, reconnect.seq).await?;
     report.resumes += 1;
     let took = sigtermed.wait_for(Option::is_some).await?.expect("set").elapsed().as_micros() as u64;
     if !ack.resumed {
         report.not_resumed += 1;
     }
-    drop(old_rx);
+    drop((old_tx, old_rx));
     exited.wait_for(|e| *e).await?;
-    // A client of its own offers it, at the instance it moved to.
-    let (ctx, crx) = mpsc::channel(4);
-    ctx.send(ClientRtcMessage::to_worker(id, RtcEvent::Offer, &b"v=0 offer"[..])).await?;
-    let client = ClientServiceClient::new(crate::peers::connect(resume_at).await?)
-        .negotiate_peer_connection(Request::new(ReceiverStream::new(crx)))
-        .await?
-        .into_inner();
-    let offer = match next(&mut rx, "the OFFER after the drain").await {
-        Ok(offer) if offer.event() == RtcEvent::Offer => offer,
+    // Its client accepts the answer, or a client of its own offers it, at the instance it
+    // moved to.
+    let (expected, (ctx, client)) = match session {
+        Some((ctx, client)) => {
+            ctx.send(ClientRtcMessage::to_worker(id, RtcEvent::AcceptAnswer, &b""[..])).await?;
+            (RtcEvent::AcceptAnswer, (ctx, client))
+        }
+        None => {
+            let offer = ClientRtcMessage::to_worker(id, RtcEvent::Offer, &b"v=0 offer"[..]);
+            (RtcEvent::Offer, open_client(resume_at, Some(offer)).await?)
+        }
+    };
+    let offer = match next(&mut rx, "the client's message after the drain").await {
+        Ok(offer) if offer.event() == expected => offer,
         // Its stream ended with the drained instance, or its client was refused.
         _ => {
             report.lost = Some(1);
@@ -97,6 +112,44 @@ async fn worker(
     }
     drop((ctx, client));
     Ok((report, took))
+}
+
+/// Opens a plain client stream at `url`, sending `first` if given.
+async fn open_client(
+    url: &str,
+    first: Option<ClientRtcMessage>,
+) -> anyhow::Result<(mpsc::Sender<ClientRtcMessage>, Streaming<ClientRtcMessage>)> {
+    let (tx, rx) = mpsc::channel(4);
+    if let Some(first) = first {
+        tx.send(first).await?;
+    }
+    let client = ClientServiceClient::new(crate::peers::connect(url).await?)
+        .negotiate_peer_connection(Request::new(ReceiverStream::new(rx)))
+        .await?
+        .into_inner();
+    Ok((tx, client))
+}
+
+/// Opens a session with worker `id` from a client at `url`: the client offers, the worker
+/// (`tx`, `rx`) answers, the client gets the answer. Returns the client.
+async fn mid_negotiation(
+    url: &str,
+    id: i64,
+    tx: &mpsc::Sender<WorkerRtcMessage>,
+    rx: &mut Streaming<WorkerRtcMessage>,
+) -> anyhow::Result<(mpsc::Sender<ClientRtcMessage>, Streaming<ClientRtcMessage>)> {
+    let offer = ClientRtcMessage::to_worker(id, RtcEvent::Offer, &b"v=0 offer"[..]);
+    let (ctx, mut client) = open_client(url, Some(offer)).await?;
+    let welcome = next(&mut client, "the client's welcome").await?;
+    let offer = next(rx, "the OFFER").await?;
+    anyhow::ensure!(offer.event() == RtcEvent::Offer, "worker {id}: expected the OFFER, got {offer:?}");
+    tx.send(WorkerRtcMessage::to_client(welcome.client_id, RtcEvent::Answer, &b"v=0 answer"[..])).await?;
+    let answer = next(&mut client, "the ANSWER").await?;
+    anyhow::ensure!(
+        answer.event() == RtcEvent::Answer,
+        "worker {id}'s client: expected the ANSWER, got {answer:?}"
+    );
+    Ok((ctx, client))
 }
 
 /// How the instance is drained.

@@ -67,6 +67,12 @@ pub struct ResumeLoad {
     /// by a client once the drained instance has exited.
     #[arg(long)]
     pub idle_workers: bool,
+    /// With --idle-workers: each worker holds a session mid-negotiation when the drain begins
+    /// (a client of its own at --resume-at offered, the worker answered); once the drained
+    /// instance has exited, the client accepts the answer, and the worker must get it, numbered
+    /// right after its RECONNECT.
+    #[arg(long, requires = "idle_workers")]
+    pub with_sessions: bool,
     /// With --idle-workers, instead of --drain-pid: drain by running this shell command, which
     /// returns once the instance has exited (e.g. `docker stop`).
     #[arg(long, requires = "idle_workers", conflicts_with = "drain_pid")]

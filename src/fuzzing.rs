@@ -224,6 +224,7 @@ pub fn claim_and_heartbeat(data: &[u8]) {
         id: WORKER,
         conn: Some(wire::Conn { at: u64::MAX, instance: 0xb }),
         moved_from: 0,
+        now_at: 0,
     };
     bridge.claim(own.encode_to_vec().into());
     if wire::Claim::decode(data).is_err() {

@@ -73,6 +73,7 @@ fn record() -> impl Strategy<Value = wire::Record> {
             Kind::ToWorker(wire::ToWorker { worker, client, event, payload: p.into(), error_code })
         }),
         (id(), conn()).prop_map(|(client, conn)| Kind::ClientGone(wire::ClientGone { client, conn })),
+        (conn(), instance()).prop_map(|(conn, from)| Kind::Repointed(wire::Repointed { conn, from })),
     ];
     prop::option::of(kind).prop_map(|kind| wire::Record { kind })
 }
@@ -87,10 +88,17 @@ fn frame() -> impl Strategy<Value = Vec<u8>> {
     )
 }
 
+/// An instance id: none, one of the test's own, or any.
+fn instance() -> impl Strategy<Value = u64> {
+    prop_oneof![Just(0u64), Just(0xa), Just(0xb), any::<u64>()]
+}
+
 fn claim_or_beat() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
-        (any::<bool>(), id(), conn(), prop_oneof![Just(0u64), Just(0xa), Just(0xb), any::<u64>()]).prop_map(
-            |(worker, id, conn, moved_from)| wire::Claim { worker, id, conn, moved_from }.encode_to_vec()
+        (any::<bool>(), id(), conn(), instance(), instance()).prop_map(
+            |(worker, id, conn, moved_from, now_at)| {
+                wire::Claim { worker, id, conn, moved_from, now_at }.encode_to_vec()
+            }
         ),
         (prop_oneof![Just(0xau64), Just(0xb), any::<u64>()], any::<bool>())
             .prop_map(|(instance, leaving)| wire::Heartbeat { instance, leaving }.encode_to_vec()),

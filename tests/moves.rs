@@ -208,18 +208,18 @@ async fn a_worker_with_sessions_moves_with_them_and_outlives_its_old_instance() 
     w.expect_quiet().await;
 }
 
-/// A drain, for a worker mid-negotiation: told `RECONNECT`, it resumes on the other instance
-/// and moves there with its session, so that the drained instance has nothing left to serve
-/// and stops early, and the negotiation finishes after it stopped. A client with a session is
-/// still served through a tunnel; it is told `RECONNECT` again once its last session ended,
-/// and its next resume moves it.
+/// A drain, for peers mid-negotiation: a worker (its client on another instance) and a client
+/// (its workers on the instance it resumes on and on a third): each, told `RECONNECT`, resumes
+/// on the other instance and moves there with its sessions, so that the drained instance has
+/// nothing left to serve and stops early, and every negotiation finishes after it stopped.
 #[tokio::test]
-async fn a_drained_instance_moves_a_worker_with_its_session_and_a_client_once_it_holds_none() {
+async fn a_drained_instance_moves_its_peers_with_their_sessions_and_stops_early() {
     let nats = NatsCluster::start().await;
-    let b = instance(&nats, "m3").await;
+    let (b, c3) = (instance(&nats, "m3").await, instance(&nats, "m3").await);
     let mut a = process(&nats, "m3", "6s");
     let a_server = TestServer::external(&a.addr);
     reach_each_other(&a_server, &b, 3500).await;
+    reach_each_other(&c3, &b, 3510).await;
     let after = |n: u64| [("x-resume-after", n.to_string())];
     let mut w = worker_with(&a_server, 36, &after(0)).await;
     let (mut c, cid) = client(&b).await;
@@ -227,12 +227,16 @@ async fn a_drained_instance_moves_a_worker_with_its_session_and_a_client_once_it
     assert_eq!(w.recv().await.seq, 1);
     w.send(to_client(cid, RtcEvent::Answer, b"answer")).await;
     assert_eq!(c.recv().await.event(), RtcEvent::Answer);
-    // A resumable client on A with a session with a worker on B.
-    let mut w2 = worker(&b, 37).await;
+    // A resumable client on A, with a worker on B (answered) and one on a third instance.
+    let (mut w37, mut w38) = (worker(&b, 37).await, worker(&c3, 38).await);
     let client_meta = |n: u64| [("x-client-id", "37000".to_string()), ("x-resume-after", n.to_string())];
     let (mut c2, _) = client_with(&a_server, &client_meta(0)).await;
-    c2.send(to_worker(37, RtcEvent::Offer, b"offer 2")).await;
-    assert_eq!(w2.recv().await.event(), RtcEvent::Offer);
+    c2.send(to_worker(37, RtcEvent::Offer, b"offer 37")).await;
+    c2.send(to_worker(38, RtcEvent::Offer, b"offer 38")).await;
+    assert_eq!(w37.recv().await.event(), RtcEvent::Offer);
+    assert_eq!(w38.recv().await.event(), RtcEvent::Offer);
+    w37.send(to_client(37_000, RtcEvent::Answer, b"answer 37")).await;
+    assert_eq!(expect_numbered(&mut c2, RtcEvent::Answer, 1).await, b"answer 37");
 
     let drained = Instant::now();
     let exit = tokio::task::spawn_blocking(move || (a.terminate(), Instant::now()));
@@ -242,31 +246,95 @@ async fn a_drained_instance_moves_a_worker_with_its_session_and_a_client_once_it
     let ack = w.recv().await;
     assert_eq!((ack.event(), ack.resumed), (RtcEvent::Blank, true), "{ack:?}");
     let reconnect = c2.recv().await;
-    assert_eq!((reconnect.event(), reconnect.seq), (RtcEvent::Reconnect, 1), "{reconnect:?}");
-    let mut c2 = open_client(b.channel().await, &client_meta(1)).await.unwrap();
-    assert!(c2.recv().await.resumed, "through a tunnel to A, which holds its session");
-    // The client's session ends (its worker leaves): told again, it moves.
-    w2.close();
-    let gone = c2.recv().await;
-    assert_eq!((gone.event(), gone.seq), (RtcEvent::PeerGone, 2), "{gone:?}");
-    let again = c2.recv().await;
-    assert_eq!((again.event(), again.seq), (RtcEvent::Reconnect, 3), "idle now: {again:?}");
-    let mut c2 = open_client(b.channel().await, &client_meta(3)).await.unwrap();
-    assert!(c2.recv().await.resumed);
+    assert_eq!((reconnect.event(), reconnect.seq), (RtcEvent::Reconnect, 2), "{reconnect:?}");
+    let mut c2 = open_client(b.channel().await, &client_meta(2)).await.unwrap();
+    let welcome = c2.recv().await;
+    assert_eq!((welcome.event(), welcome.resumed), (RtcEvent::Blank, true), "{welcome:?}");
 
     let (status, exited) = exit.await.unwrap();
     assert!(status.success(), "{status:?}");
     let took = exited.duration_since(drained);
     assert!(took < Duration::from_secs(5), "nothing held there: stopped before its 6 s drain ({took:?})");
-    // The negotiation finishes on B, where the worker moved with its session.
+    // Every negotiation finishes on B and C, without A.
     c.send(to_worker(36, RtcEvent::AcceptAnswer, b"")).await;
     let accepted = w.recv().await;
     assert_eq!((accepted.event(), accepted.client_id, accepted.seq), (RtcEvent::AcceptAnswer, cid, 3));
     w.send(to_client(cid, RtcEvent::LocalIceCandidate, b"candidate")).await;
     assert_eq!(c.recv().await.event(), RtcEvent::IceCandidate);
-    c2.send(to_worker(36, RtcEvent::Offer, b"the moved client")).await;
-    let offer = w.recv().await;
-    assert_eq!((offer.event(), offer.client_id, offer.seq), (RtcEvent::Offer, 37_000, 4), "{offer:?}");
+    c2.send(to_worker(37, RtcEvent::AcceptAnswer, b"")).await;
+    assert_eq!(w37.recv().await.event(), RtcEvent::AcceptAnswer);
+    w37.send(to_client(37_000, RtcEvent::LocalIceCandidate, b"from 37")).await;
+    assert_eq!(expect_numbered(&mut c2, RtcEvent::IceCandidate, 3).await, b"from 37");
+    w38.send(to_client(37_000, RtcEvent::Answer, b"answer 38")).await;
+    assert_eq!(expect_numbered(&mut c2, RtcEvent::Answer, 4).await, b"answer 38");
+    c2.send(to_worker(38, RtcEvent::AcceptAnswer, b"")).await;
+    assert_eq!(w38.recv().await.event(), RtcEvent::AcceptAnswer);
+    c.expect_quiet().await;
+    c2.expect_quiet().await;
+}
+
+/// A client that holds sessions and resumes on another instance moves there with them, its
+/// stream keeping its id: what its worker on a third instance sent while it was cut comes
+/// first, numbered on; its workers on its old instance, on its new one and on the third reach
+/// it and are reached; when its old instance dies, only the session of the worker that died
+/// with it ends.
+#[tokio::test]
+async fn a_client_with_sessions_moves_with_them_and_outlives_its_old_instance() {
+    let nats = NatsCluster::start().await;
+    let (b, c3) = (instance(&nats, "m5").await, instance(&nats, "m5").await);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut a = process_with(&nats, "m5", &["--metrics-listen", &metrics]);
+    let a_server = TestServer::external(&a.addr);
+    reach_each_other(&a_server, &b, 3900).await;
+    reach_each_other(&c3, &b, 3910).await;
+    reach_each_other(&c3, &a_server, 3920).await;
+    let meta = |n: u64| [("x-client-id", "39000".to_string()), ("x-resume-after", n.to_string())];
+    let (mut c, _) = client_with(&a_server, &meta(0)).await;
+    let (mut on_a, mut on_b, mut on_c) =
+        (worker(&a_server, 391).await, worker(&b, 392).await, worker(&c3, 393).await);
+    for (w, id) in [(&mut on_a, 391), (&mut on_b, 392), (&mut on_c, 393)] {
+        c.send(to_worker(id, RtcEvent::Offer, b"offer")).await;
+        assert_eq!(w.recv().await.event(), RtcEvent::Offer);
+    }
+    on_a.send(to_client(39_000, RtcEvent::Answer, b"a")).await;
+    assert_eq!(expect_numbered(&mut c, RtcEvent::Answer, 1).await, b"a");
+    c.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    on_c.send(to_client(39_000, RtcEvent::Answer, b"held")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut c = open_client(b.channel().await, &meta(1)).await.unwrap();
+    // Sent while the client moves: it reaches it, after what was held.
+    on_b.send(to_client(39_000, RtcEvent::Answer, b"racing")).await;
+    let welcome = c.recv().await;
+    assert_eq!((welcome.event(), welcome.resumed), (RtcEvent::Blank, true), "{welcome:?}");
+    assert_eq!(expect_numbered(&mut c, RtcEvent::Answer, 2).await, b"held");
+    assert_eq!(expect_numbered(&mut c, RtcEvent::Answer, 3).await, b"racing");
+    let moved = metric(&metrics_text(&metrics), "distributor_peers_moved_total{role=\"client\"}");
+    assert_eq!(moved, 1.0, "A counts the move");
+
+    // Every session goes on from where it stood.
+    for (w, id, seq) in [(&mut on_a, 391, 4), (&mut on_b, 392, 5), (&mut on_c, 393, 6)] {
+        c.send(to_worker(id, RtcEvent::AcceptAnswer, b"")).await;
+        let accepted = w.recv().await;
+        assert_eq!((accepted.event(), accepted.client_id), (RtcEvent::AcceptAnswer, 39_000), "{accepted:?}");
+        w.send(to_client(39_000, RtcEvent::LocalIceCandidate, b"cand")).await;
+        assert_eq!(expect_numbered(&mut c, RtcEvent::IceCandidate, seq).await, b"cand", "from {id}");
+    }
+    c.send(to_worker(392, RtcEvent::AcceptAnswer, b"")).await;
+    assert_client_error(&c.recv().await, ErrorCode::InvalidTransition, 392);
+
+    // A dies with its worker: that session ends; the others go on.
+    a.kill();
+    let gone = tokio::time::timeout(Duration::from_secs(8), c.rx_message()).await.expect("in time");
+    let gone = gone.expect("the stream goes on").expect("a message");
+    assert_eq!((gone.event(), gone.worker_machine_id, gone.seq), (RtcEvent::PeerGone, 391, 8), "{gone:?}");
+    for (w, id, seq) in [(&mut on_b, 392, 9), (&mut on_c, 393, 10)] {
+        w.send(to_client(39_000, RtcEvent::LocalIceCandidate, b"after A")).await;
+        assert_eq!(expect_numbered(&mut c, RtcEvent::IceCandidate, seq).await, b"after A", "from {id}");
+        c.send(to_worker(id, RtcEvent::LocalIceCandidate, b"still here")).await;
+        assert_eq!(w.recv().await.event(), RtcEvent::IceCandidate);
+    }
     c.expect_quiet().await;
 }
 

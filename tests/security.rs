@@ -85,7 +85,7 @@ async fn forged_cluster_traffic_is_rejected_and_changes_nothing() {
     let conn = |instance| Some(wire::Conn { at: u64::MAX, instance });
     for (i, &id) in ids.iter().enumerate() {
         let other = ids[1 - i];
-        let claim = wire::Claim { worker: true, id: 7, conn: conn(id), moved_from: 0 };
+        let claim = wire::Claim { worker: true, id: 7, conn: conn(id), moved_from: 0, now_at: 0 };
         attacker.publish(format!("{PREFIX}.claim"), claim.encode_to_vec().into()).await.unwrap();
         let leaving = wire::Heartbeat { instance: id, leaving: true };
         attacker.publish(format!("{PREFIX}.hb"), leaving.encode_to_vec().into()).await.unwrap();

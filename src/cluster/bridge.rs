@@ -26,14 +26,13 @@ use prost::Message;
 
 use super::clients::LocalClients;
 use super::directory::{Directory, Lookup, Route};
-use super::links::{Links, RETIRED_FOR};
-use super::liveness::{HEARTBEAT_EVERY, Liveness};
+use super::links::Links;
+use super::liveness::Liveness;
 use super::tunnels::{TunnelCommand, Tunnels};
 use super::wire::{self, record::Kind};
 use crate::core::{
     Command, ConnId, DeliverError, InstanceId, Outbound, PeerId, Role, Signal, refuse, session,
 };
-use crate::metrics as names;
 use crate::pb::{ErrorCode, RtcEvent};
 use crate::peer::{ConnClock, Peer, PeerReply, RemoteClient, Sink, ToClients, ToCluster};
 use crate::shards::Shards;
@@ -90,6 +89,8 @@ pub struct Bridge {
     clients: LocalClients,
     remote: HashMap<ConnId, Arc<RemoteClient>>,
     tunnels: Tunnels,
+    /// Clients that moved between instances with their sessions (see [`client_moves`]).
+    moves: ClientMoves,
     /// Local clients that left while messages of theirs waited for a locate.
     departing: HashMap<ConnId, PeerId>,
     /// The `sent_at` of the last heartbeat believed from each instance, and when: a replayed
@@ -125,6 +126,7 @@ impl Bridge {
             clients: LocalClients::default(),
             remote: HashMap::new(),
             tunnels: Tunnels::default(),
+            moves: ClientMoves::default(),
             departing: HashMap::new(),
             beats: HashMap::new(),
             parked,
@@ -167,6 +169,13 @@ impl Bridge {
             }
             ToCluster::Forward { client, sink, worker, to, signal } => {
                 self.forward_moved(client, sink, worker, to, signal)
+            }
+            ToCluster::ClientLeaving { client, conn, to, done } => {
+                let _ = done.send(self.client_leaving(client, conn, to));
+            }
+            ToCluster::ImportClient { client, sink, moved, done } => {
+                self.import_client(client, sink, *moved);
+                let _ = done.send(());
             }
             ToCluster::MovedAway { worker, to, clients, done } => {
                 self.moved_away(worker, to, clients);
@@ -264,6 +273,7 @@ impl Bridge {
             self.departing.insert(conn, client);
             return;
         }
+        self.moves.forget(conn);
         for instance in self.clients.gone(conn) {
             let record = Kind::ClientGone(wire::ClientGone { client, conn: Some(wire_conn(conn)) });
             self.links.push(instance, record, Origin::Owed);
@@ -285,15 +295,27 @@ impl Bridge {
     /// is refused to the worker if it cannot leave now, or what is owed to the client, which
     /// always goes (see [`Origin::Owed`]).
     pub fn to_client(&mut self, conn: ConnId, msg: Outbound) {
+        let mut to = conn.instance;
+        let mut held = false;
+        if !self.moves.is_idle() {
+            match self.moves.onward(conn) {
+                Some(Onward::To(at)) => to = at,
+                Some(Onward::Held) => held = true,
+                None => {}
+            }
+        }
         let origin = if session::is_relay(msg.event) {
-            if !self.connected || self.links.is_full(conn.instance) {
+            if !self.connected || (!held && self.links.is_full(to)) {
                 return self.fail(Origin::Worker { worker: msg.worker, client: msg.client });
             }
             Origin::Worker { worker: msg.worker, client: msg.client }
         } else {
             Origin::Owed
         };
-        self.links.push(conn.instance, to_client_record(conn, msg), origin);
+        if held {
+            return self.moves.hold(conn, to_client_record(conn, msg), origin);
+        }
+        self.links.push(to, to_client_record(conn, msg), origin);
     }
 
     /// Sends what the last commands and frames produced, then the acknowledgements owed.
@@ -344,7 +366,10 @@ impl Bridge {
                     let refusal = Outbound::error(ErrorCode::InvalidTransition, s.worker, s.client, reason);
                     return self.links.push(from, to_client_record(conn, refusal), Origin::Owed);
                 };
-                if conn.instance == self.me {
+                let moved_away = !self.moves.is_idle() && self.moves.onward(conn).is_some();
+                if (conn.instance == self.me && !moved_away)
+                    || (!self.moves.is_idle() && self.moves.is_here(conn))
+                {
                     return self.returning(s.client, conn, s.worker, event, s.payload);
                 }
                 let remote = self
@@ -389,9 +414,16 @@ impl Bridge {
                     return malformed(from, "a departure names no stream");
                 };
                 self.remote.remove(&conn);
+                self.moves.forget(conn);
                 for shard in 0..self.shards.len() {
                     self.dispatch(shard, Command::ClientGone { client: g.client, conn, departure: None });
                 }
+            }
+            Kind::Repointed(r) => {
+                let Some(conn) = r.conn.map(conn_id) else {
+                    return malformed(from, "a marker names no stream");
+                };
+                self.repointed(from, conn, r.from);
             }
             Kind::Tunnel(t) => {
                 let answer = self.tunnels.receive(from, t);
@@ -402,6 +434,14 @@ impl Bridge {
 
     /// A message from another instance for a local client stream.
     fn for_local_client(&mut self, from: InstanceId, conn: ConnId, msg: Outbound) {
+        let msg = if self.moves.is_idle() {
+            msg
+        } else {
+            match self.moved_client_message(from, conn, msg) {
+                Some(msg) => msg,
+                None => return,
+            }
+        };
         let (worker, client, event) = (msg.worker, msg.client, msg.event);
         if msg.says_worker_left() {
             self.directory.left(worker, from);
@@ -453,37 +493,6 @@ impl Bridge {
         }
     }
 
-    /// The timer: retries parked commands, gives up on dead instances, resends what was not
-    /// acknowledged, and says this instance is alive every [`HEARTBEAT_EVERY`].
-    pub fn tick(&mut self, now: Instant) {
-        self.unpark();
-        let mut dead = self.links.dead(now);
-        dead.extend(self.liveness.dead(now));
-        dead.sort_unstable();
-        dead.dedup();
-        for instance in dead {
-            tracing::warn!(instance = format!("{instance:x}"), "instance unreachable: ending its sessions");
-            self.instance_gone(instance, now);
-        }
-        self.links.prune(now);
-        self.directory.prune(now);
-        self.beats.retain(|_, (_, at)| now.saturating_duration_since(*at) < RETIRED_FOR);
-        if !self.connected {
-            return;
-        }
-        let out = &mut self.out;
-        self.links.resend(now, |instance, frame| out.push_back(Output::ToInstance(instance, frame)));
-        if self.next_beat.is_none_or(|at| now >= at) {
-            self.next_beat = Some(now + HEARTBEAT_EVERY);
-            self.beat(false);
-        }
-    }
-
-    fn beat(&mut self, leaving: bool) {
-        let beat = wire::Heartbeat { instance: self.me, leaving };
-        self.out.push_back(Output::Heartbeat(beat.encode_to_vec().into()));
-    }
-
     /// Forgets an instance that left or died: what was in flight to it is refused, sessions
     /// across it end.
     fn instance_gone(&mut self, instance: InstanceId, now: Instant) {
@@ -494,91 +503,24 @@ impl Bridge {
         self.directory.instance_gone(instance);
         self.clients.instance_gone(instance);
         self.tunnels.instance_gone(instance);
-        self.remote.retain(|conn, _| conn.instance != instance);
+        self.remote.retain(|_, remote| remote.at() != instance);
+        let (deliver, lost) = self.moves.instance_gone(instance);
+        lost.into_iter().for_each(|origin| self.fail(origin));
+        for (conn, msg) in deliver {
+            self.for_local_client(instance, conn, msg);
+        }
         for shard in 0..self.shards.len() {
             self.dispatch(shard, Command::InstanceGone { instance });
         }
     }
-
-    /// NATS refused a frame for `instance` outright (larger than its `max_payload`, which a
-    /// server reached after a reconnect may have made smaller): resending it would fail
-    /// forever, so the link is given up, as for a dead instance: what it carried is refused and
-    /// its sessions end; the next message starts a new link.
-    pub fn publish_refused(&mut self, instance: InstanceId, now: Instant) {
-        crate::warn_throttled!(
-            instance = format!("{instance:x}"),
-            "NATS refused a frame: giving up the link"
-        );
-        self.instance_gone(instance, now);
-    }
-
-    /// A claim from `<prefix>.claim`: a stream elsewhere is now the newest of its id.
-    pub fn claim(&mut self, payload: Bytes) {
-        let Ok(claim) = wire::Claim::decode(payload) else { return };
-        let Some(conn) = claim.conn.map(conn_id) else { return };
-        if conn.instance == self.me {
-            return;
-        }
-        // Streams opened here from now on are newer than this one, whatever the clocks say.
-        self.clock.observe(conn.at);
-        let (role, shard) = if claim.worker {
-            if claim.moved_from != 0 {
-                self.clients.repoint(claim.id, claim.moved_from, conn.instance);
-            }
-            let waiting = self.directory.claimed(claim.id, conn.instance);
-            self.release(claim.id, Ok(conn.instance), waiting);
-            (Role::Worker, self.shards.of_worker(claim.id))
-        } else {
-            (Role::Client, self.shards.of_client(claim.id))
-        };
-        self.dispatch(shard, Command::Evict { role, id: claim.id, newer: conn });
-    }
-
-    /// A heartbeat from `<prefix>.hb`, sent at `sent_at_ms` by its sender's clock.
-    pub fn heartbeat(&mut self, payload: Bytes, sent_at_ms: u64, now: Instant) {
-        let Ok(beat) = wire::Heartbeat::decode(payload) else { return };
-        if beat.instance == self.me || beat.instance == 0 {
-            return;
-        }
-        match self.beats.get(&beat.instance) {
-            Some((last, _)) if *last >= sent_at_ms => {
-                metrics::counter!(names::CLUSTER_REJECTED, "kind" => "heartbeat").increment(1);
-                return;
-            }
-            _ => {
-                self.beats.insert(beat.instance, (sent_at_ms, now));
-            }
-        }
-        if beat.leaving {
-            tracing::info!(instance = format!("{:x}", beat.instance), "instance left");
-            self.instance_gone(beat.instance, now);
-        } else {
-            self.liveness.heard(beat.instance, now);
-        }
-    }
-
-    /// Shutdown begins: what is in flight has [`LEAVE_WITHIN`] to be acknowledged.
-    pub fn leave(&mut self, now: Instant) {
-        self.leave_by = Some(now + LEAVE_WITHIN);
-    }
-
-    /// Whether a leaving instance may go: nothing left in flight, time is up, or NATS is gone.
-    pub fn ready_to_leave(&self, now: Instant) -> bool {
-        let Some(deadline) = self.leave_by else { return false };
-        self.links.is_quiet() || now >= deadline || !self.connected
-    }
-
-    /// The last word: a heartbeat saying this instance leaves, so the others end its sessions
-    /// at once.
-    pub fn farewell(&mut self) {
-        if self.connected {
-            self.beat(true);
-        }
-    }
 }
 
+mod client_moves;
+mod membership;
 mod moves;
 mod records;
+
+use client_moves::{ClientMoves, Onward};
 
 pub use records::{conn_id, wire_conn};
 use records::{malformed, to_client_record, to_worker_record};

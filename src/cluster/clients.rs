@@ -102,6 +102,24 @@ impl LocalClients {
         }
     }
 
+    /// The local stream `conn` moves to another instance with its sessions: forgotten here;
+    /// returns its sessions across (each worker and its instance).
+    pub fn remove(&mut self, conn: ConnId) -> Vec<(PeerId, InstanceId)> {
+        self.by_conn.remove(&conn).map(|local| local.workers.into_iter().collect()).unwrap_or_default()
+    }
+
+    /// A client stream moved here with these sessions across, which it counts from now on.
+    pub fn import(&mut self, client: PeerId, sink: &Sink, across: Vec<(PeerId, InstanceId)>) {
+        self.open(client, sink);
+        if let Some(local) = self.by_conn.get_mut(&sink.id()) {
+            for (worker, instance) in across {
+                if local.workers.insert(worker, instance).is_none() {
+                    sink.open_session(0);
+                }
+            }
+        }
+    }
+
     /// The stream `conn` ended: forgotten. Returns the instances its sessions are on, to tell
     /// them (none if it never sent across).
     pub fn gone(&mut self, conn: ConnId) -> Vec<InstanceId> {

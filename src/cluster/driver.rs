@@ -410,6 +410,7 @@ async fn answer(
             answer.released = Some(wire::Released { next_seq: r.next_seq, last_received: r.last_received })
         }
         Hold::Moved(moved) => answer.moved = Some(super::moves::to_wire(&moved)),
+        Hold::MovedClient(moved) => answer.moved_client = Some(super::moves::client_to_wire(&moved)),
     }
     let sealed = seal.seal(Kind::ResumeAnswer, reply.as_str(), &answer.encode_to_vec(), now_ms());
     let _ = nats.publish(reply, sealed).await;
@@ -449,6 +450,10 @@ pub async fn ask_holder(
                 // One this instance cannot take over as it is starts afresh here.
                 let moved = super::moves::from_wire(instance, m)?;
                 return Some((instance, Hold::Moved(Box::new(moved))));
+            }
+            Ok(wire::ResumeAnswer { instance, moved_client: Some(m), .. }) if instance != 0 => {
+                let moved = super::moves::client_from_wire(instance, m)?;
+                return Some((instance, Hold::MovedClient(Box::new(moved))));
             }
             Ok(answer) => {
                 said_no.insert(answer.instance);

@@ -56,7 +56,7 @@ use crate::shards::Shards;
 use bridge::Bridge;
 use driver::{Control, Driver};
 use seal::{Kind, Seal};
-use tunnels::{Hold, Holder, MovedWorker, Resumption, TunnelCommand};
+use tunnels::{Hold, Holder, MovedClient, MovedWorker, Resumption, TunnelCommand};
 
 /// Generated from `proto/distributor/cluster/v1/link.proto`.
 pub mod wire {
@@ -442,6 +442,7 @@ impl Cluster {
                 match other? {
                     (_, Hold::Released(released)) => Some(Resumption::Moved(released)),
                     (_, Hold::Moved(moved)) => Some(Resumption::MovedWith(moved)),
+                    (_, Hold::MovedClient(moved)) => Some(Resumption::MovedClient(moved)),
                     _ => None,
                 }
             }
@@ -454,6 +455,45 @@ impl Cluster {
         let (done, imported) = oneshot::channel();
         if self.queue.send(ToCluster::ImportWorker { worker, sink, moved, done }).await.is_ok() {
             let _ = imported.await;
+        }
+    }
+
+    /// The local client stream `conn` moves to `to` with its sessions: what comes for it is
+    /// held until its claim there. Returns its sessions across, and the stand-in for it in the
+    /// sessions of this instance's workers.
+    pub async fn client_leaving(
+        &self,
+        client: PeerId,
+        conn: ConnId,
+        to: InstanceId,
+    ) -> Option<crate::peer::remote::Leaving> {
+        let (done, left) = oneshot::channel();
+        self.queue.send(ToCluster::ClientLeaving { client, conn, to, done }).await.ok()?;
+        left.await.ok()
+    }
+
+    /// A client moved here with its sessions (`moved`), its stream `sink` keeping its id: its
+    /// sessions are its stream's before this returns; then its claim tells the others.
+    pub async fn import_client(&self, client: PeerId, sink: crate::peer::Sink, moved: Box<MovedClient>) {
+        let (done, imported) = oneshot::channel();
+        let from = moved.from;
+        if self.queue.send(ToCluster::ImportClient { client, sink: sink.clone(), moved, done }).await.is_ok()
+        {
+            let _ = imported.await;
+        }
+        let claim = wire::Claim {
+            worker: false,
+            id: client,
+            conn: Some(bridge::wire_conn(sink.id())),
+            moved_from: from,
+            now_at: self.instance,
+        };
+        let sealed =
+            self.seal.seal(Kind::Claim, &self.subjects.claim(), &claim.encode_to_vec(), driver::now_ms());
+        let (nats, subject) = (self.nats.clone(), self.subjects.claim());
+        let publish = tokio::spawn(async move { publish_claim(&nats, subject, sealed, client).await });
+        if tokio::time::timeout(REGISTER_WAIT, publish).await.is_err() {
+            crate::warn_throttled!(client, "NATS does not take the claim: it goes out once NATS is back");
         }
     }
 
@@ -545,6 +585,7 @@ impl Cluster {
             id,
             conn: Some(bridge::wire_conn(conn)),
             moved_from: moved_from.unwrap_or(0),
+            now_at: 0,
         };
         self.seal.seal(Kind::Claim, &self.subjects.claim(), &claim.encode_to_vec(), driver::now_ms())
     }

@@ -4,15 +4,14 @@
 //! of its clients move their sessions with it instead of ending them.
 
 use super::bridge::{conn_id, wire_conn};
-use super::tunnels::MovedWorker;
+use super::tunnels::{MovedClient, MovedWorker};
 use super::wire;
 use crate::core::session::State;
 use crate::core::{InstanceId, Outbound};
 use crate::pb::{ErrorCode, RtcEvent};
 
-pub fn to_wire(moved: &MovedWorker) -> wire::Moved {
-    let messages = moved
-        .messages
+fn held_to_wire(messages: &[Outbound]) -> Vec<wire::HeldMessage> {
+    messages
         .iter()
         .map(|m| wire::HeldMessage {
             worker: m.worker,
@@ -21,7 +20,50 @@ pub fn to_wire(moved: &MovedWorker) -> wire::Moved {
             payload: m.payload.clone(),
             error_code: m.error as i32,
         })
-        .collect();
+        .collect()
+}
+
+fn held_from_wire(messages: Vec<wire::HeldMessage>) -> Option<Vec<Outbound>> {
+    let mut held = Vec::with_capacity(messages.len());
+    for m in messages {
+        held.push(Outbound {
+            event: RtcEvent::try_from(m.event).ok()?,
+            worker: m.worker,
+            client: m.client,
+            payload: m.payload,
+            error: ErrorCode::try_from(m.error_code).unwrap_or(ErrorCode::Unspecified),
+        });
+    }
+    Some(held)
+}
+
+pub fn client_to_wire(moved: &MovedClient) -> wire::MovedClient {
+    wire::MovedClient {
+        first_seq: moved.first_seq,
+        last_received: moved.last_received,
+        messages: held_to_wire(&moved.messages),
+        conn: Some(wire_conn(moved.conn)),
+        sessions: moved
+            .sessions
+            .iter()
+            .map(|(worker, instance)| wire::ClientSession { worker: *worker, instance: *instance })
+            .collect(),
+    }
+}
+
+pub fn client_from_wire(from: InstanceId, moved: wire::MovedClient) -> Option<MovedClient> {
+    Some(MovedClient {
+        from,
+        conn: conn_id(moved.conn?),
+        first_seq: moved.first_seq.max(1),
+        last_received: moved.last_received,
+        messages: held_from_wire(moved.messages)?,
+        sessions: moved.sessions.into_iter().map(|s| (s.worker, s.instance)).collect(),
+    })
+}
+
+pub fn to_wire(moved: &MovedWorker) -> wire::Moved {
+    let messages = held_to_wire(&moved.messages);
     let sessions = moved
         .sessions
         .iter()
@@ -37,16 +79,7 @@ pub fn to_wire(moved: &MovedWorker) -> wire::Moved {
 /// What `from` sent, or `None` if it cannot be taken over as it is (an event or a state this
 /// instance does not know): the worker then starts afresh here, rather than half moved.
 pub fn from_wire(from: InstanceId, moved: wire::Moved) -> Option<MovedWorker> {
-    let mut messages = Vec::with_capacity(moved.messages.len());
-    for m in moved.messages {
-        messages.push(Outbound {
-            event: RtcEvent::try_from(m.event).ok()?,
-            worker: m.worker,
-            client: m.client,
-            payload: m.payload,
-            error: ErrorCode::try_from(m.error_code).unwrap_or(ErrorCode::Unspecified),
-        });
-    }
+    let messages = held_from_wire(moved.messages)?;
     let mut sessions = Vec::with_capacity(moved.sessions.len());
     for s in moved.sessions {
         sessions.push((s.client, conn_id(s.conn?), state_of(s.state)?));

@@ -1,18 +1,20 @@
-//! Tunnels: resume on another instance.
+//! Tunnels: resume on another instance, for a peer that cannot move there.
 //!
-//! A resumable peer's stream that comes back on another instance (the *front*) does not move the
-//! peer: the instance that holds it (its sessions in every router, its numbered queue, what it
-//! missed) stays its home, and the front carries the new stream's messages both ways over the
-//! reliable link, each way in order. So a resume across instances changes no session and no
-//! route, and the state machine and the numbering are the holder's, exactly as on one
-//! instance. The tunnel is named by the front's stream ([`ConnId`]).
+//! A resumable peer's stream that comes back on another instance (the *front*) moves the peer
+//! there. A peer that holds no session and has received everything it was written is let go
+//! ([`Hold::Released`]), and the front's instance becomes its home, numbering on. A worker
+//! with sessions moves with them ([`Hold::Moved`]): its shard hands its router entry over,
+//! and what it had not received goes along. A client moves with its sessions too
+//! ([`Hold::MovedClient`]): they live on its workers' shards, wherever those are, and know it
+//! by its stream's id, which it keeps; only where its messages go changes.
 //!
-//! Only a peer with something to keep there is tunnelled: one that holds no session and has
-//! received everything it was written is let go instead ([`Hold::Released`]), and the front's
-//! instance becomes its home, numbering on. A worker with sessions moves with them
-//! ([`Hold::Moved`]): its shard hands its router entry over, and what it had not received goes
-//! along. A client with sessions (which live on its workers' shards, wherever they are) is
-//! still tunnelled.
+//! A peer that cannot move (more than [`MOVE_AT_MOST`](crate::peer::resume::MOVE_AT_MOST)
+//! messages to take along, or an old stream that does not stop reading) is tunnelled: the
+//! instance that holds it (its sessions in every router, its numbered queue, what it missed)
+//! stays its home, and the front carries the new stream's messages both ways over the reliable
+//! link, each way in order. So no session or route changes, and the state machine and the
+//! numbering are the holder's, exactly as on one instance. The tunnel is named by the front's
+//! stream ([`ConnId`]).
 //!
 //! Flow control: each side sends at most [`TUNNEL_WINDOW`] messages beyond what the other side
 //! has taken (its credit, granted back every [`CREDIT_EVERY`] messages), so a slow peer holds
@@ -72,6 +74,24 @@ pub enum Hold {
     Moving(tokio::sync::oneshot::Receiver<Hold>),
     /// The worker moved, with its sessions.
     Moved(Box<MovedWorker>),
+    /// The client moved, with its sessions.
+    MovedClient(Box<MovedClient>),
+}
+
+/// A client that moved to another instance with its sessions: its stream keeps its id
+/// (`conn`), by which its sessions know it, wherever its workers are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MovedClient {
+    /// The instance it moved from.
+    pub from: InstanceId,
+    pub conn: ConnId,
+    /// The number of `messages[0]`, and of the next message written if there is none.
+    pub first_seq: u64,
+    pub last_received: u64,
+    /// What it had not received and what was queued for it, in order.
+    pub messages: Vec<Outbound>,
+    /// Its sessions: each worker and its instance.
+    pub sessions: Vec<(PeerId, InstanceId)>,
 }
 
 /// A worker that moved to another instance with its sessions: what its new home takes over.
@@ -96,6 +116,8 @@ pub enum Resumption {
     Moved(Released),
     /// The holder moved the worker here with its sessions.
     MovedWith(Box<MovedWorker>),
+    /// The holder moved the client here with its sessions.
+    MovedClient(Box<MovedClient>),
 }
 
 /// Messages one side may send ahead of the other's credit.

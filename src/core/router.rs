@@ -76,6 +76,19 @@ pub enum Command<P: PeerSink> {
         to: InstanceId,
         then: Box<dyn FnOnce(Vec<HandedSession<P>>) + Send + Sync>,
     },
+    /// A client stream (`conn`, which keeps its id) moved between instances with its
+    /// sessions: on this shard, its sessions (and its registration, if `sink` is local) are
+    /// `sink`'s from now on. The workers whose sessions were rebound are added to `rebound`;
+    /// `done` is dropped once the shard is done.
+    RebindClient {
+        client: PeerId,
+        conn: ConnId,
+        sink: P,
+        /// Whether this is the client's shard, which registers a local `sink` as the client's.
+        register: bool,
+        rebound: std::sync::Arc<std::sync::Mutex<Vec<PeerId>>>,
+        done: std::sync::Arc<dyn Send + Sync>,
+    },
     /// A worker moved here from another instance: registered as `RegisterWorker` does, its
     /// `sessions` taken over, and `messages` (what it had not received there) queued right
     /// after its acknowledgement.
@@ -222,6 +235,9 @@ impl<P: PeerSink> Router<P> {
             }
             Command::ExportWorker { worker, conn, to, then } => {
                 self.export_worker(worker, conn, to, then, now())
+            }
+            Command::RebindClient { client, conn, sink, register, rebound, done: _ } => {
+                self.rebind_client(client, conn, sink, register, &rebound)
             }
             Command::ImportWorker { worker, sink, sessions, messages } => {
                 self.import_worker(worker, sink, sessions, messages)

@@ -13,6 +13,7 @@ use crate::cluster::tunnels::Resumption;
 use crate::core::{Command, Outbound, PeerId, Role, Signal};
 use crate::pb::{ClientRtcMessage, RtcEvent};
 use crate::peer::conn::shutting_down;
+use crate::peer::resume::Released;
 use crate::peer::{Close, Numbering, Peer, PeerReply, Sink};
 
 /// The client id of an open (no auth) distributor: `x-client-id` if given, else a fresh random
@@ -54,6 +55,8 @@ pub async fn serve(
     inbound: impl Inbound<ClientRtcMessage>,
 ) {
     let shards = &edge.shards;
+    // A client that moved here with its sessions (from its holder's answer).
+    let mut imported = None;
     let (sink, attachment, resumed) = match opening {
         Opening::Plain(sink) => (sink, None, false),
         Opening::Resumable { after, attachment } => {
@@ -65,7 +68,14 @@ pub async fn serve(
                     return tunnel::front(edge, (tx, rx), attachment, None, inbound).await;
                 }
                 Some(Resumption::Moved(released)) => {
-                    edge.adopt(&edge.clients, client, &attachment, encode, released)
+                    edge.adopt(&edge.clients, client, &attachment, encode, (released, None))
+                }
+                Some(Resumption::MovedClient(moved)) => {
+                    let released = Released { next_seq: moved.first_seq, last_received: moved.last_received };
+                    let attached =
+                        edge.adopt(&edge.clients, client, &attachment, encode, (released, Some(moved.conn)));
+                    imported = Some(moved);
+                    attached
                 }
                 // Only a worker moves with its sessions.
                 Some(Resumption::MovedWith(_)) | None => {
@@ -85,6 +95,10 @@ pub async fn serve(
     let mut reader =
         Reader::new(&edge, inbound, sink.clone(), attachment.clone(), granted).reconnect_at_age(reconnect);
     let registered = if resumed {
+        Ok(())
+    } else if let (Some(cluster), Some(moved)) = (&edge.cluster, imported) {
+        // Its sessions are its new stream's (and it is registered here) before its claim.
+        cluster.import_client(client, sink.clone(), moved).await;
         Ok(())
     } else {
         if let Some(cluster) = &edge.cluster {

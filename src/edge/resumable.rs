@@ -101,17 +101,17 @@ impl Edge {
 
     /// Opens a resumable peer that another instance let go to this one (see [`Released`]):
     /// numbered on from there, its welcome says `resumed`, and it registers here as a new peer
-    /// does.
+    /// does. A client that moved with its sessions keeps its stream's id (`kept`).
     pub(super) fn adopt<M>(
         &self,
         peers: &Resumables<M>,
         id: PeerId,
         attachment: &Arc<Attachment<M>>,
         encode: Encode<M>,
-        released: Released,
+        (released, kept): (Released, Option<crate::core::ConnId>),
     ) -> Attached {
         resumes("resumed").increment(1);
-        let conn = self.conn_clock.next(self.instance);
+        let conn = kept.unwrap_or_else(|| self.conn_clock.next(self.instance));
         let (sink, mut outbound) = Conn::open_numbered(conn, self.peer_queue, encode);
         outbound.moved_from(released);
         self.track(&sink);

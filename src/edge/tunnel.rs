@@ -4,16 +4,16 @@
 //!   what the peer sends, as read, and writes what the holder sends, as numbered there; it
 //!   neither registers nor claims the peer, and nothing of the peer's sessions is here.
 //! - The **holder**: the peer's home. A peer with nothing to keep there (no session, nothing
-//!   unreceived) is let go instead, and lives on the front's instance from then on; a worker
-//!   moves there with its sessions ([`move_worker`]). Else (a client with sessions, a worker
-//!   whose old stream does not stop reading in time or has too much to take along) it
+//!   unreceived) is let go instead, and lives on the front's instance from then on; one with
+//!   sessions moves there with them ([`move_worker`], [`move_client`]). Only a peer whose old
+//!   stream does not stop reading in time, or that has too much to take along, stays: it
 //!   serves the tunnel as one more stream of the peer (`client::serve` / `worker::serve`
 //!   reading a [`TunnelRx`]), so the takeover, the replay, the rate limit, the token's expiry
 //!   and the detach when the front's stream is cut are the ones of a stream on this instance;
 //!   a [`pump`] carries the peer's response stream to the front.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -23,7 +23,7 @@ use tonic::Status;
 
 use super::{Edge, Inbound, Opening, client, worker};
 use crate::auth::Granted;
-use crate::cluster::tunnels::{Ask, Hold, Holder, MovedWorker, Resumption, TunnelRx, TunnelTx};
+use crate::cluster::tunnels::{Ask, Hold, Holder, MovedClient, MovedWorker, Resumption, TunnelRx, TunnelTx};
 use crate::core::{Command, HandedSession, PeerId, PeerSink, Role};
 use crate::peer::Peer;
 use crate::peer::conn::shutting_down;
@@ -77,6 +77,13 @@ impl Holder for Holding {
             Role::Client => {
                 if !edge.clients.holds(ask.id) {
                     return Hold::NotHere;
+                }
+                if edge.cluster.is_some()
+                    && let Some(moving) = edge.clients.begin_move(ask.id, ask.after)
+                {
+                    let (answer, answered) = oneshot::channel();
+                    edge.tasks.spawn(move_client(edge.clone(), ask, granted, moving, (tx, rx), answer));
+                    return Hold::Moving(answered);
                 }
                 let opening = tunnelled(&edge, &ask, tx);
                 edge.tasks.spawn(client::serve(edge.clone(), opening, ask.id, granted, rx));
@@ -164,6 +171,78 @@ async fn move_worker(
     // its registration, which answered locates, ends.
     edge.forget(moving.sink.id());
     worker::depart(edge.clone(), ask.id, moving.sink.clone()).await;
+}
+
+/// Moves a client with its sessions to the instance of its new stream, which takes its
+/// stream's id over: once its old stream's reading task has handed everything it read to the
+/// shards, the bridge holds what comes for it (until its claim there), this instance's workers'
+/// sessions are rebound to a stand-in for it there, and what it had not received goes along
+/// (see [`MovedClient`]).
+async fn move_client(
+    edge: Arc<Edge>,
+    ask: Ask,
+    granted: Option<Granted>,
+    moving: Moving,
+    (tx, rx): (TunnelTx, TunnelRx),
+    answer: oneshot::Sender<Hold>,
+) {
+    let _held = Held::new(&edge);
+    let Some(cluster) = edge.cluster.clone() else { return };
+    if tokio::time::timeout(STOP_READING_WITHIN, moving.stream.wait()).await.is_err() {
+        let opening = tunnelled(&edge, &ask, tx);
+        edge.tasks.spawn(client::serve(edge.clone(), opening, ask.id, granted, rx));
+        let _ = answer.send(Hold::Tunnel);
+        return;
+    }
+    let conn = moving.sink.id();
+    let Some((mut sessions, stand_in)) = cluster.client_leaving(ask.id, conn, ask.front).await else {
+        return;
+    };
+    let rebound = Arc::new(Mutex::new(Vec::new()));
+    let (all_done, done) = oneshot::channel();
+    let all_done: Arc<dyn Send + Sync> = Arc::new(OnDrop(Some(all_done)));
+    let rebind = || Command::RebindClient {
+        client: ask.id,
+        conn,
+        sink: Peer::Remote(stand_in.clone()),
+        register: false,
+        rebound: rebound.clone(),
+        done: all_done.clone(),
+    };
+    let rebinding = edge.shards.send_all(rebind).await;
+    drop(all_done);
+    if rebinding.is_err() || done.await.is_err() {
+        return;
+    }
+    sessions.extend(rebound.lock().expect("not poisoned").iter().map(|worker| (*worker, edge.instance)));
+    let taken = edge.clients.finish_move(ask.id, ask.after, &moving);
+    edge.forget(conn);
+    metrics::counter!(crate::metrics::PEERS_MOVED, "role" => "client").increment(1);
+    tracing::debug!(
+        client = ask.id,
+        sessions = sessions.len(),
+        "client moved to another instance with its sessions"
+    );
+    let moved = MovedClient {
+        from: edge.instance,
+        conn,
+        first_seq: ask.after + 1,
+        last_received: taken.last_received,
+        messages: taken.messages,
+        sessions,
+    };
+    let _ = answer.send(Hold::MovedClient(Box::new(moved)));
+}
+
+/// Sends once dropped: when the last of the shards let go of it.
+struct OnDrop(Option<oneshot::Sender<()>>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            let _ = done.send(());
+        }
+    }
 }
 
 /// A resumable opening whose response stream is pumped to the front through `tx`.

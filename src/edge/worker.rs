@@ -101,15 +101,18 @@ pub async fn serve(
                     return tunnel::front(edge, (tx, rx), attachment, Some(first), inbound).await;
                 }
                 Some(Resumption::Moved(released)) => {
-                    edge.adopt(&edge.workers, worker, &attachment, encode, released)
+                    edge.adopt(&edge.workers, worker, &attachment, encode, (released, None))
                 }
                 Some(Resumption::MovedWith(moved)) => {
                     let released = Released { next_seq: moved.first_seq, last_received: moved.last_received };
-                    let attached = edge.adopt(&edge.workers, worker, &attachment, encode, released);
+                    let attached = edge.adopt(&edge.workers, worker, &attachment, encode, (released, None));
                     imported = Some(moved);
                     attached
                 }
-                None => edge.attach(&edge.workers, worker, after, &attachment, welcome, encode),
+                // Only a client moves with its stream's id.
+                Some(Resumption::MovedClient(_)) | None => {
+                    edge.attach(&edge.workers, worker, after, &attachment, welcome, encode)
+                }
             };
             if let Some(replaced) = attached.replaced {
                 depart(edge.clone(), worker, replaced).await;

@@ -8,7 +8,7 @@
 
 pub mod conn;
 pub mod numbers;
-mod remote;
+pub mod remote;
 pub mod resume;
 pub(crate) mod written;
 
@@ -84,7 +84,7 @@ impl PeerSink for Peer {
     fn remote(&self) -> Option<InstanceId> {
         match self {
             Peer::Local(_) => None,
-            Peer::Remote(client) => Some(client.conn().instance),
+            Peer::Remote(client) => Some(client.at()),
         }
     }
 

@@ -4,7 +4,7 @@
 //! to remote clients.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 
@@ -30,6 +30,21 @@ pub enum ToCluster {
         moved: Box<crate::cluster::tunnels::MovedWorker>,
         done: tokio::sync::oneshot::Sender<()>,
     },
+    /// The local client stream `conn` moves to `to` with its sessions (see
+    /// `cluster::bridge::client_moves`); `done` gets its sessions across and its stand-in.
+    ClientLeaving {
+        client: PeerId,
+        conn: ConnId,
+        to: InstanceId,
+        done: tokio::sync::oneshot::Sender<Leaving>,
+    },
+    /// A client moved here with its sessions, its stream (`sink`) keeping its id.
+    ImportClient {
+        client: PeerId,
+        sink: Sink,
+        moved: Box<crate::cluster::tunnels::MovedClient>,
+        done: tokio::sync::oneshot::Sender<()>,
+    },
     /// A worker moved from here to `to` with its sessions: these local clients of it now talk
     /// to it across; `done` once the bridge knows.
     MovedAway {
@@ -39,6 +54,10 @@ pub enum ToCluster {
         done: tokio::sync::oneshot::Sender<()>,
     },
 }
+
+/// A client leaving for another instance with its sessions: its sessions across (each worker
+/// and its instance), and the stand-in for it in the sessions of this instance's workers.
+pub type Leaving = (Vec<(PeerId, InstanceId)>, Arc<RemoteClient>);
 
 /// The sending end of the bridge's queue.
 pub type ClusterQueue = mpsc::Sender<ToCluster>;
@@ -116,16 +135,29 @@ impl ForClients {
 /// A client stream on another instance, as a session's owner sees it.
 pub struct RemoteClient {
     conn: ConnId,
+    /// The instance the stream is on: its own (`conn.instance`) unless the client moved with
+    /// its sessions, keeping its stream's id.
+    at: AtomicU64,
     cluster: ToClients,
 }
 
 impl RemoteClient {
     pub fn new(conn: ConnId, cluster: ToClients) -> Self {
-        RemoteClient { conn, cluster }
+        RemoteClient { conn, at: AtomicU64::new(conn.instance), cluster }
     }
 
     pub fn conn(&self) -> ConnId {
         self.conn
+    }
+
+    /// The instance the stream is on.
+    pub fn at(&self) -> InstanceId {
+        self.at.load(Ordering::Relaxed)
+    }
+
+    /// The client moved to `instance` with its sessions.
+    pub fn moved_to(&self, instance: InstanceId) {
+        self.at.store(instance, Ordering::Relaxed);
     }
 
     /// Hands a relay to the link towards the client's instance, unless too many wait.

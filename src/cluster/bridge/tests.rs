@@ -12,9 +12,7 @@ use tokio_stream::StreamExt;
 use super::*;
 use crate::cluster::link::{GIVE_UP_AFTER, RESEND_AFTER};
 use crate::cluster::liveness::DEAD_AFTER;
-use crate::cluster::tunnels::MovedWorker;
 use crate::cluster::{Queue, Subjects};
-use crate::core::{HandedSession, PeerSink};
 use crate::peer::{ClusterQueue, Conn, Departure, ForClients, OutboundStream};
 
 const A: InstanceId = 0xa;
@@ -377,7 +375,8 @@ fn a_locate_is_answered_by_the_workers_claim() {
     a.client_sends(&c, 7, RtcEvent::Offer, b"offer");
     assert_eq!(a.outputs(t0), [Output::Locate(7)]);
     // The worker's claim reaches A before any locate answer.
-    let claim = wire::Claim { worker: true, id: 7, conn: Some(wire_conn(w.sink.id())), moved_from: 0 };
+    let claim =
+        wire::Claim { worker: true, id: 7, conn: Some(wire_conn(w.sink.id())), moved_from: 0, now_at: 0 };
     a.bridge.claim(claim.encode_to_vec().into());
     settle(&mut a, &mut b, t0);
     assert_eq!(&w.expect(RtcEvent::Offer).payload[..], b"offer");
@@ -592,47 +591,4 @@ fn a_client_signal_with_an_event_this_instance_does_not_know_is_refused_to_the_c
     c.expect_nothing();
 }
 
-#[test]
-fn a_worker_moves_with_its_session_and_what_its_client_sent_meanwhile_follows_it() {
-    let t0 = Instant::now();
-    let (mut a, mut b, mut c, mut w) = offered(t0);
-    // The worker moves from B to A, where its client is: B hands its session over.
-    let handed = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let into = handed.clone();
-    let then = Box::new(move |sessions: Vec<HandedSession<Peer>>| {
-        let sessions = sessions.into_iter().map(|s| (s.client, s.sink.conn(), s.state));
-        into.lock().unwrap().extend(sessions)
-    });
-    b.route(b.shards.of_worker(7), Command::ExportWorker { worker: 7, conn: w.sink.id(), to: A, then });
-    let sessions = std::mem::take(&mut *handed.lock().unwrap());
-    assert_eq!(sessions, [(100, c.sink.id(), crate::core::session::State::Offered)]);
-    // Sent before A took it over: it waits on B for the claim.
-    a.client_sends(&c, 7, RtcEvent::LocalIceCandidate, b"racing");
-    settle(&mut a, &mut b, t0);
-    c.expect_nothing();
-    w.expect_nothing();
-
-    let mut moved = a.open(7);
-    let (done, _imported) = tokio::sync::oneshot::channel();
-    let worker = MovedWorker { from: B, first_seq: 2, last_received: 0, messages: Vec::new(), sessions };
-    let import =
-        ToCluster::ImportWorker { worker: 7, sink: moved.sink.clone(), moved: Box::new(worker), done };
-    assert!(a.queue.try_send(import).is_ok());
-    a.pump();
-    moved.expect(RtcEvent::Blank);
-    let claim = wire::Claim { worker: true, id: 7, conn: Some(wire_conn(moved.sink.id())), moved_from: B };
-    b.bridge.claim(claim.encode_to_vec().into());
-    settle(&mut a, &mut b, t0);
-    assert_eq!(&moved.expect(RtcEvent::IceCandidate).payload[..], b"racing", "it followed the worker");
-
-    // The session goes on at A, in the state it had; B's end changes nothing for it.
-    a.worker_sends(&moved, 100, RtcEvent::Answer, b"answer");
-    assert_eq!(&c.expect(RtcEvent::Answer).payload[..], b"answer");
-    b.bridge.farewell();
-    carry(b.outputs(t0), &mut a, t0);
-    a.pump();
-    a.client_sends(&c, 7, RtcEvent::AcceptAnswer, b"");
-    moved.expect(RtcEvent::AcceptAnswer);
-    c.expect_nothing();
-    moved.expect_nothing();
-}
+mod moves;

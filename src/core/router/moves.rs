@@ -9,6 +9,7 @@
 //! claim is heard. The new home registers the worker with its sessions
 //! ([`Router::import_worker`]).
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -111,6 +112,45 @@ impl<P: PeerSink> Router<P> {
             }
         }
         self.workers.insert(worker, entry);
+    }
+
+    pub(super) fn rebind_client(
+        &mut self,
+        client: PeerId,
+        conn: ConnId,
+        sink: P,
+        register: bool,
+        rebound: &Mutex<Vec<PeerId>>,
+    ) {
+        if let Some(workers) = self.client_sessions.get(&client) {
+            let mut rebound = rebound.lock().expect("not poisoned");
+            for worker in workers {
+                let Some(session) = self.workers.get_mut(worker).and_then(|w| w.sessions.get_mut(&client))
+                else {
+                    continue;
+                };
+                if session.client.conn() == conn {
+                    // Counted on the stream as the sessions it holds; a stand-in for a stream
+                    // elsewhere counts nothing.
+                    sink.open_session(0);
+                    session.client = sink.clone();
+                    rebound.push(*worker);
+                }
+            }
+        }
+        match self.clients.entry(client) {
+            std::collections::hash_map::Entry::Occupied(current) if current.get().conn() == conn => {
+                let current = current.remove();
+                if register && sink.remote().is_none() {
+                    self.clients.insert(client, sink);
+                }
+                drop(current);
+            }
+            std::collections::hash_map::Entry::Vacant(slot) if register && sink.remote().is_none() => {
+                slot.insert(sink);
+            }
+            _ => {}
+        }
     }
 
     /// A client's message for `worker`, which is not registered here: if it moved away lately,

@@ -114,6 +114,34 @@ impl Holder for Holding {
 /// only if the worker does not read): past it, the worker stays, served through the tunnel.
 const STOP_READING_WITHIN: Duration = Duration::from_millis(150);
 
+/// Waits for a moving peer's old stream to stop reading. If it does not in time (it waits for
+/// room in a queue its peer does not read), the peer stays, served through the tunnel, and
+/// the answer says so (`None`).
+async fn stops_reading(
+    edge: &Arc<Edge>,
+    ask: &Ask,
+    granted: Option<Granted>,
+    moving: &Moving,
+    (tx, rx): (TunnelTx, TunnelRx),
+    answer: oneshot::Sender<Hold>,
+) -> Option<oneshot::Sender<Hold>> {
+    if tokio::time::timeout(STOP_READING_WITHIN, moving.stream.wait()).await.is_ok() {
+        return Some(answer);
+    }
+    match ask.role {
+        Role::Client => {
+            let opening = tunnelled(edge, ask, tx);
+            edge.tasks.spawn(client::serve(edge.clone(), opening, ask.id, granted, rx));
+        }
+        Role::Worker => {
+            let opening = tunnelled(edge, ask, tx);
+            edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, rx));
+        }
+    }
+    let _ = answer.send(Hold::Tunnel);
+    None
+}
+
 /// Moves a worker with its sessions to the instance of its new stream: once its old stream's
 /// reading task has handed everything it read to the shard, the shard hands the worker's
 /// sessions over, and what it had not received goes along (see [`MovedWorker`]).
@@ -126,12 +154,7 @@ async fn move_worker(
     answer: oneshot::Sender<Hold>,
 ) {
     let _held = Held::new(&edge);
-    if tokio::time::timeout(STOP_READING_WITHIN, moving.stream.wait()).await.is_err() {
-        let opening = tunnelled(&edge, &ask, tx);
-        edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, rx));
-        let _ = answer.send(Hold::Tunnel);
-        return;
-    }
+    let Some(answer) = stops_reading(&edge, &ask, granted, &moving, (tx, rx), answer).await else { return };
     let (handed, sessions) = oneshot::channel();
     let then = Box::new(move |sessions| {
         let _ = handed.send(sessions);
@@ -188,12 +211,7 @@ async fn move_client(
 ) {
     let _held = Held::new(&edge);
     let Some(cluster) = edge.cluster.clone() else { return };
-    if tokio::time::timeout(STOP_READING_WITHIN, moving.stream.wait()).await.is_err() {
-        let opening = tunnelled(&edge, &ask, tx);
-        edge.tasks.spawn(client::serve(edge.clone(), opening, ask.id, granted, rx));
-        let _ = answer.send(Hold::Tunnel);
-        return;
-    }
+    let Some(answer) = stops_reading(&edge, &ask, granted, &moving, (tx, rx), answer).await else { return };
     let conn = moving.sink.id();
     let Some((mut sessions, stand_in)) = cluster.client_leaving(ask.id, conn, ask.front).await else {
         return;

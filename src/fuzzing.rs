@@ -215,7 +215,7 @@ pub fn claim_and_heartbeat(data: &[u8]) {
     let (mut bridge, _shards, worker) = one_bridge();
     let now = Instant::now();
     let sent_at = data.iter().take(8).fold(0u64, |acc, b| acc << 8 | u64::from(*b));
-    bridge.claim(Bytes::copy_from_slice(data));
+    bridge.claim(Bytes::copy_from_slice(data), now);
     bridge.heartbeat(Bytes::copy_from_slice(data), sent_at, now);
     bridge.tick(now);
     while bridge.poll_output().is_some() {}
@@ -226,7 +226,7 @@ pub fn claim_and_heartbeat(data: &[u8]) {
         moved_from: 0,
         now_at: 0,
     };
-    bridge.claim(own.encode_to_vec().into());
+    bridge.claim(own.encode_to_vec().into(), now);
     if wire::Claim::decode(data).is_err() {
         assert!(!worker.sink.is_ended(), "only a claim can end a stream");
     }

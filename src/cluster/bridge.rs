@@ -91,6 +91,10 @@ pub struct Bridge {
     tunnels: Tunnels,
     /// Clients that moved between instances with their sessions (see [`client_moves`]).
     moves: ClientMoves,
+    /// Peers that moved from here, waiting for their new home's claim (by role and id).
+    awaiting_claims: HashMap<(bool, PeerId), Vec<tokio::sync::oneshot::Sender<()>>>,
+    /// The claims of peers that moved from here, heard lately: one may come before its wait.
+    heard_claims: HashMap<(bool, PeerId), Instant>,
     /// Local clients that left while messages of theirs waited for a locate.
     departing: HashMap<ConnId, PeerId>,
     /// The `sent_at` of the last heartbeat believed from each instance, and when: a replayed
@@ -127,6 +131,8 @@ impl Bridge {
             remote: HashMap::new(),
             tunnels: Tunnels::default(),
             moves: ClientMoves::default(),
+            awaiting_claims: HashMap::new(),
+            heard_claims: HashMap::new(),
             departing: HashMap::new(),
             beats: HashMap::new(),
             parked,
@@ -176,6 +182,13 @@ impl Bridge {
             ToCluster::ImportClient { client, sink, moved, done } => {
                 self.import_client(client, sink, *moved);
                 let _ = done.send(());
+            }
+            ToCluster::AwaitClaim { worker, id, claimed } => {
+                if self.heard_claims.contains_key(&(worker, id)) {
+                    let _ = claimed.send(());
+                } else {
+                    self.awaiting_claims.entry((worker, id)).or_default().push(claimed);
+                }
             }
             ToCluster::MovedAway { worker, to, clients, done } => {
                 self.moved_away(worker, to, clients);

@@ -208,7 +208,7 @@ impl Driver {
                 }
                 Event::Claim(msg) => {
                     if let Some(claim) = open(&self.seal, Kind::Claim, msg) {
-                        self.bridge.claim(claim.body);
+                        self.bridge.claim(claim.body, Instant::now());
                         self.bridge.flush(now);
                     }
                 }

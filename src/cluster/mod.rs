@@ -497,6 +497,17 @@ impl Cluster {
         }
     }
 
+    /// Resolves once the claim of a peer that moved from here is heard (or the bridge stopped).
+    pub fn claimed(&self, role: Role, id: PeerId) -> impl std::future::Future<Output = ()> + use<> {
+        let (claimed, heard) = oneshot::channel();
+        let asked = self.queue.try_send(ToCluster::AwaitClaim { worker: role == Role::Worker, id, claimed });
+        async move {
+            if asked.is_ok() {
+                let _ = heard.await;
+            }
+        }
+    }
+
     /// A worker moved from here to `to` with its sessions: those of its clients that are on
     /// this instance now talk to it there.
     pub async fn moved_away(

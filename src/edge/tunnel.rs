@@ -189,11 +189,24 @@ async fn move_worker(
         messages: taken.messages,
         sessions: handed,
     };
+    let claimed = edge.cluster.as_ref().map(|cluster| cluster.claimed(Role::Worker, ask.id));
     let _ = answer.send(Hold::Moved(Box::new(moved)));
     // Then it departs from here as any ended worker: its shard has nothing of it any more, and
     // its registration, which answered locates, ends.
     edge.forget(moving.sink.id());
     worker::depart(edge.clone(), ask.id, moving.sink.clone()).await;
+    await_claim(claimed).await;
+}
+
+/// How long a peer that moved from here is still held here, at most, for a drain: until its new
+/// home's claim is heard, so that this instance does not leave (ending, on other instances, the
+/// sessions they still know here) before the new home has them.
+const CLAIM_WITHIN: Duration = Duration::from_secs(2);
+
+async fn await_claim(claimed: Option<impl std::future::Future<Output = ()>>) {
+    if let Some(claimed) = claimed {
+        let _ = tokio::time::timeout(CLAIM_WITHIN, claimed).await;
+    }
 }
 
 /// Moves a client with its sessions to the instance of its new stream, which takes its
@@ -249,7 +262,9 @@ async fn move_client(
         messages: taken.messages,
         sessions,
     };
+    let claimed = cluster.claimed(Role::Client, ask.id);
     let _ = answer.send(Hold::MovedClient(Box::new(moved)));
+    await_claim(Some(claimed)).await;
 }
 
 /// Sends once dropped: when the last of the shards let go of it.

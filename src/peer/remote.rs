@@ -45,6 +45,9 @@ pub enum ToCluster {
         moved: Box<crate::cluster::tunnels::MovedClient>,
         done: tokio::sync::oneshot::Sender<()>,
     },
+    /// A peer moved from here: `claimed` once its new home's claim is heard here (that home
+    /// has its sessions, and the instances of its sessions send there).
+    AwaitClaim { worker: bool, id: PeerId, claimed: tokio::sync::oneshot::Sender<()> },
     /// A worker moved from here to `to` with its sessions: these local clients of it now talk
     /// to it across; `done` once the bridge knows.
     MovedAway {

@@ -98,7 +98,8 @@ async fn worker(
     let offer = match next(&mut rx, "the client's message after the drain").await {
         Ok(offer) if offer.event() == expected => offer,
         // Its stream ended with the drained instance, or its client was refused.
-        _ => {
+        other => {
+            eprintln!("worker {id} lost: {other:?}");
             report.lost = Some(1);
             return Ok((report, took));
         }
@@ -131,18 +132,35 @@ async fn open_client(
 }
 
 /// Opens a session with worker `id` from a client at `url`: the client offers, the worker
-/// (`tx`, `rx`) answers, the client gets the answer. Returns the client.
+/// (`tx`, `rx`) answers, the client gets the answer. An `OFFER` refused (the client's instance
+/// looking up too many workers at once, in a storm of them) is sent again, 20 times at most.
+/// Returns the client.
 async fn mid_negotiation(
     url: &str,
     id: i64,
     tx: &mpsc::Sender<WorkerRtcMessage>,
     rx: &mut Streaming<WorkerRtcMessage>,
 ) -> anyhow::Result<(mpsc::Sender<ClientRtcMessage>, Streaming<ClientRtcMessage>)> {
-    let offer = ClientRtcMessage::to_worker(id, RtcEvent::Offer, &b"v=0 offer"[..]);
-    let (ctx, mut client) = open_client(url, Some(offer)).await?;
+    let offer = || ClientRtcMessage::to_worker(id, RtcEvent::Offer, &b"v=0 offer"[..]);
+    let (ctx, mut client) = open_client(url, Some(offer())).await?;
     let welcome = next(&mut client, "the client's welcome").await?;
-    let offer = next(rx, "the OFFER").await?;
-    anyhow::ensure!(offer.event() == RtcEvent::Offer, "worker {id}: expected the OFFER, got {offer:?}");
+    let mut tries = 0;
+    loop {
+        tokio::select! {
+            offer = next(rx, "the OFFER") => {
+                let offer = offer?;
+                anyhow::ensure!(offer.event() == RtcEvent::Offer, "worker {id}: expected the OFFER, got {offer:?}");
+                break;
+            }
+            refused = next(&mut client, "the OFFER's refusal") => {
+                let refused = refused?;
+                tries += 1;
+                anyhow::ensure!(tries < 20, "worker {id}'s client: the OFFER refused 20 times: {refused:?}");
+                sleep(Duration::from_millis(50 * tries)).await;
+                ctx.send(offer()).await?;
+            }
+        }
+    }
     tx.send(WorkerRtcMessage::to_client(welcome.client_id, RtcEvent::Answer, &b"v=0 answer"[..])).await?;
     let answer = next(&mut client, "the ANSWER").await?;
     anyhow::ensure!(

@@ -29,6 +29,7 @@ impl Bridge {
         self.links.prune(now);
         self.directory.prune(now);
         self.beats.retain(|_, (_, at)| now.saturating_duration_since(*at) < RETIRED_FOR);
+        self.heard_claims.retain(|_, at| now.saturating_duration_since(*at) < RETIRED_FOR);
         if !self.connected {
             return;
         }
@@ -58,9 +59,15 @@ impl Bridge {
     }
 
     /// A claim from `<prefix>.claim`: a stream elsewhere is now the newest of its id.
-    pub fn claim(&mut self, payload: Bytes) {
+    pub fn claim(&mut self, payload: Bytes, now: Instant) {
         let Ok(claim) = wire::Claim::decode(payload) else { return };
         let Some(conn) = claim.conn.map(conn_id) else { return };
+        if claim.moved_from == self.me {
+            self.heard_claims.insert((claim.worker, claim.id), now);
+            for claimed in self.awaiting_claims.remove(&(claim.worker, claim.id)).unwrap_or_default() {
+                let _ = claimed.send(());
+            }
+        }
         if !claim.worker && claim.moved_from != 0 {
             return self.client_moved(conn, claim.now_at, claim.moved_from);
         }

@@ -377,7 +377,7 @@ fn a_locate_is_answered_by_the_workers_claim() {
     // The worker's claim reaches A before any locate answer.
     let claim =
         wire::Claim { worker: true, id: 7, conn: Some(wire_conn(w.sink.id())), moved_from: 0, now_at: 0 };
-    a.bridge.claim(claim.encode_to_vec().into());
+    a.bridge.claim(claim.encode_to_vec().into(), t0);
     settle(&mut a, &mut b, t0);
     assert_eq!(&w.expect(RtcEvent::Offer).payload[..], b"offer");
     // The locate's own late answer changes nothing.

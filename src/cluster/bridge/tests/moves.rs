@@ -35,7 +35,7 @@ fn a_worker_moves_with_its_session_and_what_its_client_sent_meanwhile_follows_it
     moved.expect(RtcEvent::Blank);
     let claim =
         wire::Claim { worker: true, id: 7, conn: Some(wire_conn(moved.sink.id())), moved_from: B, now_at: 0 };
-    b.bridge.claim(claim.encode_to_vec().into());
+    b.bridge.claim(claim.encode_to_vec().into(), t0);
     settle(&mut a, &mut b, t0);
     assert_eq!(&moved.expect(RtcEvent::IceCandidate).payload[..], b"racing", "it followed the worker");
 
@@ -92,8 +92,8 @@ fn a_client_moves_with_its_session_and_its_worker_s_messages_reach_it_in_order()
     b.bridge.import_client(100, moved.sink.clone(), client);
     moved.expect(RtcEvent::Blank);
     let claim = wire::Claim { worker: false, id: 100, conn: Some(wire_conn(conn)), moved_from: A, now_at: B };
-    a.bridge.claim(claim.encode_to_vec().into());
-    y.bridge.claim(claim.encode_to_vec().into());
+    a.bridge.claim(claim.encode_to_vec().into(), t0);
+    y.bridge.claim(claim.encode_to_vec().into(), t0);
     // The worker's next message goes to B at once, and overtakes the one A passes on: B holds
     // it until the worker's instance's marker has come through A.
     y.worker_sends(&w, 100, RtcEvent::LocalIceCandidate, b"after the claim");

@@ -7,7 +7,8 @@
 #   scripts/compose.sh test     up, 50 handshakes from clients on instance 1 to workers on
 #                               instance 3, then partitions under load (instance 1 cut off
 #                               from NATS, then NATS node 2 cut off), the drain of an
-#                               instance with idle resumable workers (they move), a rolling
+#                               instance with resumable workers mid-negotiation (they move
+#                               with their sessions), a rolling
 #                               restart under load, down (scripts/test.sh runs this)
 # Instances answer on 127.0.0.1:50061, 50062 and 50063.
 set -euo pipefail
@@ -146,26 +147,27 @@ assert t["delivered"] > 0.5 * t["sent"], t
 PY
 }
 
-# The drain of an instance holding idle resumable workers (no session): instance 2 is stopped
-# (SIGTERM, as a scale-in does) while 100 such workers are registered on it; each, told
-# RECONNECT, resumes on instance 3 and moves there: the instance exits long before its drain
-# timeout, and once it is gone each worker is offered by a client of its own on instance 3.
+# The drain of an instance holding resumable workers mid-negotiation: instance 2 is stopped
+# (SIGTERM, as a scale-in does) while 100 such workers are registered on it, each with a
+# session (its client, on instance 3, offered; it answered); each, told RECONNECT, resumes on
+# instance 3 and moves there with its session: the instance exits long before its drain
+# timeout, and once it is gone each client accepts the answer, which its worker must get.
 drain_idle() {
     local report="$root/.run/compose-drain-idle.json"
-    load resume --idle-workers --pairs 100 --first-worker 9000000 --json \
+    load resume --idle-workers --with-sessions --pairs 100 --first-worker 9000000 --json \
         --workers-at "http://127.0.0.1:${ports[1]}" --resume-at "http://127.0.0.1:${ports[2]}" \
         --drain-cmd "docker-compose -p distributor -f deploy/compose.yaml stop -t 10 distributor-2 >/dev/null 2>&1" \
         >"$report"
     python3 - "$report" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"drain of idle workers: {r['resumes']} resumed on instance 3 ({r['not_resumed']} not), {r['lost']} lost with instance 2, "
+print(f"drain of workers mid-negotiation: {r['resumes']} resumed on instance 3 ({r['not_resumed']} not), {r['lost']} lost with instance 2, "
       f"gaps {r['gaps']}, repeats {r['repeats']}; instance 2 stopped {r['drained_exit_us'] / 1e6:.1f} s after SIGTERM")
 assert r["resumes"] == 100 and r["not_resumed"] == 0 and r["lost"] == 0 and r["gaps"] == 0 and r["repeats"] == 0, r
-assert r["drained_exit_us"] < 8e6, ("the drain held on to the idle workers", r)
+assert r["drained_exit_us"] < 8e6, ("the drain held on to the workers", r)
 PY
     compose start distributor-2 >/dev/null 2>&1
-    echo "drain of idle workers: instance 2 SERVING with NATS again after $(wait_health "${ports[1]}" distributor.cluster SERVING) s"
+    echo "drain of workers: instance 2 SERVING with NATS again after $(wait_health "${ports[1]}" distributor.cluster SERVING) s"
 }
 
 case "${1:-}" in

@@ -94,10 +94,12 @@ async fn a_flood_of_offers_to_unknown_workers_does_not_disturb_a_bystander() {
         }
     }
     // The bystander's messages all arrived, in order (checked above); its tail latency
-    // stays within twice the quiet run's (plus 2 ms, below which a 2-core machine's
-    // scheduling noise dominates).
+    // stays within three times the quiet run's (plus 5 ms, below which a 2-core machine's
+    // scheduling noise dominates: a full test run once saw 23 ms against 6.5 quiet, with
+    // processes of the tests before still ending). A bystander queued behind the flood would
+    // wait for thousands of lookups: hundreds of milliseconds.
     assert!(
-        flooded <= quiet * 2 + Duration::from_millis(2),
+        flooded <= quiet * 3 + Duration::from_millis(5),
         "p99 {flooded:?} under the flood, {quiet:?} quiet"
     );
 }

@@ -68,9 +68,9 @@ pub enum Hold {
     /// The peer holds no session and has everything it was written: it moves to the new
     /// stream's instance, which numbers on (see [`Released`]).
     Released(Released),
-    /// A worker with sessions is on its way to the new stream's instance: the answer comes
-    /// once its shard has handed its sessions over (or it stays, through the tunnel, if its
-    /// old stream could not be stopped in time).
+    /// A peer with sessions is on its way to the new stream's instance: the answer comes once
+    /// its sessions are handed over (or it stays, through the tunnel, if its old stream could
+    /// not be stopped in time).
     Moving(tokio::sync::oneshot::Receiver<Hold>),
     /// The worker moved, with its sessions.
     Moved(Box<MovedWorker>),

@@ -254,11 +254,11 @@ pub struct Released {
     pub last_received: u64,
 }
 
-/// The most messages a worker takes along when it moves with its sessions (what it had not
+/// The most messages a peer takes along when it moves with its sessions (what it had not
 /// received, and what was queued for it); one with more stays, served through a tunnel.
 pub const MOVE_AT_MOST: usize = 256;
 
-/// A worker on its way to another instance with its sessions (see [`Resumables::begin_move`]).
+/// A peer on its way to another instance with its sessions (see [`Resumables::begin_move`]).
 pub struct Moving {
     pub sink: Sink,
     /// Its stream until now, ended: its reading task must stop before the sessions leave.
@@ -433,11 +433,11 @@ impl<M> Resumables<M> {
         Some(Released { next_seq, last_received: entry.sink.last_received() })
     }
 
-    /// A worker's stream on another instance, which received up to `after`, asks for it while
-    /// it holds sessions: it moves there with them if what it would take along is kept and
-    /// small (at most [`MOVE_AT_MOST`] messages). Its current stream ends (`ABORTED`); its
-    /// queue stays open until the shard has handed its sessions over ([`Self::finish_move`]).
-    /// `None`: it stays, served through a tunnel.
+    /// A stream of the peer on another instance, which received up to `after`, asks for it
+    /// while it holds sessions (or has something it did not receive): it moves there with them
+    /// if what it would take along is kept and small (at most [`MOVE_AT_MOST`] messages). Its
+    /// current stream ends (`ABORTED`); its queue stays open until its sessions are handed
+    /// over ([`Self::finish_move`]). `None`: it stays, served through a tunnel.
     pub fn begin_move(&self, id: PeerId, after: u64) -> Option<Moving>
     where
         M: Send + 'static,
@@ -460,7 +460,7 @@ impl<M> Resumables<M> {
         Some(Moving { sink: entry.sink.clone(), stream: entry.attachment.clone() })
     }
 
-    /// The shard handed the moving worker's sessions over: nothing more is queued for it here.
+    /// The moving peer's sessions were handed over: nothing more is queued for it here.
     /// Takes what it had not received (after `after`) and what is queued, ends its queue, and
     /// forgets it.
     pub fn finish_move(&self, id: PeerId, after: u64, moving: &Moving) -> TakenAlong {

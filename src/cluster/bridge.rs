@@ -183,6 +183,10 @@ impl Bridge {
                 self.import_client(client, sink, *moved);
                 let _ = done.send(());
             }
+            ToCluster::ForwardGone { client, conn, to } => {
+                let record = Kind::ClientGone(wire::ClientGone { client, conn: Some(wire_conn(conn)) });
+                self.links.push(to, record, Origin::Owed);
+            }
             ToCluster::AwaitClaim { worker, id, claimed } => {
                 if self.heard_claims.contains_key(&(worker, id)) {
                     let _ = claimed.send(());

@@ -187,6 +187,18 @@ impl Elsewhere<Peer> for ToOtherInstances {
         }
     }
 
+    fn gone(&mut self, client: PeerId, conn: ConnId, _worker: PeerId, to: InstanceId) {
+        // Owed: a full queue is waited for, off the shard's thread.
+        let command = ToCluster::ForwardGone { client, conn, to };
+        if let Err(mpsc::error::TrySendError::Full(command)) = self.queue.try_send(command) {
+            let queue = self.queue.clone();
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(async move { queue.send(command).await })),
+                Err(_) => drop(queue.blocking_send(command)),
+            }
+        }
+    }
+
     fn to_worker(&mut self, client: PeerId, sink: &Peer, worker: PeerId, signal: Signal<PeerReply>) {
         let Peer::Local(sink) = sink else {
             // A client elsewhere located the worker here, and it is not (any more): its own

@@ -128,6 +128,10 @@ pub trait Elsewhere<P: PeerSink>: Send {
         instance: InstanceId,
         signal: Signal<P::Reply>,
     );
+
+    /// Tells `instance`, where `worker` moved from here, that the stream `conn` of `client` on
+    /// another instance, which held a session with it, departed.
+    fn gone(&mut self, client: PeerId, conn: ConnId, worker: PeerId, instance: InstanceId);
 }
 
 struct WorkerEntry<P> {
@@ -408,6 +412,9 @@ impl<P: PeerSink> Router<P> {
     }
 
     fn client_gone(&mut self, client: PeerId, conn: ConnId) {
+        if !self.moved.is_empty() {
+            self.moved_client_gone(client, conn);
+        }
         if let Entry::Occupied(current) = self.clients.entry(client)
             && current.get().conn() == conn
         {

@@ -37,6 +37,11 @@ impl PeerSink for TestSink {
         self.conn
     }
 
+    /// Streams of instance 1 are this instance's; others stand for streams elsewhere.
+    fn remote(&self) -> Option<InstanceId> {
+        (self.conn.instance != 1).then_some(self.conn.instance)
+    }
+
     fn try_deliver(&self, msg: Outbound) -> Result<(), DeliverError> {
         let mut peer = self.peer.lock().unwrap();
         if peer.closed.is_some() {
@@ -289,6 +294,10 @@ impl Elsewhere<TestSink> for Sent {
     ) {
         self.0.lock().unwrap().push((client, worker, to, signal.event));
     }
+
+    fn gone(&mut self, client: PeerId, _: ConnId, worker: PeerId, to: InstanceId) {
+        self.0.lock().unwrap().push((client, worker, to, RtcEvent::PeerGone));
+    }
 }
 
 impl Sent {
@@ -379,4 +388,28 @@ fn what_waits_for_a_moved_worker_that_never_arrives_is_refused() {
     a.client_sends(100, &c, 1, RtcEvent::Offer);
     assert_eq!(c.events(), [(RtcEvent::Error, ErrorCode::PeerNotConnected)]);
     assert_eq!(sent.take(), [(100, 1, 0, RtcEvent::Offer)]);
+}
+
+#[test]
+fn a_departure_that_crosses_a_worker_s_move_follows_it() {
+    let sent = Sent::default();
+    let mut a = Harness { router: Router::new(Some(Box::new(sent.clone()))), now: Instant::now() };
+    let w = a.worker(1, 1);
+    // Two clients on instance 0xc, each with a session.
+    let remote = |at| TestSink { conn: ConnId { at, instance: 0xc }, ..TestSink::new(at) };
+    let (c1, c2) = (remote(2), remote(3));
+    a.client_sends(100, &c1, 1, RtcEvent::Offer);
+    a.client_sends(101, &c2, 1, RtcEvent::Offer);
+    w.take();
+    a.run(Command::ExportWorker { worker: 1, conn: cid(1), to: 0xb, then: Box::new(|_| {}) });
+    // One leaves before the worker's claim is heard: its departure waits, then follows.
+    a.run(Command::ClientGone { client: 100, conn: c1.conn, departure: () });
+    assert!(sent.take().is_empty());
+    a.run(Command::Evict { role: Role::Worker, id: 1, newer: ConnId { at: 9, instance: 0xb } });
+    assert_eq!(sent.take(), [(100, 1, 0xb, RtcEvent::PeerGone)]);
+    // The other after: at once; and once only.
+    a.run(Command::ClientGone { client: 101, conn: c2.conn, departure: () });
+    a.run(Command::ClientGone { client: 101, conn: c2.conn, departure: () });
+    assert_eq!(sent.take(), [(101, 1, 0xb, RtcEvent::PeerGone)]);
+    assert!(w.take().is_empty(), "the worker hears of it where it is");
 }

@@ -22,6 +22,9 @@ pub enum ToCluster {
     /// A client's message (`sink` here or on another instance) for a worker that moved from
     /// here to `to`: it follows the worker there.
     Forward { client: PeerId, sink: super::Peer, worker: PeerId, to: InstanceId, signal: Signal<PeerReply> },
+    /// The departure of the stream `conn` of `client` (on another instance), which held a
+    /// session with a worker that moved from here to `to`: it follows the worker.
+    ForwardGone { client: PeerId, conn: ConnId, to: InstanceId },
     /// A worker moved here from another instance with its sessions: the bridge finds their
     /// clients' streams and hands them to the worker's shard; `done` once it has.
     ImportWorker {

@@ -45,6 +45,11 @@ pub(super) struct Moved<P: PeerSink> {
     claimed: bool,
     /// Client messages that came before its claim, in order.
     waiting: Vec<(PeerId, P, Signal<P::Reply>)>,
+    /// The streams of its sessions' clients on other instances, whose departure may cross its
+    /// move: it follows the worker (before the claim, it waits with the messages).
+    clients: Vec<(PeerId, ConnId)>,
+    /// Those clients' departures that came before its claim.
+    departed: Vec<(PeerId, ConnId)>,
 }
 
 impl<P: PeerSink> Router<P> {
@@ -64,15 +69,35 @@ impl<P: PeerSink> Router<P> {
             // Gone meanwhile (its sessions ended with it): nothing to hand over.
             _ => return then(Vec::new()),
         };
-        self.moved.insert(worker, Moved { at: now, to, claimed: false, waiting: Vec::new() });
         let mut handed = Vec::with_capacity(entry.sessions.len());
+        let mut clients = Vec::new();
         for (client, session) in entry.sessions {
+            if session.client.remote().is_some() {
+                clients.push((client, session.client.conn()));
+            }
             // The session goes on elsewhere: the client's count of it stays as it is.
             self.metrics.sessions(session.state).decrement(1.0);
             unlink(&mut self.client_sessions, client, worker);
             handed.push(HandedSession { client, sink: session.client, state: session.state });
         }
+        let departed = Vec::new();
+        self.moved
+            .insert(worker, Moved { at: now, to, claimed: false, waiting: Vec::new(), clients, departed });
         then(handed)
+    }
+
+    /// A client stream on another instance departed: if it held a session with a worker that
+    /// moved away lately, its departure follows the worker (once its claim was heard).
+    pub(super) fn moved_client_gone(&mut self, client: PeerId, conn: ConnId) {
+        for (worker, moved) in &mut self.moved {
+            let Some(i) = moved.clients.iter().position(|c| *c == (client, conn)) else { continue };
+            moved.clients.swap_remove(i);
+            if !moved.claimed {
+                moved.departed.push((client, conn));
+            } else if let Some(elsewhere) = self.elsewhere.as_mut() {
+                elsewhere.gone(client, conn, *worker, moved.to);
+            }
+        }
     }
 
     pub(super) fn import_worker(
@@ -197,10 +222,16 @@ impl<P: PeerSink> Router<P> {
         moved.claimed = true;
         moved.to = newer.instance;
         let (to, waiting) = (moved.to, std::mem::take(&mut moved.waiting));
+        let departed = std::mem::take(&mut moved.departed);
         for (client, sink, signal) in waiting {
             match self.elsewhere.as_mut() {
                 Some(elsewhere) => elsewhere.forward(client, &sink, worker, to, signal),
                 None => refuse_one(worker, client, signal),
+            }
+        }
+        if let Some(elsewhere) = self.elsewhere.as_mut() {
+            for (client, conn) in departed {
+                elsewhere.gone(client, conn, worker, to);
             }
         }
     }

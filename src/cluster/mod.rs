@@ -38,12 +38,13 @@ pub mod link;
 pub mod links;
 pub mod liveness;
 mod moves;
+mod resuming;
 pub mod seal;
 pub mod tunnels;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
@@ -56,7 +57,7 @@ use crate::shards::Shards;
 use bridge::Bridge;
 use driver::{Control, Driver};
 use seal::{Kind, Seal};
-use tunnels::{Hold, Holder, MovedClient, MovedWorker, Resumption, TunnelCommand};
+use tunnels::{Holder, TunnelCommand};
 
 /// Generated from `proto/distributor/cluster/v1/link.proto`.
 pub mod wire {
@@ -403,135 +404,6 @@ impl Cluster {
     /// Sets who takes peers held here over for streams on other instances (the edge, once).
     pub fn set_holder(&self, holder: Arc<dyn Holder>) {
         let _ = self.holder.set(holder);
-    }
-
-    /// A resumable stream `conn` of a peer not held here: asks the other instances which holds
-    /// it. The holder lets the peer go to this instance, or takes it over for this stream and
-    /// tunnels to it (the tunnel's halves are returned). `None`: no instance holds the peer (or
-    /// none answered in time), it starts afresh here.
-    pub async fn resume(
-        &self,
-        role: Role,
-        id: PeerId,
-        after: u64,
-        conn: ConnId,
-        expires: Option<SystemTime>,
-    ) -> Option<Resumption> {
-        if !self.is_connected() {
-            return None;
-        }
-        let (events_tx, events, credit) = tunnels::channel();
-        let (opened, open_now) = oneshot::channel();
-        let open = TunnelCommand::Open {
-            conn,
-            instance: None,
-            events: events_tx,
-            credit: credit.clone(),
-            opened: Some(opened),
-        };
-        self.tunnels.send(open).ok()?;
-        open_now.await.ok()?;
-        let expires_ms = expires
-            .map(|at| at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64)
-            .unwrap_or(0);
-        let ask = wire::ResumeAsk {
-            worker: role == Role::Worker,
-            id,
-            after,
-            conn: Some(bridge::wire_conn(conn)),
-            expires_ms,
-        };
-        let alive = self.alive.load(Ordering::Relaxed);
-        let (nats, seal, replies) = (&self.nats, &self.seal, &self.replies);
-        match driver::ask_holder(nats, seal, replies, self.subjects.resume(), &ask, alive).await {
-            Some((instance, Hold::Tunnel)) => {
-                let _ = self.tunnels.send(TunnelCommand::Bind { conn, instance });
-                let (tx, rx) = tunnels::halves(conn, instance, self.tunnels.clone(), events, credit);
-                Some(Resumption::Tunnel(tx, rx))
-            }
-            other => {
-                let _ = self.tunnels.send(TunnelCommand::Forget { conn });
-                match other? {
-                    (_, Hold::Released(released)) => Some(Resumption::Moved(released)),
-                    (_, Hold::Moved(moved)) => Some(Resumption::MovedWith(moved)),
-                    (_, Hold::MovedClient(moved)) => Some(Resumption::MovedClient(moved)),
-                    _ => None,
-                }
-            }
-        }
-    }
-
-    /// A worker moved here with its sessions (`moved`): its shard takes them over, with what
-    /// it had not received, before this returns (and before its claim tells the others).
-    pub async fn import_worker(&self, worker: PeerId, sink: crate::peer::Sink, moved: Box<MovedWorker>) {
-        let (done, imported) = oneshot::channel();
-        if self.queue.send(ToCluster::ImportWorker { worker, sink, moved, done }).await.is_ok() {
-            let _ = imported.await;
-        }
-    }
-
-    /// The local client stream `conn` moves to `to` with its sessions: what comes for it is
-    /// held until its claim there. Returns its sessions across, and the stand-in for it in the
-    /// sessions of this instance's workers.
-    pub async fn client_leaving(
-        &self,
-        client: PeerId,
-        conn: ConnId,
-        to: InstanceId,
-    ) -> Option<crate::peer::remote::Leaving> {
-        let (done, left) = oneshot::channel();
-        self.queue.send(ToCluster::ClientLeaving { client, conn, to, done }).await.ok()?;
-        left.await.ok()
-    }
-
-    /// A client moved here with its sessions (`moved`), its stream `sink` keeping its id: its
-    /// sessions are its stream's before this returns; then its claim tells the others.
-    pub async fn import_client(&self, client: PeerId, sink: crate::peer::Sink, moved: Box<MovedClient>) {
-        let (done, imported) = oneshot::channel();
-        let from = moved.from;
-        if self.queue.send(ToCluster::ImportClient { client, sink: sink.clone(), moved, done }).await.is_ok()
-        {
-            let _ = imported.await;
-        }
-        let claim = wire::Claim {
-            worker: false,
-            id: client,
-            conn: Some(bridge::wire_conn(sink.id())),
-            moved_from: from,
-            now_at: self.instance,
-        };
-        let sealed =
-            self.seal.seal(Kind::Claim, &self.subjects.claim(), &claim.encode_to_vec(), driver::now_ms());
-        let (nats, subject) = (self.nats.clone(), self.subjects.claim());
-        let publish = tokio::spawn(async move { publish_claim(&nats, subject, sealed, client).await });
-        if tokio::time::timeout(REGISTER_WAIT, publish).await.is_err() {
-            crate::warn_throttled!(client, "NATS does not take the claim: it goes out once NATS is back");
-        }
-    }
-
-    /// Resolves once the claim of a peer that moved from here is heard (or the bridge stopped).
-    pub fn claimed(&self, role: Role, id: PeerId) -> impl std::future::Future<Output = ()> + use<> {
-        let (claimed, heard) = oneshot::channel();
-        let asked = self.queue.try_send(ToCluster::AwaitClaim { worker: role == Role::Worker, id, claimed });
-        async move {
-            if asked.is_ok() {
-                let _ = heard.await;
-            }
-        }
-    }
-
-    /// A worker moved from here to `to` with its sessions: those of its clients that are on
-    /// this instance now talk to it there.
-    pub async fn moved_away(
-        &self,
-        worker: PeerId,
-        to: InstanceId,
-        clients: Vec<(PeerId, crate::peer::Sink)>,
-    ) {
-        let (done, noted) = oneshot::channel();
-        if self.queue.send(ToCluster::MovedAway { worker, to, clients, done }).await.is_ok() {
-            let _ = noted.await;
-        }
     }
 
     pub fn is_connected(&self) -> bool {

@@ -34,9 +34,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tonic::Status;
 
 use super::wire::{self, record::Kind};
-use crate::core::session::State;
-use crate::core::{ConnId, InstanceId, Outbound, PeerId, Role};
-pub use crate::peer::resume::Released;
+use crate::core::{ConnId, InstanceId, PeerId, Role};
+pub use crate::peer::resume::{MovedClient, MovedWorker, Released};
 
 /// What a holder is asked: a stream of this peer came back on another instance.
 #[derive(Debug, Clone, Copy)]
@@ -76,36 +75,6 @@ pub enum Hold {
     Moved(Box<MovedWorker>),
     /// The client moved, with its sessions.
     MovedClient(Box<MovedClient>),
-}
-
-/// A client that moved to another instance with its sessions: its stream keeps its id
-/// (`conn`), by which its sessions know it, wherever its workers are.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MovedClient {
-    /// The instance it moved from.
-    pub from: InstanceId,
-    pub conn: ConnId,
-    /// The number of `messages[0]`, and of the next message written if there is none.
-    pub first_seq: u64,
-    pub last_received: u64,
-    /// What it had not received and what was queued for it, in order.
-    pub messages: Vec<Outbound>,
-    /// Its sessions: each worker and its instance.
-    pub sessions: Vec<(PeerId, InstanceId)>,
-}
-
-/// A worker that moved to another instance with its sessions: what its new home takes over.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MovedWorker {
-    /// The instance it moved from.
-    pub from: InstanceId,
-    /// The number of `messages[0]`, and of the next message written if there is none.
-    pub first_seq: u64,
-    pub last_received: u64,
-    /// What it had not received and what was queued for it, in order.
-    pub messages: Vec<Outbound>,
-    /// Its sessions: each client's stream and where the negotiation stands.
-    pub sessions: Vec<(PeerId, ConnId, State)>,
 }
 
 /// What became of a resumable stream's ask, on its own instance.

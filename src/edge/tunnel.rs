@@ -82,7 +82,7 @@ impl Holder for Holding {
                     && let Some(moving) = edge.clients.begin_move(ask.id, ask.after)
                 {
                     let (answer, answered) = oneshot::channel();
-                    edge.tasks.spawn(move_client(edge.clone(), ask, granted, moving, (tx, rx), answer));
+                    edge.tasks.spawn(move_peer(edge.clone(), ask, granted, moving, (tx, rx), answer));
                     return Hold::Moving(answered);
                 }
                 let opening = tunnelled(&edge, &ask, tx);
@@ -94,7 +94,7 @@ impl Holder for Holding {
                 }
                 if let Some(moving) = edge.workers.begin_move(ask.id, ask.after) {
                     let (answer, answered) = oneshot::channel();
-                    edge.tasks.spawn(move_worker(edge.clone(), ask, granted, moving, (tx, rx), answer));
+                    edge.tasks.spawn(move_peer(edge.clone(), ask, granted, moving, (tx, rx), answer));
                     return Hold::Moving(answered);
                 }
                 let opening = tunnelled(&edge, &ask, tx);
@@ -142,19 +142,28 @@ async fn stops_reading(
     None
 }
 
-/// Moves a worker with its sessions to the instance of its new stream: once its old stream's
-/// reading task has handed everything it read to the shard, the shard hands the worker's
-/// sessions over, and what it had not received goes along (see [`MovedWorker`]).
-async fn move_worker(
+/// Moves a peer with its sessions to the instance of its new stream, once its old stream has
+/// stopped reading; held here meanwhile, for a drain.
+async fn move_peer(
     edge: Arc<Edge>,
     ask: Ask,
     granted: Option<Granted>,
     moving: Moving,
-    (tx, rx): (TunnelTx, TunnelRx),
+    tunnel: (TunnelTx, TunnelRx),
     answer: oneshot::Sender<Hold>,
 ) {
     let _held = Held::new(&edge);
-    let Some(answer) = stops_reading(&edge, &ask, granted, &moving, (tx, rx), answer).await else { return };
+    let Some(answer) = stops_reading(&edge, &ask, granted, &moving, tunnel, answer).await else { return };
+    match ask.role {
+        Role::Worker => move_worker(&edge, &ask, moving, answer).await,
+        Role::Client => move_client(&edge, &ask, moving, answer).await,
+    }
+}
+
+/// Moves a worker with its sessions to the instance of its new stream: once its old stream's
+/// reading task has handed everything it read to the shard, the shard hands the worker's
+/// sessions over, and what it had not received goes along (see [`MovedWorker`]).
+async fn move_worker(edge: &Arc<Edge>, ask: &Ask, moving: Moving, answer: oneshot::Sender<Hold>) {
     let (handed, sessions) = oneshot::channel();
     let then = Box::new(move |sessions| {
         let _ = handed.send(sessions);
@@ -214,17 +223,8 @@ async fn await_claim(claimed: Option<impl std::future::Future<Output = ()>>) {
 /// shards, the bridge holds what comes for it (until its claim there), this instance's workers'
 /// sessions are rebound to a stand-in for it there, and what it had not received goes along
 /// (see [`MovedClient`]).
-async fn move_client(
-    edge: Arc<Edge>,
-    ask: Ask,
-    granted: Option<Granted>,
-    moving: Moving,
-    (tx, rx): (TunnelTx, TunnelRx),
-    answer: oneshot::Sender<Hold>,
-) {
-    let _held = Held::new(&edge);
+async fn move_client(edge: &Arc<Edge>, ask: &Ask, moving: Moving, answer: oneshot::Sender<Hold>) {
     let Some(cluster) = edge.cluster.clone() else { return };
-    let Some(answer) = stops_reading(&edge, &ask, granted, &moving, (tx, rx), answer).await else { return };
     let conn = moving.sink.id();
     let Some((mut sessions, stand_in)) = cluster.client_leaving(ask.id, conn, ask.front).await else {
         return;

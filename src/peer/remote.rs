@@ -30,7 +30,7 @@ pub enum ToCluster {
     ImportWorker {
         worker: PeerId,
         sink: Sink,
-        moved: Box<crate::cluster::tunnels::MovedWorker>,
+        moved: Box<super::resume::MovedWorker>,
         done: tokio::sync::oneshot::Sender<()>,
     },
     /// The local client stream `conn` moves to `to` with its sessions (see
@@ -45,7 +45,7 @@ pub enum ToCluster {
     ImportClient {
         client: PeerId,
         sink: Sink,
-        moved: Box<crate::cluster::tunnels::MovedClient>,
+        moved: Box<super::resume::MovedClient>,
         done: tokio::sync::oneshot::Sender<()>,
     },
     /// A peer moved from here: `claimed` once its new home's claim is heard here (that home

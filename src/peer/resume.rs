@@ -23,7 +23,8 @@ use tonic::Status;
 use super::Sink;
 use super::conn::{Close, Numbering, OutboundStream};
 use super::numbers::TooOld;
-use crate::core::{Outbound, PeerId};
+use crate::core::session::State;
+use crate::core::{ConnId, InstanceId, Outbound, PeerId};
 
 /// A peer's outbound stream, shared by the streams that attach to it in turn.
 type Shared<M> = Arc<Mutex<OutboundStream<M>>>;
@@ -281,6 +282,36 @@ pub struct TakenAlong {
     /// What it had not received, then what was queued for it: numbered on from `after` + 1.
     pub messages: Vec<Outbound>,
     pub last_received: u64,
+}
+
+/// A client that moved to another instance with its sessions: its stream keeps its id
+/// (`conn`), by which its sessions know it, wherever its workers are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MovedClient {
+    /// The instance it moved from.
+    pub from: InstanceId,
+    pub conn: ConnId,
+    /// The number of `messages[0]`, and of the next message written if there is none.
+    pub first_seq: u64,
+    pub last_received: u64,
+    /// What it had not received and what was queued for it, in order.
+    pub messages: Vec<Outbound>,
+    /// Its sessions: each worker and its instance.
+    pub sessions: Vec<(PeerId, InstanceId)>,
+}
+
+/// A worker that moved to another instance with its sessions: what its new home takes over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MovedWorker {
+    /// The instance it moved from.
+    pub from: InstanceId,
+    /// The number of `messages[0]`, and of the next message written if there is none.
+    pub first_seq: u64,
+    pub last_received: u64,
+    /// What it had not received and what was queued for it, in order.
+    pub messages: Vec<Outbound>,
+    /// Its sessions: each client's stream and where the negotiation stands.
+    pub sessions: Vec<(PeerId, ConnId, State)>,
 }
 
 /// How a detached peer's grace period ended.

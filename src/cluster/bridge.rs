@@ -389,11 +389,7 @@ impl Bridge {
                 {
                     return self.returning(s.client, conn, s.worker, event, s.payload);
                 }
-                let remote = self
-                    .remote
-                    .entry(conn)
-                    .or_insert_with(|| Arc::new(RemoteClient::new(conn, self.to_clients.clone())))
-                    .clone();
+                let remote = self.remote(conn);
                 let signal = Signal { event, payload: s.payload, reply: PeerReply::Remote(remote.clone()) };
                 let command = Command::FromClient {
                     client: s.client,
@@ -447,6 +443,15 @@ impl Bridge {
                 answer.into_iter().for_each(|a| self.links.push(from, a, Origin::Owed));
             }
         }
+    }
+
+    /// The stand-in for the client stream `conn` on another instance, one per stream.
+    fn remote(&mut self, conn: ConnId) -> Arc<RemoteClient> {
+        let to_clients = &self.to_clients;
+        self.remote
+            .entry(conn)
+            .or_insert_with(|| Arc::new(RemoteClient::new(conn, to_clients.clone())))
+            .clone()
     }
 
     /// A message from another instance for a local client stream.

@@ -21,7 +21,7 @@ use crate::cluster::tunnels::MovedClient;
 use crate::cluster::wire::{self, record::Kind};
 use crate::core::{Command, ConnId, InstanceId, Outbound, PeerId};
 use crate::pb::RtcEvent;
-use crate::peer::{Peer, RemoteClient, Sink};
+use crate::peer::{Peer, Sink};
 
 /// A client that moved away from here, until its claim is heard.
 pub(super) struct Leaving {
@@ -190,12 +190,7 @@ impl Bridge {
     ) -> crate::peer::remote::Leaving {
         let across = self.clients.remove(conn);
         self.moves.leave(conn, to);
-        let to_clients = &self.to_clients;
-        let stand_in = self
-            .remote
-            .entry(conn)
-            .or_insert_with(|| Arc::new(RemoteClient::new(conn, to_clients.clone())))
-            .clone();
+        let stand_in = self.remote(conn);
         stand_in.moved_to(to);
         tracing::debug!(client, conn = %conn, "client moving to another instance with its sessions");
         (across, stand_in)

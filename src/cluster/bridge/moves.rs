@@ -3,8 +3,6 @@
 //! local clients now reach it across. Each instance of a client re-points the client's session
 //! when the new home's claim says where the worker came from ([`LocalClients::repoint`]).
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 
 use super::{Bridge, Origin, Waiting, wire_conn};
@@ -12,7 +10,7 @@ use crate::cluster::tunnels::MovedWorker;
 use crate::cluster::wire::{self, record::Kind};
 use crate::core::{Command, ConnId, HandedSession, InstanceId, Outbound, PeerId, Signal, refuse};
 use crate::pb::{ErrorCode, RtcEvent};
-use crate::peer::{Peer, PeerReply, RemoteClient, Sink};
+use crate::peer::{Peer, PeerReply, Sink};
 
 impl Bridge {
     /// The worker moved here: each session's client is a local stream (taken from the sessions
@@ -22,21 +20,16 @@ impl Bridge {
         let MovedWorker { mut messages, sessions, .. } = moved;
         let mut handed = Vec::with_capacity(sessions.len());
         for (client, conn, state) in sessions {
-            let client_sink = if conn.instance == self.me {
-                match self.clients.take_session(conn, worker) {
-                    Some(local) => Peer::Local(local),
-                    None => {
-                        messages.push(Outbound::peer_gone(worker, client));
-                        continue;
-                    }
+            // A local stream may name another instance: a client that moved here kept its id.
+            let local =
+                (conn.instance == self.me && self.moves.onward(conn).is_none()) || self.moves.is_here(conn);
+            let client_sink = match self.clients.take_session(conn, worker) {
+                Some(sink) => Peer::Local(sink),
+                None if local => {
+                    messages.push(Outbound::peer_gone(worker, client));
+                    continue;
                 }
-            } else {
-                let to_clients = &self.to_clients;
-                let remote = self
-                    .remote
-                    .entry(conn)
-                    .or_insert_with(|| Arc::new(RemoteClient::new(conn, to_clients.clone())));
-                Peer::Remote(remote.clone())
+                None => Peer::Remote(self.remote(conn)),
             };
             handed.push(HandedSession { client, sink: client_sink, state });
         }

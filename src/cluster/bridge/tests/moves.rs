@@ -118,4 +118,24 @@ fn a_client_moves_with_its_session_and_its_worker_s_messages_reach_it_in_order()
     carry_to(from_b, &mut [&mut a, &mut y], t0);
     w.expect(RtcEvent::AcceptAnswer);
     moved.expect_nothing();
+
+    // Then the worker moves to B too: the client's stream there is local, whatever instance
+    // its kept id names, so the session needs no other instance any more.
+    let handed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = handed.clone();
+    let then = Box::new(move |sessions: Vec<HandedSession<Peer>>| {
+        into.lock().unwrap().extend(sessions.into_iter().map(|s| (s.client, s.sink.conn(), s.state)))
+    });
+    y.route(y.shards.of_worker(7), Command::ExportWorker { worker: 7, conn: w.sink.id(), to: B, then });
+    let sessions = std::mem::take(&mut *handed.lock().unwrap());
+    let mut w = b.open(7);
+    let worker = MovedWorker { from: C, first_seq: 1, last_received: 0, messages: Vec::new(), sessions };
+    let (done, _imported) = tokio::sync::oneshot::channel();
+    let import = ToCluster::ImportWorker { worker: 7, sink: w.sink.clone(), moved: Box::new(worker), done };
+    assert!(b.queue.try_send(import).is_ok());
+    b.pump();
+    w.expect(RtcEvent::Blank);
+    b.worker_sends(&w, 100, RtcEvent::LocalIceCandidate, b"here");
+    assert_eq!(&moved.expect(RtcEvent::IceCandidate).payload[..], b"here", "delivered here, at once");
+    assert!(b.outputs(t0).iter().all(|o| !matches!(o, Output::ToInstance(..))), "nothing crosses");
 }

@@ -378,3 +378,91 @@ async fn an_idle_peer_cut_on_one_instance_moves_to_the_one_it_resumes_on() {
     let offer = w.recv().await;
     assert_eq!((offer.event(), offer.client_id, offer.seq), (RtcEvent::Offer, cid, 4), "{offer:?}");
 }
+
+/// A worker whose old stream waits for room to answer a message it read (its queue full: the
+/// worker does not read) when the worker resumes elsewhere: that stream stops reading at once,
+/// without routing the message it waited with, so the worker moves (its queue along with it);
+/// the acknowledgement says that message was not received, the worker sends it again, and
+/// its client gets it once. Everything written or queued on the old stream is replayed.
+#[tokio::test]
+async fn a_worker_whose_old_stream_waits_for_room_moves_and_resends_what_was_not_received() {
+    const PAYLOAD: usize = 1000;
+    let nats = NatsCluster::start().await;
+    let b = instance(&nats, "m5").await;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut a = process_with(&nats, "m5", &["--metrics-listen", &metrics, "--peer-queue", "64"]);
+    let a_server = TestServer::external(&a.addr);
+    reach_each_other(&a_server, &b, 3800).await;
+    let after = |n: u64| [("x-resume-after", n.to_string())];
+    // A small receive window: the distributor can write little ahead of what the worker reads,
+    // so its queue, and then its reading, stall with what it kept for replay.
+    let narrow = tonic::transport::Channel::from_shared(a_server.url())
+        .unwrap()
+        .initial_stream_window_size(Some(8 * 1024))
+        .connect()
+        .await
+        .unwrap();
+    let mut w = open_worker(narrow, &after(0), blank(39)).await.unwrap();
+    assert_eq!(w.recv().await.event(), RtcEvent::Blank);
+    let (mut c, cid) = client(&a_server).await;
+    c.send(to_worker(39, RtcEvent::Offer, &[b'o'; PAYLOAD])).await;
+    // The worker reads nothing: once what was written fills its window and its queue, the
+    // client is refused (`PEER_OVERLOADED`); what was taken is a prefix of what was sent.
+    let (mut sent, mut refused) = (1u32, 0);
+    let refusals = async |c: &mut ClientStream, within: u64| {
+        let mut n = 0;
+        while let Ok(Ok(Some(msg))) =
+            tokio::time::timeout(Duration::from_millis(within), c.rx_message()).await
+        {
+            assert_client_error(&msg, ErrorCode::PeerOverloaded, 39);
+            n += 1;
+        }
+        n
+    };
+    while refused == 0 && sent < 300 {
+        let mut payload = vec![b'c'; PAYLOAD];
+        payload[..4].copy_from_slice(&(sent - 1).to_be_bytes());
+        c.send(to_worker(39, RtcEvent::LocalIceCandidate, &payload)).await;
+        sent += 1;
+        refused += refusals(&mut c, 20).await;
+    }
+    refused += refusals(&mut c, 300).await;
+    assert!(refused > 0, "the worker's queue filled");
+    let taken = sent - refused;
+    // Its answer, numbered, waits for room on the old stream.
+    let answer = WorkerRtcMessage { seq: 1, ..to_client(cid, RtcEvent::Answer, b"answer") };
+    w.send(answer.clone()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut resumed = open_worker(b.channel().await, &after(0), blank(39)).await.unwrap();
+    let ack = resumed.recv().await;
+    assert_eq!(
+        (ack.event(), ack.resumed, ack.seq),
+        (RtcEvent::Blank, true, 0),
+        "the answer was not received: {ack:?}"
+    );
+    let offer = resumed.recv().await;
+    assert_eq!((offer.event(), offer.client_id, offer.seq), (RtcEvent::Offer, cid, 1), "{offer:?}");
+    for seq in 2..=taken {
+        let candidate = resumed.recv().await;
+        assert_eq!((candidate.event(), candidate.seq), (RtcEvent::IceCandidate, seq as u64), "{candidate:?}");
+        assert_eq!(number(&candidate.message), seq - 2, "in order");
+    }
+    c.expect_quiet().await;
+    resumed.send(answer).await;
+    let answer = c.recv().await;
+    assert_eq!((answer.event(), &answer.message[..]), (RtcEvent::Answer, &b"answer"[..]), "{answer:?}");
+    let text = metrics_text(&metrics);
+    assert_eq!(metric(&text, "distributor_peers_moved_total{role=\"worker\"}"), 1.0, "moved");
+    assert_eq!(metric(&text, "distributor_tunnels"), 0.0, "no tunnel");
+    c.send(to_worker(39, RtcEvent::LocalIceCandidate, b"live")).await;
+    let live = resumed.recv().await;
+    assert_eq!(
+        (live.event(), live.seq, &live.message[..]),
+        (RtcEvent::IceCandidate, taken as u64 + 1, &b"live"[..])
+    );
+    resumed.expect_quiet().await;
+    c.expect_quiet().await;
+    drop(w);
+    a.kill();
+}

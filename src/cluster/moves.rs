@@ -4,7 +4,7 @@
 //! of its clients move their sessions with it instead of ending them.
 
 use super::bridge::{conn_id, wire_conn};
-use super::tunnels::{MovedClient, MovedWorker};
+use super::tunnels::{MovedClient, MovedSession, MovedWorker};
 use super::wire;
 use crate::core::session::State;
 use crate::core::{InstanceId, Outbound};
@@ -67,10 +67,11 @@ pub fn to_wire(moved: &MovedWorker) -> wire::Moved {
     let sessions = moved
         .sessions
         .iter()
-        .map(|(client, conn, state)| wire::MovedSession {
-            client: *client,
-            conn: Some(wire_conn(*conn)),
-            state: state_number(*state),
+        .map(|s| wire::MovedSession {
+            client: s.client,
+            conn: Some(wire_conn(s.conn)),
+            state: state_number(s.state),
+            at: if s.at == s.conn.instance { 0 } else { s.at },
         })
         .collect();
     wire::Moved { first_seq: moved.first_seq, last_received: moved.last_received, messages, sessions }
@@ -82,7 +83,9 @@ pub fn from_wire(from: InstanceId, moved: wire::Moved) -> Option<MovedWorker> {
     let messages = held_from_wire(moved.messages)?;
     let mut sessions = Vec::with_capacity(moved.sessions.len());
     for s in moved.sessions {
-        sessions.push((s.client, conn_id(s.conn?), state_of(s.state)?));
+        let conn = conn_id(s.conn?);
+        let at = if s.at == 0 { conn.instance } else { s.at };
+        sessions.push(MovedSession { client: s.client, conn, at, state: state_of(s.state)? });
     }
     Some(MovedWorker {
         from,
@@ -130,7 +133,12 @@ mod tests {
             sessions: State::ALL
                 .iter()
                 .enumerate()
-                .map(|(i, s)| (i as i64 + 1, ConnId { at: 5 + i as u64, instance: 0xc }, *s))
+                .map(|(i, s)| {
+                    let conn = ConnId { at: 5 + i as u64, instance: 0xc };
+                    // The first client moved from its stream's instance.
+                    let at = if i == 0 { 0xd } else { conn.instance };
+                    MovedSession { client: i as i64 + 1, conn, at, state: *s }
+                })
                 .collect(),
         };
         assert_eq!(from_wire(0xa, to_wire(&moved)), Some(moved.clone()));

@@ -35,7 +35,7 @@ use tonic::Status;
 
 use super::wire::{self, record::Kind};
 use crate::core::{ConnId, InstanceId, PeerId, Role};
-pub use crate::peer::resume::{MovedClient, MovedWorker, Released};
+pub use crate::peer::resume::{MovedClient, MovedSession, MovedWorker, Released};
 
 /// What a holder is asked: a stream of this peer came back on another instance.
 #[derive(Debug, Clone, Copy)]

@@ -388,13 +388,26 @@ impl<M: pb::Numbered, I: Inbound<M>> Reader<M, I> {
         }
     }
 
+    /// Waits for room in the peer's queue for an answer; `None` once the stream ends, or its
+    /// resumable peer goes on on another stream (which takes the queue over, with its reading
+    /// task waiting for the same room). What was read then is neither routed nor counted as
+    /// received: the new stream's welcome says what was, and the peer sends the rest again.
+    async fn reserve(&self) -> Option<Permit> {
+        let Some(attachment) = &self.attachment else { return self.sink.reserve().await };
+        tokio::select! {
+            biased;
+            _ = attachment.ended() => None,
+            permit = self.sink.reserve() => permit,
+        }
+    }
+
     /// The next message with room reserved in the peer's own queue for its answer, and
     /// whether it is within the stream's rate.
     async fn message_with_reply(&mut self) -> Option<(M, Admitted)> {
         let msg = self.message().await?;
         let permit = match self.sink.try_reserve() {
             Some(permit) => permit,
-            None => self.sink.reserve().await?,
+            None => self.reserve().await?,
         };
         // Counted once routed for sure: a peer let go to another instance meanwhile (see
         // `Conn::end_if_idle`) resends it there.

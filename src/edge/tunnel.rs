@@ -23,7 +23,9 @@ use tonic::Status;
 
 use super::{Edge, Inbound, Opening, client, worker};
 use crate::auth::Granted;
-use crate::cluster::tunnels::{Ask, Hold, Holder, MovedClient, MovedWorker, Resumption, TunnelRx, TunnelTx};
+use crate::cluster::tunnels::{
+    Ask, Hold, Holder, MovedClient, MovedSession, MovedWorker, Resumption, TunnelRx, TunnelTx,
+};
 use crate::core::{Command, HandedSession, PeerId, PeerSink, Role};
 use crate::peer::Peer;
 use crate::peer::conn::shutting_down;
@@ -110,13 +112,14 @@ impl Holder for Holding {
     }
 }
 
-/// How long a moving worker's old stream has to stop reading (it waits for room in its queue
-/// only if the worker does not read): past it, the worker stays, served through the tunnel.
+/// How long a moving peer's old stream has to stop reading (it stops at once, even while it
+/// waits for room in its queue, unless it waits for room in a shard's channel): past it, the
+/// peer stays, served through the tunnel.
 const STOP_READING_WITHIN: Duration = Duration::from_millis(150);
 
-/// Waits for a moving peer's old stream to stop reading. If it does not in time (it waits for
-/// room in a queue its peer does not read), the peer stays, served through the tunnel, and
-/// the answer says so (`None`).
+/// Waits for a moving peer's old stream to stop reading. If it does not in time (a shard it
+/// routes to is saturated), the peer stays, served through the tunnel, and the answer says so
+/// (`None`).
 async fn stops_reading(
     edge: &Arc<Edge>,
     ask: &Ask,
@@ -177,7 +180,11 @@ async fn move_worker(edge: &Arc<Edge>, ask: &Ask, moving: Moving, answer: onesho
     let taken = edge.workers.finish_move(ask.id, ask.after, &moving);
     let (mut local, mut handed) = (Vec::new(), Vec::with_capacity(sessions.len()));
     for HandedSession { client, sink, state } in sessions {
-        handed.push((client, sink.conn(), state));
+        let at = match &sink {
+            Peer::Local(_) => edge.instance,
+            Peer::Remote(remote) => remote.at(),
+        };
+        handed.push(MovedSession { client, conn: sink.conn(), at, state });
         if let Peer::Local(sink) = sink {
             local.push((client, sink));
         }

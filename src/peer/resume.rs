@@ -310,8 +310,20 @@ pub struct MovedWorker {
     pub last_received: u64,
     /// What it had not received and what was queued for it, in order.
     pub messages: Vec<Outbound>,
-    /// Its sessions: each client's stream and where the negotiation stands.
-    pub sessions: Vec<(PeerId, ConnId, State)>,
+    /// Its sessions.
+    pub sessions: Vec<MovedSession>,
+}
+
+/// A session of a worker that moved: its client, and where the negotiation stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MovedSession {
+    pub client: PeerId,
+    /// The client's stream.
+    pub conn: ConnId,
+    /// The instance the client's stream is on: `conn`'s, unless the client moved since with
+    /// its sessions (its stream keeps its id).
+    pub at: InstanceId,
+    pub state: State,
 }
 
 /// How a detached peer's grace period ended.
@@ -481,7 +493,7 @@ impl<M> Resumables<M> {
         let outbound = entry.outbound.lock().expect("not poisoned");
         let numbers = outbound.numbers()?;
         let unreceived = numbers.next().checked_sub(after + 1)? as usize;
-        if numbers.after(after).is_err() || unreceived + entry.sink.queued() > MOVE_AT_MOST {
+        if !numbers.covers(after) || unreceived + entry.sink.queued() > MOVE_AT_MOST {
             return None;
         }
         entry.attachment.end(Some(Status::aborted("this peer resumed on another instance")));

@@ -3,14 +3,16 @@
 //! local clients now reach it across. Each instance of a client re-points the client's session
 //! when the new home's claim says where the worker came from ([`LocalClients::repoint`]).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use super::{Bridge, Origin, Waiting, wire_conn};
-use crate::cluster::tunnels::MovedWorker;
+use crate::cluster::tunnels::{MovedSession, MovedWorker};
 use crate::cluster::wire::{self, record::Kind};
 use crate::core::{Command, ConnId, HandedSession, InstanceId, Outbound, PeerId, Signal, refuse};
 use crate::pb::{ErrorCode, RtcEvent};
-use crate::peer::{Peer, PeerReply, Sink};
+use crate::peer::{Peer, PeerReply, RemoteClient, Sink};
 
 impl Bridge {
     /// The worker moved here: each session's client is a local stream (taken from the sessions
@@ -19,7 +21,7 @@ impl Bridge {
     pub(super) fn import_worker(&mut self, worker: PeerId, sink: Sink, moved: MovedWorker) {
         let MovedWorker { mut messages, sessions, .. } = moved;
         let mut handed = Vec::with_capacity(sessions.len());
-        for (client, conn, state) in sessions {
+        for MovedSession { client, conn, at, state } in sessions {
             // A local stream may name another instance: a client that moved here kept its id.
             let local =
                 (conn.instance == self.me && self.moves.onward(conn).is_none()) || self.moves.is_here(conn);
@@ -29,12 +31,25 @@ impl Bridge {
                     messages.push(Outbound::peer_gone(worker, client));
                     continue;
                 }
-                None => Peer::Remote(self.remote(conn)),
+                None => Peer::Remote(self.moved_remote(conn, at)),
             };
             handed.push(HandedSession { client, sink: client_sink, state });
         }
         let command = Command::ImportWorker { worker, sink: Peer::Local(sink), sessions: handed, messages };
         self.dispatch(self.shards.of_worker(worker), command);
+    }
+
+    /// The stand-in for a client stream on another instance, `at` according to the worker's
+    /// old home: a client that moved since (its stream kept its id) is written to where it is,
+    /// not through the instance it left. What this instance heard of the client itself, if
+    /// anything, is newer.
+    fn moved_remote(&mut self, conn: ConnId, at: InstanceId) -> Arc<RemoteClient> {
+        let remote = self.remote(conn);
+        if at != conn.instance && at != self.me && remote.at() == conn.instance {
+            remote.moved_to(at);
+            self.moves.moved(conn, at);
+        }
+        remote
     }
 
     /// A client's message for a worker that moved from here to `to` follows it: a local

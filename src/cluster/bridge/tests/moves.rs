@@ -2,37 +2,55 @@
 //! over), a client (its stream's id kept, its messages re-routed).
 
 use super::*;
-use crate::cluster::tunnels::{MovedClient, MovedWorker};
+use crate::cluster::tunnels::{MovedClient, MovedSession, MovedWorker};
 use crate::core::{HandedSession, PeerSink};
+
+/// Hands worker 7 over from `from` to `to`, as its holder does: its sessions, each with where
+/// its client is.
+fn export(from: &mut Instance, w: &Stream, to: InstanceId) -> Vec<MovedSession> {
+    let handed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (into, me) = (handed.clone(), from.me);
+    let then = Box::new(move |sessions: Vec<HandedSession<Peer>>| {
+        into.lock().unwrap().extend(sessions.into_iter().map(|s| {
+            let at = match &s.sink {
+                Peer::Local(_) => me,
+                Peer::Remote(remote) => remote.at(),
+            };
+            MovedSession { client: s.client, conn: s.sink.conn(), at, state: s.state }
+        }))
+    });
+    from.route(from.shards.of_worker(7), Command::ExportWorker { worker: 7, conn: w.sink.id(), to, then });
+    std::mem::take(&mut *handed.lock().unwrap())
+}
+
+/// Worker 7 arrives at `to` from `from` with `sessions`, numbered on from `first_seq`, and is
+/// acknowledged.
+fn import(to: &mut Instance, from: InstanceId, first_seq: u64, sessions: Vec<MovedSession>) -> Stream {
+    let mut w = to.open(7);
+    let worker = MovedWorker { from, first_seq, last_received: 0, messages: Vec::new(), sessions };
+    let (done, _imported) = tokio::sync::oneshot::channel();
+    let import = ToCluster::ImportWorker { worker: 7, sink: w.sink.clone(), moved: Box::new(worker), done };
+    assert!(to.queue.try_send(import).is_ok());
+    to.pump();
+    w.expect(RtcEvent::Blank);
+    w
+}
 
 #[test]
 fn a_worker_moves_with_its_session_and_what_its_client_sent_meanwhile_follows_it() {
     let t0 = Instant::now();
     let (mut a, mut b, mut c, mut w) = offered(t0);
     // The worker moves from B to A, where its client is: B hands its session over.
-    let handed = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let into = handed.clone();
-    let then = Box::new(move |sessions: Vec<HandedSession<Peer>>| {
-        let sessions = sessions.into_iter().map(|s| (s.client, s.sink.conn(), s.state));
-        into.lock().unwrap().extend(sessions)
-    });
-    b.route(b.shards.of_worker(7), Command::ExportWorker { worker: 7, conn: w.sink.id(), to: A, then });
-    let sessions = std::mem::take(&mut *handed.lock().unwrap());
-    assert_eq!(sessions, [(100, c.sink.id(), crate::core::session::State::Offered)]);
+    let sessions = export(&mut b, &w, A);
+    let offered = crate::core::session::State::Offered;
+    assert_eq!(sessions, [MovedSession { client: 100, conn: c.sink.id(), at: A, state: offered }]);
     // Sent before A took it over: it waits on B for the claim.
     a.client_sends(&c, 7, RtcEvent::LocalIceCandidate, b"racing");
     settle(&mut a, &mut b, t0);
     c.expect_nothing();
     w.expect_nothing();
 
-    let mut moved = a.open(7);
-    let (done, _imported) = tokio::sync::oneshot::channel();
-    let worker = MovedWorker { from: B, first_seq: 2, last_received: 0, messages: Vec::new(), sessions };
-    let import =
-        ToCluster::ImportWorker { worker: 7, sink: moved.sink.clone(), moved: Box::new(worker), done };
-    assert!(a.queue.try_send(import).is_ok());
-    a.pump();
-    moved.expect(RtcEvent::Blank);
+    let mut moved = import(&mut a, B, 2, sessions);
     let claim =
         wire::Claim { worker: true, id: 7, conn: Some(wire_conn(moved.sink.id())), moved_from: B, now_at: 0 };
     b.bridge.claim(claim.encode_to_vec().into(), t0);
@@ -61,10 +79,12 @@ fn carry_to(outputs: Vec<Output>, instances: &mut [&mut Instance], now: Instant)
     }
 }
 
-#[test]
-fn a_client_moves_with_its_session_and_its_worker_s_messages_reach_it_in_order() {
-    const C: InstanceId = 0xc;
-    let t0 = Instant::now();
+const C: InstanceId = 0xc;
+
+/// Client 100 on A offers worker 7 on C, then moves to B (its stream keeps its id), where the
+/// worker's messages reach it in order, and its own reach the worker. Returns A, B, C, the
+/// worker and the client.
+fn client_moved_from_a_to_b(t0: Instant) -> (Instance, Instance, Instance, Stream, Stream) {
     let (mut a, mut b, mut y) = (Instance::new(A), Instance::new(B), Instance::new(C));
     let mut w = y.worker(7);
     let mut c = a.client(100);
@@ -118,24 +138,38 @@ fn a_client_moves_with_its_session_and_its_worker_s_messages_reach_it_in_order()
     carry_to(from_b, &mut [&mut a, &mut y], t0);
     w.expect(RtcEvent::AcceptAnswer);
     moved.expect_nothing();
+    (a, b, y, w, moved)
+}
 
+#[test]
+fn a_client_moves_with_its_session_and_its_worker_s_messages_reach_it_in_order() {
+    let t0 = Instant::now();
+    let (_a, mut b, mut y, w, mut moved) = client_moved_from_a_to_b(t0);
     // Then the worker moves to B too: the client's stream there is local, whatever instance
     // its kept id names, so the session needs no other instance any more.
-    let handed = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let into = handed.clone();
-    let then = Box::new(move |sessions: Vec<HandedSession<Peer>>| {
-        into.lock().unwrap().extend(sessions.into_iter().map(|s| (s.client, s.sink.conn(), s.state)))
-    });
-    y.route(y.shards.of_worker(7), Command::ExportWorker { worker: 7, conn: w.sink.id(), to: B, then });
-    let sessions = std::mem::take(&mut *handed.lock().unwrap());
-    let mut w = b.open(7);
-    let worker = MovedWorker { from: C, first_seq: 1, last_received: 0, messages: Vec::new(), sessions };
-    let (done, _imported) = tokio::sync::oneshot::channel();
-    let import = ToCluster::ImportWorker { worker: 7, sink: w.sink.clone(), moved: Box::new(worker), done };
-    assert!(b.queue.try_send(import).is_ok());
-    b.pump();
-    w.expect(RtcEvent::Blank);
+    let sessions = export(&mut y, &w, B);
+    let w = import(&mut b, C, 1, sessions);
     b.worker_sends(&w, 100, RtcEvent::LocalIceCandidate, b"here");
     assert_eq!(&moved.expect(RtcEvent::IceCandidate).payload[..], b"here", "delivered here, at once");
     assert!(b.outputs(t0).iter().all(|o| !matches!(o, Output::ToInstance(..))), "nothing crosses");
+}
+
+/// A worker moves to a fourth instance after its client moved: its new home writes to the
+/// client where it is now, not through the instance the client left (which may be gone).
+#[test]
+fn a_worker_moving_after_its_client_moved_reaches_the_client_where_it_is() {
+    const D: InstanceId = 0xd;
+    let t0 = Instant::now();
+    let (_a, mut b, mut y, w, mut moved) = client_moved_from_a_to_b(t0);
+    let sessions = export(&mut y, &w, D);
+    assert_eq!(sessions.iter().map(|s| (s.conn.instance, s.at)).collect::<Vec<_>>(), [(A, B)]);
+    let mut d = Instance::new(D);
+    let w = import(&mut d, C, 1, sessions);
+    // Straight to B, not through A (which may be gone by now).
+    d.worker_sends(&w, 100, RtcEvent::LocalIceCandidate, b"from D");
+    let from_d = d.outputs(t0);
+    assert!(from_d.iter().all(|o| !matches!(o, Output::ToInstance(A, _))), "not through A");
+    carry_to(from_d, &mut [&mut b, &mut y], t0);
+    assert_eq!(&moved.expect(RtcEvent::IceCandidate).payload[..], b"from D");
+    moved.expect_nothing();
 }

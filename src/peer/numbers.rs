@@ -1,13 +1,14 @@
 //! What a resumable peer was written, numbered and kept for replay.
 //!
 //! A busy resumable peer keeps its last `--peer-queue` messages (1,024) at all times, so every
-//! message written to it is also written into memory that was last touched a million messages
-//! ago, across all peers. How that memory is laid out is most of what resume costs: a message
-//! kept as its own allocation (a payload, a ring entry) costs a cold allocation, a cold free,
-//! and a buffer reused cold for each message. So the kept messages are laid out as the writer
-//! reaches them: their addresses in one ring of small fixed entries, their short payloads back
-//! to back in one ring of bytes, each written and let go in order, which the caches and
-//! prefetchers follow (`cargo bench --bench core -- writer`: BENCHMARKS.md).
+//! message written to it is also written into memory last touched a ring ago: with thousands
+//! of busy peers, hundreds of megabytes ago, long out of the caches. Such a write costs little
+//! by itself, but the next atomic instruction (a lock's release, a queue's counter: there is
+//! one per message) waits until it has reached the cache, a trip to memory. So each peer keeps
+//! its messages back to back in one ring of bytes (head and payload, by reference for long
+//! payloads), and after each write has the cache fetch the lines where the next ones go: by
+//! then they are there, and nothing waits (BENCHMARKS.md, issue 11: `cargo bench --bench core
+//! -- writer`, and `scripts/ab.sh` end to end).
 
 use std::collections::VecDeque;
 
@@ -80,8 +81,11 @@ impl Numbers {
 
 /// The last `keep` messages written, oldest first.
 struct Kept {
-    /// Each message, as [`Head`] then its payload if short, in an allocation of its own.
-    entries: VecDeque<Box<[u8]>>,
+    /// Each message, as [`Head`] then its payload if short, back to back.
+    records: ByteRing,
+    /// The length of each record in `records`, in order, with [`LONG`] if its payload is the
+    /// next of `long`.
+    lens: VecDeque<u32>,
     /// The long payloads, by reference, in order.
     long: VecDeque<Bytes>,
     keep: usize,
@@ -95,79 +99,82 @@ struct Head {
     client: PeerId,
     event: u8,
     error: u8,
-    /// Its payload is the next of [`Kept::long`].
-    long: bool,
 }
 
-impl Head {
-    const LEN: usize = 8 + 8 + 1 + 1 + 1;
+/// Marks a record whose payload is kept by reference.
+const LONG: u32 = 1 << 31;
 
-    fn write(&self, payload: &[u8]) -> Box<[u8]> {
-        let mut out = Vec::with_capacity(Self::LEN + payload.len());
-        out.extend_from_slice(&self.worker.to_le_bytes());
-        out.extend_from_slice(&self.client.to_le_bytes());
-        out.extend_from_slice(&[self.event, self.error, u8::from(self.long)]);
-        out.extend_from_slice(payload);
-        out.into_boxed_slice()
+impl Head {
+    const LEN: usize = 8 + 8 + 1 + 1;
+
+    fn bytes(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[..8].copy_from_slice(&self.worker.to_le_bytes());
+        out[8..16].copy_from_slice(&self.client.to_le_bytes());
+        out[16..].copy_from_slice(&[self.event, self.error]);
+        out
     }
 
-    fn read(kept: &[u8]) -> (Head, &[u8]) {
-        let (head, payload) = kept.split_at(Self::LEN);
-        let field = |at: usize, n: usize| &head[at..at + n];
-        let head = Head {
-            worker: i64::from_le_bytes(field(0, 8).try_into().expect("8 bytes")),
-            client: i64::from_le_bytes(field(8, 8).try_into().expect("8 bytes")),
+    fn read(head: &[u8]) -> Head {
+        Head {
+            worker: i64::from_le_bytes(head[..8].try_into().expect("8 bytes")),
+            client: i64::from_le_bytes(head[8..16].try_into().expect("8 bytes")),
             event: head[16],
             error: head[17],
-            long: head[18] != 0,
-        };
-        (head, payload)
+        }
     }
 }
 
 impl Kept {
     fn new(keep: usize) -> Self {
-        Kept { entries: VecDeque::new(), long: VecDeque::new(), keep }
+        Kept { records: ByteRing::default(), lens: VecDeque::new(), long: VecDeque::new(), keep }
     }
 
     fn len(&self) -> usize {
-        self.entries.len()
+        self.lens.len()
     }
 
     fn clear(&mut self) {
-        self.entries.clear();
+        self.records.clear();
+        self.lens.clear();
         self.long.clear();
     }
 
     fn push(&mut self, msg: &Outbound) {
-        if self.entries.len() == self.keep
-            && let Some(oldest) = self.entries.pop_front()
-            && Head::read(&oldest).0.long
+        if self.lens.len() == self.keep
+            && let Some(len) = self.lens.pop_front()
         {
-            self.long.pop_front();
+            if len & LONG != 0 {
+                self.long.pop_front();
+            }
+            self.records.pop((len & !LONG) as usize);
         }
-        let long = msg.payload.len() >= COPIED_BELOW;
-        // Both codes fit a byte (checked below, when built).
+        // Both codes fit a byte (checked above, when built).
         let (event, error) = (msg.event as i32 as u8, msg.error as i32 as u8);
-        let head = Head { worker: msg.worker, client: msg.client, event, error, long };
-        if long {
+        let head = Head { worker: msg.worker, client: msg.client, event, error };
+        if msg.payload.len() >= COPIED_BELOW {
             self.long.push_back(msg.payload.clone());
-            self.entries.push_back(head.write(&[]));
+            self.records.push(&head.bytes(), &[]);
+            self.lens.push_back(Head::LEN as u32 | LONG);
         } else {
-            self.entries.push_back(head.write(&msg.payload));
+            self.records.push(&head.bytes(), &msg.payload);
+            self.lens.push_back((Head::LEN + msg.payload.len()) as u32);
         }
     }
 
     /// The kept messages, from the `skip`th oldest on.
     fn from(&self, skip: usize) -> impl Iterator<Item = Outbound> + '_ {
-        let long_before = self.entries.iter().take(skip).filter(|e| Head::read(e).0.long).count();
-        let mut long = self.long.iter().skip(long_before);
-        self.entries.iter().skip(skip).map(move |kept| {
-            let (head, payload) = Head::read(kept);
-            let payload = if head.long {
-                long.next().expect("one kept payload per long entry").clone()
+        let before = self.lens.iter().take(skip);
+        let mut at: usize = before.clone().map(|len| (len & !LONG) as usize).sum();
+        let mut long = self.long.iter().skip(before.filter(|len| *len & LONG != 0).count());
+        self.lens.iter().skip(skip).map(move |len| {
+            let record = self.records.copy(at, (len & !LONG) as usize);
+            at += (len & !LONG) as usize;
+            let head = Head::read(&record);
+            let payload = if len & LONG != 0 {
+                long.next().expect("one kept payload per long record").clone()
             } else {
-                Bytes::copy_from_slice(payload)
+                record.slice(Head::LEN..)
             };
             Outbound {
                 event: RtcEvent::try_from(i32::from(head.event)).unwrap_or_default(),
@@ -177,6 +184,93 @@ impl Kept {
                 error: ErrorCode::try_from(i32::from(head.error)).unwrap_or_default(),
             }
         })
+    }
+}
+
+/// Bytes pushed at the back and popped at the front, in one buffer used as a circle (a power
+/// of two long, or empty), which doubles when what it holds does not fit.
+#[derive(Default)]
+struct ByteRing {
+    buf: Box<[u8]>,
+    /// Where the oldest byte is.
+    head: usize,
+    len: usize,
+}
+
+/// How far past its end a ring has the cache fetch ahead for its next record.
+const FETCH_AHEAD: usize = 512;
+
+impl ByteRing {
+    fn clear(&mut self) {
+        self.head = 0;
+        self.len = 0;
+    }
+
+    fn mask(&self) -> usize {
+        self.buf.len().wrapping_sub(1)
+    }
+
+    fn push(&mut self, head: &[u8], payload: &[u8]) {
+        let n = head.len() + payload.len();
+        if self.len + n > self.buf.len() {
+            self.grow(self.len + n);
+        }
+        let tail = (self.head + self.len) & self.mask();
+        self.write(tail, head);
+        self.write((tail + head.len()) & self.mask(), payload);
+        self.len += n;
+        self.fetch_ahead();
+    }
+
+    fn write(&mut self, at: usize, bytes: &[u8]) {
+        let first = bytes.len().min(self.buf.len() - at);
+        self.buf[at..at + first].copy_from_slice(&bytes[..first]);
+        self.buf[..bytes.len() - first].copy_from_slice(&bytes[first..]);
+    }
+
+    /// Has the cache fetch where the next record goes: it is written long after this one
+    /// (after the other peers'), into memory last used a ring ago; fetched now, the write
+    /// finds it in the cache instead of waiting for it.
+    fn fetch_ahead(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_MM_HINT_ET0, _mm_prefetch};
+            let tail = self.head + self.len;
+            for line in (0..FETCH_AHEAD).step_by(64) {
+                let at = (tail + line) & self.mask();
+                // SAFETY: SSE is part of x86_64, and a prefetch is a hint: it reads nothing
+                // (the address is within the ring anyway).
+                unsafe { _mm_prefetch::<_MM_HINT_ET0>(self.buf[at..].as_ptr().cast()) };
+            }
+        }
+    }
+
+    fn pop(&mut self, n: usize) {
+        debug_assert!(n <= self.len);
+        self.len -= n;
+        self.head = if self.len == 0 { 0 } else { (self.head + n) & self.mask() };
+    }
+
+    /// A copy of `n` bytes from the `at`th held on.
+    fn copy(&self, at: usize, n: usize) -> Bytes {
+        let mut out = Vec::with_capacity(n);
+        if n > 0 {
+            let start = (self.head + at) & self.mask();
+            let first = n.min(self.buf.len() - start);
+            out.extend_from_slice(&self.buf[start..start + first]);
+            out.extend_from_slice(&self.buf[..n - first]);
+        }
+        out.into()
+    }
+
+    fn grow(&mut self, at_least: usize) {
+        let cap = at_least.max(2 * self.buf.len()).max(1024).next_power_of_two();
+        let mut buf = vec![0u8; cap].into_boxed_slice();
+        let first = self.len.min(self.buf.len() - self.head);
+        buf[..first].copy_from_slice(&self.buf[self.head..self.head + first]);
+        buf[first..self.len].copy_from_slice(&self.buf[..self.len - first]);
+        self.buf = buf;
+        self.head = 0;
     }
 }
 

@@ -104,4 +104,15 @@ for load in dict.fromkeys(l for l, _ in runs):
         rate = [x["messages_per_sec"] / y["messages_per_sec"] for x, y in zip(n, b)]
         print(f'{"":<28}new/base: msgs/s {statistics.median(rate):.3f} ({min(rate):.3f}-{max(rate):.3f}), server CPU/msg '
               + (f'{statistics.median(cpu):.3f} ({min(cpu):.3f}-{max(cpu):.3f})' if cpu else '-'))
+# A load with --resumable next to the same load without: what resumable streams cost on each
+# server, round by round (issue 11's budget: 5 % of CPU per message).
+for load in dict.fromkeys(l for l, _ in runs):
+    plain = " ".join(load.replace("--resumable", "").split())
+    if plain == load or not any(l == plain for l, _ in runs):
+        continue
+    for who in ("base", "new"):
+        r, p = runs.get((load, who), []), runs.get((plain, who), [])
+        cost = [x["server_cpu_us_per_message"] / y["server_cpu_us_per_message"] for x, y in zip(r, p) if x["server_cpu_us_per_message"] and y["server_cpu_us_per_message"]]
+        if cost:
+            print(f'{who}: [{load}] / [{plain}] server CPU/msg {statistics.median(cost):.3f} ({min(cost):.3f}-{max(cost):.3f})')
 PY

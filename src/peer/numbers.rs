@@ -219,7 +219,9 @@ impl ByteRing {
         self.write(tail, head);
         self.write((tail + head.len()) & self.mask(), payload);
         self.len += n;
-        self.fetch_ahead();
+        // The lines that came within reach of the next records (those before were fetched
+        // after earlier records).
+        self.fetch(tail + FETCH_AHEAD, tail + n + FETCH_AHEAD);
     }
 
     fn write(&mut self, at: usize, bytes: &[u8]) {
@@ -228,21 +230,23 @@ impl ByteRing {
         self.buf[..bytes.len() - first].copy_from_slice(&bytes[first..]);
     }
 
-    /// Has the cache fetch where the next record goes: it is written long after this one
-    /// (after the other peers'), into memory last used a ring ago; fetched now, the write
-    /// finds it in the cache instead of waiting for it.
-    fn fetch_ahead(&self) {
+    /// Has the cache fetch, for writing, the lines of bytes `from..to` (past the end: taken
+    /// around). The next records are written long after this one (after the other peers'),
+    /// into memory last used a ring ago; fetched now, the writes find them in the cache
+    /// instead of waiting for them.
+    fn fetch(&self, from: usize, to: usize) {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_MM_HINT_ET0, _mm_prefetch};
-            let tail = self.head + self.len;
-            for line in (0..FETCH_AHEAD).step_by(64) {
-                let at = (tail + line) & self.mask();
+            for line in (from & !63..to).step_by(64) {
+                let at = self.buf.as_ptr().wrapping_add(line & self.mask());
                 // SAFETY: SSE is part of x86_64, and a prefetch is a hint: it reads nothing
                 // (the address is within the ring anyway).
-                unsafe { _mm_prefetch::<_MM_HINT_ET0>(self.buf[at..].as_ptr().cast()) };
+                unsafe { _mm_prefetch::<_MM_HINT_ET0>(at.cast()) };
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (from, to);
     }
 
     fn pop(&mut self, n: usize) {

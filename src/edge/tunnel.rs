@@ -180,11 +180,7 @@ async fn move_worker(edge: &Arc<Edge>, ask: &Ask, moving: Moving, answer: onesho
     let taken = edge.workers.finish_move(ask.id, ask.after, &moving);
     let (mut local, mut handed) = (Vec::new(), Vec::with_capacity(sessions.len()));
     for HandedSession { client, sink, state } in sessions {
-        let at = match &sink {
-            Peer::Local(_) => edge.instance,
-            Peer::Remote(remote) => remote.at(),
-        };
-        handed.push(MovedSession { client, conn: sink.conn(), at, state });
+        handed.push(MovedSession { client, conn: sink.conn(), at: sink.instance(edge.instance), state });
         if let Peer::Local(sink) = sink {
             local.push((client, sink));
         }

@@ -45,6 +45,17 @@ impl Reply for PeerReply {
     }
 }
 
+impl Peer {
+    /// The instance its stream is on: `here` for a local one (which may have moved here
+    /// keeping another instance's id), the client's current instance for a remote one.
+    pub fn instance(&self, here: InstanceId) -> InstanceId {
+        match self {
+            Peer::Local(_) => here,
+            Peer::Remote(client) => client.at(),
+        }
+    }
+}
+
 impl PeerSink for Peer {
     type Reply = PeerReply;
     /// In cluster mode, a local client's departure is announced to the other instances once

@@ -11,12 +11,11 @@ fn export(from: &mut Instance, w: &Stream, to: InstanceId) -> Vec<MovedSession> 
     let handed = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (into, me) = (handed.clone(), from.me);
     let then = Box::new(move |sessions: Vec<HandedSession<Peer>>| {
-        into.lock().unwrap().extend(sessions.into_iter().map(|s| {
-            let at = match &s.sink {
-                Peer::Local(_) => me,
-                Peer::Remote(remote) => remote.at(),
-            };
-            MovedSession { client: s.client, conn: s.sink.conn(), at, state: s.state }
+        into.lock().unwrap().extend(sessions.into_iter().map(|s| MovedSession {
+            client: s.client,
+            conn: s.sink.conn(),
+            at: s.sink.instance(me),
+            state: s.state,
         }))
     });
     from.route(from.shards.of_worker(7), Command::ExportWorker { worker: 7, conn: w.sink.id(), to, then });

@@ -7,9 +7,11 @@
 #   scripts/ab.sh /tmp/distributor-base target/release/distributor
 #   AB_ROUNDS=5 AB_DURATION=3s AB_PAIRS=1000 AB_LOADS="--window 32;--window 1 --rate 20000" scripts/ab.sh A B
 #   AB_CROSS=1 scripts/ab.sh A B    # across two instances of each build on the local NATS cluster
+#   AB_SCENARIO=handshake AB_LOADS="--resumable --warmup 2s;--warmup 2s" scripts/ab.sh A B   # negotiations
 # Prints one line per run, then per load the median msgs/s, server CPU µs/msg and p99 of each.
 # Across instances, clients connect to instance A and workers to B; the CPU is A's, and the
-# tonic echo is not run (its ceiling is one instance's).
+# tonic echo is not run (its ceiling is one instance's); nor is it for a scenario other than
+# `relay` (AB_SCENARIO: the echo only relays).
 # Everything runs on 127.0.0.1 and is stopped by PID on exit.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -27,6 +29,7 @@ results="$run/results.jsonl"
 : > "$results"
 source "$root/scripts/bench-lib.sh"
 cross="${AB_CROSS:-0}"
+scenario="${AB_SCENARIO:-relay}"
 cleanup() {
     stop_started
     if [ -n "${nats_up:-}" ]; then bash scripts/nats-cluster.sh down >/dev/null; fi
@@ -48,7 +51,8 @@ if [ "$cross" = 1 ]; then
         wait_port "${port[$who]}"; wait_port "${wport[$who]}"
     done
 else
-    for who in base new echo; do
+    [ "$scenario" = relay ] || whos=(base new)
+    for who in "${whos[@]}"; do
         port[$who]=$(free_port)
         case $who in
             base|new) start "$who" "${binary[$who]}" --listen "127.0.0.1:${port[$who]}" ;;
@@ -76,7 +80,7 @@ for round in $(seq 1 "$rounds"); do
             extra=(); [ "$who" = echo ] && extra=(--echo)
             [ "$cross" = 1 ] && extra=(--workers-at "http://127.0.0.1:${wport[$who]}")
             # shellcheck disable=SC2086 # a load's flags split on spaces
-            target/release/distributor-load relay "${extra[@]}" --pairs "$pairs" $spec \
+            target/release/distributor-load "$scenario" "${extra[@]}" --pairs "$pairs" $spec \
                 --clients-at "http://127.0.0.1:${port[$who]}" --first-worker "$first" \
                 --duration "$duration" --server-pid "${pid[$who]}" --json \
                 | python3 -c 'import json,sys; r=json.load(sys.stdin); r["who"], r["load"], r["round"] = sys.argv[1:]; print(json.dumps(r))' \

@@ -15,6 +15,7 @@ use distributor::core::{
     CloseReason, Command, ConnId, DeliverError, Outbound, PeerId, PeerSink, Reply, Role, Router, Signal,
 };
 use distributor::pb::{ClientRtcMessage, RtcEvent, WorkerRtcMessage};
+use distributor::peer::resume::{Attachment, Resumables, Resumed};
 use distributor::peer::{Conn, OutboundStream, Sink};
 use distributor::shards::Shards;
 use futures::Stream;
@@ -257,25 +258,59 @@ fn wait_for(counters: &[Arc<AtomicU64>], target: u64) {
 /// Streams a server writes to in turn (the end-to-end runs' 1000 pairs).
 const WRITER_STREAMS: u64 = 2_000;
 
-/// A peer's response writer, from its queue to the encoded message: plain streams, and numbered
-/// ones (resumable: each message kept for replay, the last 1,024 per peer). The streams are
-/// written in turn and each payload is a slice of a shared 512 B buffer, as tonic decodes
-/// them, so that what the numbered streams keep leaves the cache as it does in a server.
+/// How a writer bench stream is written: its own queue, or a resumable peer's (numbered and
+/// kept), through the peer's shared outbound stream as a server writes it.
+enum Written {
+    Plain(OutboundStream<WorkerRtcMessage>),
+    Resumable(Resumed<WorkerRtcMessage>),
+}
+
+impl Written {
+    fn poll(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<WorkerRtcMessage, tonic::Status>>> {
+        match self {
+            Written::Plain(out) => std::pin::Pin::new(out).poll_next(cx),
+            Written::Resumable(out) => std::pin::Pin::new(out).poll_next(cx),
+        }
+    }
+}
+
+/// A peer's response writer, from its queue to the encoded message: plain streams, numbered
+/// ones (each message kept for replay, the last 1,024 per peer), and resumable ones (the same,
+/// through the shared stream, its lock and the wrapper a resumable stream writes from). The
+/// streams are written in turn and each payload is a slice of a shared 512 B buffer, as tonic
+/// decodes them, so that what the numbered streams keep leaves the cache as it does in a server.
 fn writer(c: &mut Criterion) {
     let mut group = c.benchmark_group("writer");
     group.throughput(Throughput::Elements(1));
     let waker = futures::task::noop_waker();
     let mut cx = std::task::Context::from_waker(&waker);
+    let encode = distributor::edge::encode::for_worker;
     // The queue's bound is also what a numbered stream keeps: 1,024 by default (2 million
     // messages over 2,000 streams, far more than the caches hold), 16 for comparison.
-    for (name, numbered, queue) in
-        [("plain", false, 1024), ("numbered", true, 1024), ("numbered, 16 kept", true, 16)]
-    {
-        let mut streams: Vec<(Sink, OutboundStream<WorkerRtcMessage>)> = (1..=WRITER_STREAMS)
+    for (name, numbered, queue, resumable) in [
+        ("plain", false, 1024, false),
+        ("numbered", true, 1024, false),
+        ("numbered, 16 kept", true, 16, false),
+        ("resumable", true, 1024, true),
+    ] {
+        let peers = Resumables::default();
+        let mut streams: Vec<(Sink, Written)> = (1..=WRITER_STREAMS)
             .map(|at| {
                 let id = ConnId { at, instance: 1 };
-                let encode = distributor::edge::encode::for_worker;
-                if numbered { Conn::open_numbered(id, queue, encode) } else { Conn::open(id, queue, encode) }
+                if !numbered {
+                    let (sink, out) = Conn::open(id, queue, encode);
+                    return (sink, Written::Plain(out));
+                }
+                let (sink, out) = Conn::open_numbered(id, queue, encode);
+                if !resumable {
+                    return (sink, Written::Plain(out));
+                }
+                let attachment = Attachment::new();
+                peers.insert(at as PeerId, sink.clone(), out, &attachment);
+                (sink, Written::Resumable(Resumed::new(attachment)))
             })
             .collect();
         let mut buffer = BytesMut::new();
@@ -291,7 +326,7 @@ fn writer(c: &mut Criterion) {
                 next = (next + 1) % count;
                 let msg = Outbound::relay(RtcEvent::IceCandidate, 7, next as i64, payload);
                 sink.try_deliver(msg).expect("room");
-                match std::pin::Pin::new(out).poll_next(&mut cx) {
+                match out.poll(&mut cx) {
                     std::task::Poll::Ready(Some(Ok(written))) => black_box(written),
                     other => panic!("not written: {other:?}"),
                 };

@@ -258,11 +258,12 @@ fn wait_for(counters: &[Arc<AtomicU64>], target: u64) {
 /// Streams a server writes to in turn (the end-to-end runs' 1000 pairs).
 const WRITER_STREAMS: u64 = 2_000;
 
-/// How a writer bench stream is written: its own queue, or a resumable peer's (numbered and
-/// kept), through the peer's shared outbound stream as a server writes it.
+/// How a writer bench stream is written: from its own queue (plain or numbered), or from a
+/// resumable peer's (numbered and kept) through the peer's shared outbound stream, as a server
+/// writes it.
 enum Written {
-    Plain(OutboundStream<WorkerRtcMessage>),
-    Resumable(Resumed<WorkerRtcMessage>),
+    Own(OutboundStream<WorkerRtcMessage>),
+    Shared(Resumed<WorkerRtcMessage>),
 }
 
 impl Written {
@@ -271,8 +272,8 @@ impl Written {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<WorkerRtcMessage, tonic::Status>>> {
         match self {
-            Written::Plain(out) => std::pin::Pin::new(out).poll_next(cx),
-            Written::Resumable(out) => std::pin::Pin::new(out).poll_next(cx),
+            Written::Own(out) => std::pin::Pin::new(out).poll_next(cx),
+            Written::Shared(out) => std::pin::Pin::new(out).poll_next(cx),
         }
     }
 }
@@ -302,15 +303,15 @@ fn writer(c: &mut Criterion) {
                 let id = ConnId { at, instance: 1 };
                 if !numbered {
                     let (sink, out) = Conn::open(id, queue, encode);
-                    return (sink, Written::Plain(out));
+                    return (sink, Written::Own(out));
                 }
                 let (sink, out) = Conn::open_numbered(id, queue, encode);
                 if !resumable {
-                    return (sink, Written::Plain(out));
+                    return (sink, Written::Own(out));
                 }
                 let attachment = Attachment::new();
                 peers.insert(at as PeerId, sink.clone(), out, &attachment);
-                (sink, Written::Resumable(Resumed::new(attachment)))
+                (sink, Written::Shared(Resumed::new(attachment)))
             })
             .collect();
         let mut buffer = BytesMut::new();

@@ -14,9 +14,10 @@ use distributor::core::session::{State, step};
 use distributor::core::{
     CloseReason, Command, ConnId, DeliverError, Outbound, PeerId, PeerSink, Reply, Role, Router, Signal,
 };
+use distributor::edge::PeerStream;
 use distributor::pb::{ClientRtcMessage, RtcEvent, WorkerRtcMessage};
 use distributor::peer::resume::{Attachment, Resumables, Resumed};
-use distributor::peer::{Conn, OutboundStream, Sink};
+use distributor::peer::{Conn, Sink};
 use distributor::shards::Shards;
 use futures::Stream;
 use prost::Message;
@@ -258,26 +259,6 @@ fn wait_for(counters: &[Arc<AtomicU64>], target: u64) {
 /// Streams a server writes to in turn (the end-to-end runs' 1000 pairs).
 const WRITER_STREAMS: u64 = 2_000;
 
-/// How a writer bench stream is written: from its own queue (plain or numbered), or from a
-/// resumable peer's (numbered and kept) through the peer's shared outbound stream, as a server
-/// writes it.
-enum Written {
-    Own(OutboundStream<WorkerRtcMessage>),
-    Shared(Resumed<WorkerRtcMessage>),
-}
-
-impl Written {
-    fn poll(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<WorkerRtcMessage, tonic::Status>>> {
-        match self {
-            Written::Own(out) => std::pin::Pin::new(out).poll_next(cx),
-            Written::Shared(out) => std::pin::Pin::new(out).poll_next(cx),
-        }
-    }
-}
-
 /// A peer's response writer, from its queue to the encoded message: plain streams, numbered
 /// ones (each message kept for replay, the last 1,024 per peer), and resumable ones (the same,
 /// through the shared stream, its lock and the wrapper a resumable stream writes from). The
@@ -298,20 +279,20 @@ fn writer(c: &mut Criterion) {
         ("resumable", true, 1024, true),
     ] {
         let peers = Resumables::default();
-        let mut streams: Vec<(Sink, Written)> = (1..=WRITER_STREAMS)
+        let mut streams: Vec<(Sink, PeerStream<WorkerRtcMessage>)> = (1..=WRITER_STREAMS)
             .map(|at| {
                 let id = ConnId { at, instance: 1 };
                 if !numbered {
                     let (sink, out) = Conn::open(id, queue, encode);
-                    return (sink, Written::Own(out));
+                    return (sink, PeerStream::Plain(out));
                 }
                 let (sink, out) = Conn::open_numbered(id, queue, encode);
                 if !resumable {
-                    return (sink, Written::Own(out));
+                    return (sink, PeerStream::Plain(out));
                 }
                 let attachment = Attachment::new();
                 peers.insert(at as PeerId, sink.clone(), out, &attachment);
-                (sink, Written::Shared(Resumed::new(attachment)))
+                (sink, PeerStream::Resumable(Resumed::new(attachment)))
             })
             .collect();
         let mut buffer = BytesMut::new();
@@ -327,7 +308,7 @@ fn writer(c: &mut Criterion) {
                 next = (next + 1) % count;
                 let msg = Outbound::relay(RtcEvent::IceCandidate, 7, next as i64, payload);
                 sink.try_deliver(msg).expect("room");
-                match out.poll(&mut cx) {
+                match std::pin::Pin::new(out).poll_next(&mut cx) {
                     std::task::Poll::Ready(Some(Ok(written))) => black_box(written),
                     other => panic!("not written: {other:?}"),
                 };

@@ -331,6 +331,7 @@ fn envelope(c: &mut Criterion) {
                 worker: i as i64,
                 event: RtcEvent::LocalIceCandidate as i32,
                 payload: Bytes::from(vec![b'a'; 200]),
+                ..Default::default()
             })),
         })
         .collect();

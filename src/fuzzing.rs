@@ -191,6 +191,7 @@ pub fn link_frame(data: &[u8]) {
         worker: WORKER,
         event: RtcEvent::Offer as i32,
         payload: Bytes::from_static(b"probe"),
+        ..Default::default()
     };
     let frame = wire::Frame {
         from: PROBE,

@@ -61,9 +61,20 @@ fn conn() -> impl Strategy<Value = Option<wire::Conn>> {
 
 fn record() -> impl Strategy<Value = wire::Record> {
     let kind = prop_oneof![
-        (id(), conn(), id(), event(), bytes(32)).prop_map(|(client, conn, worker, event, p)| {
-            Kind::ClientSignal(wire::ClientSignal { client, conn, worker, event, payload: p.into() })
-        }),
+        (id(), conn(), id(), event(), bytes(32), 0..3u32, instance()).prop_map(
+            |(client, conn, worker, event, p, moves, after_left_of)| {
+                let payload = p.into();
+                Kind::ClientSignal(wire::ClientSignal {
+                    client,
+                    conn,
+                    worker,
+                    event,
+                    payload,
+                    moves,
+                    after_left_of,
+                })
+            }
+        ),
         (id(), conn(), id(), event(), bytes(32), event()).prop_map(
             |(client, conn, worker, event, p, error_code)| {
                 Kind::ToClient(wire::ToClient { client, conn, worker, event, payload: p.into(), error_code })
@@ -72,7 +83,10 @@ fn record() -> impl Strategy<Value = wire::Record> {
         (id(), id(), event(), bytes(32), event()).prop_map(|(worker, client, event, p, error_code)| {
             Kind::ToWorker(wire::ToWorker { worker, client, event, payload: p.into(), error_code })
         }),
-        (id(), conn()).prop_map(|(client, conn)| Kind::ClientGone(wire::ClientGone { client, conn })),
+        (id(), conn(), 0..3u32, instance()).prop_map(|(client, conn, moves, after_left_of)| {
+            Kind::ClientGone(wire::ClientGone { client, conn, moves, after_left_of })
+        }),
+        (conn(), 0..3u32).prop_map(|(conn, moves)| Kind::ClientLeft(wire::ClientLeft { conn, moves })),
         (conn(), instance()).prop_map(|(conn, from)| Kind::Repointed(wire::Repointed { conn, from })),
     ];
     prop::option::of(kind).prop_map(|kind| wire::Record { kind })
@@ -157,6 +171,7 @@ fn link_frame_with_a_session_of_the_probes_client() {
             worker: 7,
             event: distributor::pb::RtcEvent::Offer as i32,
             payload: bytes::Bytes::from_static(b"earlier"),
+            ..Default::default()
         };
         let frame = wire::Frame {
             from: 0xa,

@@ -96,6 +96,7 @@ async fn forged_cluster_traffic_is_rejected_and_changes_nothing() {
                 worker: 7,
                 event: RtcEvent::Offer as i32,
                 payload: "evil offer".into(),
+                ..Default::default()
             }),
             Kind::ToClient(wire::ToClient {
                 client: cid,
@@ -112,7 +113,8 @@ async fn forged_cluster_traffic_is_rejected_and_changes_nothing() {
                 payload: "evil".into(),
                 error_code: ErrorCode::PeerOverloaded as i32,
             }),
-            Kind::ClientGone(wire::ClientGone { client: cid, conn: conn(other) }),
+            Kind::ClientGone(wire::ClientGone { client: cid, conn: conn(other), ..Default::default() }),
+            Kind::ClientLeft(wire::ClientLeft { conn: conn(other), moves: 0 }),
         ];
         for epoch in [u64::MAX - 1, u64::MAX] {
             let records = records.iter().map(|k| wire::Record { kind: Some(k.clone()) }).collect();

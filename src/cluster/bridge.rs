@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use prost::Message;
 
-use super::clients::LocalClients;
+use super::clients::{LocalClients, Stamp};
 use super::directory::{Directory, Lookup, Route};
 use super::links::Links;
 use super::liveness::Liveness;
@@ -91,6 +91,8 @@ pub struct Bridge {
     tunnels: Tunnels,
     /// Clients that moved between instances with their sessions (see [`client_moves`]).
     moves: ClientMoves,
+    /// What moved clients send, put back in the order they sent it (see [`client_order`]).
+    order: ClientOrder,
     /// Peers that moved from here, waiting for their new home's claim (by role and id).
     awaiting_claims: HashMap<(bool, PeerId), Vec<tokio::sync::oneshot::Sender<()>>>,
     /// The claims of peers that moved from here, heard lately: one may come before its wait.
@@ -131,6 +133,7 @@ impl Bridge {
             remote: HashMap::new(),
             tunnels: Tunnels::default(),
             moves: ClientMoves::default(),
+            order: ClientOrder::default(),
             awaiting_claims: HashMap::new(),
             heard_claims: HashMap::new(),
             departing: HashMap::new(),
@@ -168,24 +171,24 @@ impl Bridge {
             ToCluster::ClientSignal { client, sink, worker, signal } => {
                 self.client_signal(client, &sink, worker, signal, now)
             }
-            ToCluster::ClientGone { client, conn } => self.client_gone(client, conn),
+            ToCluster::ClientGone { client, conn } => self.client_gone(client, conn, now),
             ToCluster::ImportWorker { worker, sink, moved, done } => {
                 self.import_worker(worker, sink, *moved);
                 let _ = done.send(());
             }
             ToCluster::Forward { client, sink, worker, to, signal } => {
-                self.forward_moved(client, sink, worker, to, signal)
+                self.forward_moved(client, sink, worker, to, signal, now)
             }
             ToCluster::ClientLeaving { client, conn, to, done } => {
                 let _ = done.send(self.client_leaving(client, conn, to));
             }
-            ToCluster::ImportClient { client, sink, moved, done } => {
-                self.import_client(client, sink, *moved);
+            ToCluster::ImportClient { client, sink, moved, done, start } => {
+                self.import_client(client, sink, *moved, start, now);
                 let _ = done.send(());
             }
             ToCluster::ForwardGone { client, conn, to } => {
-                let record = Kind::ClientGone(wire::ClientGone { client, conn: Some(wire_conn(conn)) });
-                self.links.push(to, record, Origin::Owed);
+                let gone = wire::ClientGone { client, conn: Some(wire_conn(conn)), ..Default::default() };
+                self.links.push(to, Kind::ClientGone(gone), Origin::Owed);
             }
             ToCluster::AwaitClaim { worker, id, claimed } => {
                 if self.heard_claims.contains_key(&(worker, id)) {
@@ -215,7 +218,7 @@ impl Bridge {
             return refuse(signal.reply, ErrorCode::ClusterUnavailable, worker, client, reason);
         }
         match self.directory.route(worker, Waiting { client, conn: sink.id(), signal }, now) {
-            Route::At(instance, waiting) => self.forward(instance, worker, waiting),
+            Route::At(instance, waiting) => self.forward(instance, worker, waiting, now),
             Route::Queued => {}
             Route::Locate => self.out.push_back(Output::Locate(worker)),
             Route::Absent(w) => {
@@ -243,13 +246,19 @@ impl Bridge {
     /// The answer to an [`Output::Locate`], at `now`.
     pub fn located(&mut self, worker: PeerId, found: Result<InstanceId, Lookup>, now: Instant) {
         let waiting = self.directory.located(worker, found, now);
-        self.release(worker, found, waiting);
+        self.release(worker, found, waiting, now);
     }
 
-    fn release(&mut self, worker: PeerId, found: Result<InstanceId, Lookup>, waiting: VecDeque<Waiting>) {
+    fn release(
+        &mut self,
+        worker: PeerId,
+        found: Result<InstanceId, Lookup>,
+        waiting: VecDeque<Waiting>,
+        now: Instant,
+    ) {
         for w in waiting {
             match found {
-                Ok(instance) => self.forward(instance, worker, w),
+                Ok(instance) => self.forward(instance, worker, w, now),
                 Err(Lookup::NotFound) => {
                     let reason = format!("worker {worker} is not connected");
                     refuse(w.signal.reply, ErrorCode::PeerNotConnected, worker, w.client, reason)
@@ -260,51 +269,59 @@ impl Bridge {
                 }
             }
         }
-        self.finish_departures();
+        self.finish_departures(now);
     }
 
-    fn forward(&mut self, instance: InstanceId, worker: PeerId, waiting: Waiting) {
+    fn forward(&mut self, instance: InstanceId, worker: PeerId, waiting: Waiting, now: Instant) {
         let Waiting { client, conn, signal } = waiting;
         if self.links.is_full(instance) {
             let reason = "the link to the worker's instance is saturated";
             return refuse(signal.reply, ErrorCode::ClusterUnavailable, worker, client, reason);
         }
-        if self.clients.send(conn, worker, instance, signal.event, self.max_sessions).is_err() {
+        let Ok(stamp) = self.clients.send(conn, worker, instance, signal.event, self.max_sessions, now)
+        else {
             let reason = format!("this client already holds {} sessions, the most it may", self.max_sessions);
             return refuse(signal.reply, ErrorCode::TooManySessions, worker, client, reason);
-        }
+        };
         let record = Kind::ClientSignal(wire::ClientSignal {
             client,
             conn: Some(wire_conn(conn)),
             worker,
             event: signal.event as i32,
             payload: signal.payload,
+            moves: stamp.moves,
+            after_left_of: stamp.after_left_of,
         });
         self.links.push(instance, record, Origin::Client { reply: signal.reply, worker, client });
     }
 
     /// A local client stream ended. Its messages still waiting for a locate are handled first
     /// (forwarded or refused, as if it had stayed), then the instances of its sessions are told.
-    fn client_gone(&mut self, client: PeerId, conn: ConnId) {
+    fn client_gone(&mut self, client: PeerId, conn: ConnId, now: Instant) {
         if self.directory.any_waiting(|w| w.conn == conn) {
             self.departing.insert(conn, client);
             return;
         }
         self.moves.forget(conn);
-        for instance in self.clients.gone(conn) {
-            let record = Kind::ClientGone(wire::ClientGone { client, conn: Some(wire_conn(conn)) });
-            self.links.push(instance, record, Origin::Owed);
+        {
+            let released = self.order.forget(conn);
+            self.take_released(released, now)
+        };
+        for (instance, stamp) in self.clients.gone(conn, now) {
+            let Stamp { moves, after_left_of } = stamp;
+            let gone = wire::ClientGone { client, conn: Some(wire_conn(conn)), moves, after_left_of };
+            self.links.push(instance, Kind::ClientGone(gone), Origin::Owed);
         }
     }
 
     /// Completes the departures that waited for locates, once none of their messages waits.
-    fn finish_departures(&mut self) {
+    fn finish_departures(&mut self, now: Instant) {
         if self.departing.is_empty() {
             return;
         }
         let departing = std::mem::take(&mut self.departing);
         for (conn, client) in departing {
-            self.client_gone(client, conn);
+            self.client_gone(client, conn, now);
         }
     }
 
@@ -362,7 +379,7 @@ impl Bridge {
         let (records, acked) = self.links.receive(frame, now);
         for record in records {
             if let Some(kind) = record.kind {
-                self.record(from, kind);
+                self.record(from, kind, now);
             }
         }
         // Only now: the answers these records carried are queued before the slots that the
@@ -370,7 +387,41 @@ impl Bridge {
         drop(acked);
     }
 
-    fn record(&mut self, from: InstanceId, kind: Kind) {
+    /// A record from `from`: taken now, or, if it is a moved client's and something it sent
+    /// before its move has not come yet, once that has (see [`client_order`]).
+    fn record(&mut self, from: InstanceId, kind: Kind, now: Instant) {
+        let follows = match &kind {
+            Kind::ClientSignal(s) if s.moves > 0 => s.conn.map(|c| (c, s.moves, s.after_left_of)),
+            Kind::ClientGone(g) if g.moves > 0 => g.conn.map(|c| (c, g.moves, g.after_left_of)),
+            Kind::ClientLeft(l) => {
+                let Some(conn) = l.conn.map(conn_id) else {
+                    return malformed(from, "a client's departure names no stream");
+                };
+                return {
+                    let released = self.order.left(conn, l.moves, now);
+                    self.take_released(released, now)
+                };
+            }
+            _ => None,
+        };
+        if let Some((conn, moves, after_left_of)) = follows {
+            let stamp = Stamp { moves, after_left_of };
+            if let Some(kind) = self.order.arrive(from, conn_id(conn), stamp, kind, now) {
+                self.take(from, kind, now);
+            }
+            return;
+        }
+        self.take(from, kind, now)
+    }
+
+    /// Takes the records a moved client's old home's departure released, in order.
+    fn take_released(&mut self, released: client_order::Released, now: Instant) {
+        for (from, kind) in released {
+            self.take(from, kind, now);
+        }
+    }
+
+    fn take(&mut self, from: InstanceId, kind: Kind, now: Instant) {
         match kind {
             Kind::ClientSignal(s) => {
                 let Some(conn) = s.conn.map(conn_id) else {
@@ -426,6 +477,11 @@ impl Bridge {
                 let Some(conn) = g.conn.map(conn_id) else {
                     return malformed(from, "a departure names no stream");
                 };
+                // What the client sent before it left, if some still waited, comes first.
+                {
+                    let released = self.order.forget(conn);
+                    self.take_released(released, now)
+                };
                 self.remote.remove(&conn);
                 self.moves.forget(conn);
                 for shard in 0..self.shards.len() {
@@ -442,6 +498,8 @@ impl Bridge {
                 let answer = self.tunnels.receive(from, t);
                 answer.into_iter().for_each(|a| self.links.push(from, a, Origin::Owed));
             }
+            // Taken in `record`.
+            Kind::ClientLeft(_) => {}
         }
     }
 
@@ -531,6 +589,10 @@ impl Bridge {
         for (conn, msg) in deliver {
             self.for_local_client(instance, conn, msg);
         }
+        {
+            let released = self.order.instance_gone(instance);
+            self.take_released(released, now)
+        };
         for shard in 0..self.shards.len() {
             self.dispatch(shard, Command::InstanceGone { instance });
         }
@@ -538,11 +600,13 @@ impl Bridge {
 }
 
 mod client_moves;
+mod client_order;
 mod membership;
 mod moves;
 mod records;
 
 use client_moves::{ClientMoves, Onward};
+use client_order::ClientOrder;
 
 pub use records::{conn_id, wire_conn};
 use records::{malformed, to_client_record, to_worker_record};

@@ -321,7 +321,7 @@ mod tests {
     const B: InstanceId = 0xb;
 
     fn gone(client: i64) -> Kind {
-        Kind::ClientGone(wire::ClientGone { client, conn: None })
+        Kind::ClientGone(wire::ClientGone { client, ..Default::default() })
     }
 
     fn clients(records: &[wire::Record]) -> Vec<i64> {

@@ -48,6 +48,7 @@ pub fn client_to_wire(moved: &MovedClient) -> wire::MovedClient {
             .iter()
             .map(|(worker, instance)| wire::ClientSession { worker: *worker, instance: *instance })
             .collect(),
+        moves: moved.moves,
     }
 }
 
@@ -59,6 +60,7 @@ pub fn client_from_wire(from: InstanceId, moved: wire::MovedClient) -> Option<Mo
         last_received: moved.last_received,
         messages: held_from_wire(moved.messages)?,
         sessions: moved.sessions.into_iter().map(|s| (s.worker, s.instance)).collect(),
+        moves: moved.moves,
     })
 }
 

@@ -95,12 +95,19 @@ impl Cluster {
     }
 
     /// A client moved here with its sessions (`moved`), its stream `sink` keeping its id: its
-    /// sessions are its stream's before this returns; then its claim tells the others.
-    pub async fn import_client(&self, client: PeerId, sink: crate::peer::Sink, moved: Box<MovedClient>) {
+    /// sessions are its stream's before this returns; then its claim tells the others. The
+    /// stream is read once the future returned resolves.
+    pub async fn import_client(
+        &self,
+        client: PeerId,
+        sink: crate::peer::Sink,
+        moved: Box<MovedClient>,
+    ) -> impl std::future::Future<Output = ()> + use<> {
         let (done, imported) = oneshot::channel();
+        let (start, started) = oneshot::channel();
         let from = moved.from;
-        if self.queue.send(ToCluster::ImportClient { client, sink: sink.clone(), moved, done }).await.is_ok()
-        {
+        let import = ToCluster::ImportClient { client, sink: sink.clone(), moved, done, start };
+        if self.queue.send(import).await.is_ok() {
             let _ = imported.await;
         }
         let claim = wire::Claim {
@@ -116,6 +123,9 @@ impl Cluster {
         let publish = tokio::spawn(async move { publish_claim(&nats, subject, sealed, client).await });
         if tokio::time::timeout(REGISTER_WAIT, publish).await.is_err() {
             crate::warn_throttled!(client, "NATS does not take the claim: it goes out once NATS is back");
+        }
+        async move {
+            let _ = started.await;
         }
     }
 

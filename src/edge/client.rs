@@ -97,8 +97,10 @@ pub async fn serve(
     let registered = if resumed {
         Ok(())
     } else if let (Some(cluster), Some(moved)) = (&edge.cluster, imported) {
-        // Its sessions are its new stream's (and it is registered here) before its claim.
-        cluster.import_client(client, sink.clone(), moved).await;
+        // Its sessions are its new stream's (and it is registered here) before its claim; what
+        // it sent from its old home to workers here comes before what it sends now.
+        let readable = cluster.import_client(client, sink.clone(), moved).await;
+        readable.await;
         Ok(())
     } else {
         if let Some(cluster) = &edge.cluster {

@@ -229,9 +229,8 @@ async fn await_claim(claimed: Option<impl std::future::Future<Output = ()>>) {
 async fn move_client(edge: &Arc<Edge>, ask: &Ask, moving: Moving, answer: oneshot::Sender<Hold>) {
     let Some(cluster) = edge.cluster.clone() else { return };
     let conn = moving.sink.id();
-    let Some((mut sessions, stand_in)) = cluster.client_leaving(ask.id, conn, ask.front).await else {
-        return;
-    };
+    let Some(leaving) = cluster.client_leaving(ask.id, conn, ask.front).await else { return };
+    let (mut sessions, stand_in, moves) = (leaving.sessions, leaving.stand_in, leaving.moves);
     let rebound = Arc::new(Mutex::new(Vec::new()));
     let (all_done, done) = oneshot::channel();
     let all_done: Arc<dyn Send + Sync> = Arc::new(OnDrop(Some(all_done)));
@@ -264,6 +263,7 @@ async fn move_client(edge: &Arc<Edge>, ask: &Ask, moving: Moving, answer: onesho
         last_received: taken.last_received,
         messages: taken.messages,
         sessions,
+        moves,
     };
     let claimed = cluster.claimed(Role::Client, ask.id);
     let _ = answer.send(Hold::MovedClient(Box::new(moved)));

@@ -41,12 +41,15 @@ pub enum ToCluster {
         to: InstanceId,
         done: tokio::sync::oneshot::Sender<Leaving>,
     },
-    /// A client moved here with its sessions, its stream (`sink`) keeping its id.
+    /// A client moved here with its sessions, its stream (`sink`) keeping its id: `done` once
+    /// they are its stream's; `start` once its stream may be read (what it sent this instance
+    /// before it moved has come: see `cluster::bridge::client_order`).
     ImportClient {
         client: PeerId,
         sink: Sink,
         moved: Box<super::resume::MovedClient>,
         done: tokio::sync::oneshot::Sender<()>,
+        start: tokio::sync::oneshot::Sender<()>,
     },
     /// A peer moved from here: `claimed` once its new home's claim is heard here (that home
     /// has its sessions, and the instances of its sessions send there).
@@ -61,9 +64,15 @@ pub enum ToCluster {
     },
 }
 
-/// A client leaving for another instance with its sessions: its sessions across (each worker
-/// and its instance), and the stand-in for it in the sessions of this instance's workers.
-pub type Leaving = (Vec<(PeerId, InstanceId)>, Arc<RemoteClient>);
+/// A client leaving for another instance with its sessions.
+pub struct Leaving {
+    /// Its sessions across: each worker and its instance.
+    pub sessions: Vec<(PeerId, InstanceId)>,
+    /// The stand-in for it in the sessions of this instance's workers.
+    pub stand_in: Arc<RemoteClient>,
+    /// How many times its stream has moved, this move included.
+    pub moves: u32,
+}
 
 /// The sending end of the bridge's queue.
 pub type ClusterQueue = mpsc::Sender<ToCluster>;

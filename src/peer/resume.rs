@@ -298,6 +298,9 @@ pub struct MovedClient {
     pub messages: Vec<Outbound>,
     /// Its sessions: each worker and its instance.
     pub sessions: Vec<(PeerId, InstanceId)>,
+    /// How many times its stream has moved, this move included (0: the instance it moved from
+    /// does not count them, and sent no `ClientLeft` to wait for).
+    pub moves: u32,
 }
 
 /// A worker that moved to another instance with its sessions: what its new home takes over.

@@ -10,13 +10,18 @@
 //!   client first), then passes it on, each instance's marker after that instance's messages;
 //! - the new home holds what an instance sends the client directly until that instance's
 //!   marker came through the old home, so that the client gets each worker's messages in order.
+//!
+//! The other way, what the client sends its workers, is ordered by the old home's
+//! [`wire::ClientLeft`] (see [`super::client_order`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 
 use super::{Bridge, Origin, to_client_record, wire_conn};
+use crate::cluster::clients::Moved;
 use crate::cluster::tunnels::MovedClient;
 use crate::cluster::wire::{self, record::Kind};
 use crate::core::{Command, ConnId, InstanceId, Outbound, PeerId};
@@ -180,32 +185,59 @@ impl ClientMoves {
 
 impl Bridge {
     /// The local client `conn` moves to `to` with its sessions: its sessions across leave
-    /// with it (returned), what comes for it is held until its claim, and the stand-in
-    /// returned takes its place in the sessions of this instance's workers.
+    /// with it (returned), their instances hear it left after what it sent them from here,
+    /// what comes for it is held until its claim, and the stand-in returned takes its place in
+    /// the sessions of this instance's workers.
     pub(super) fn client_leaving(
         &mut self,
         client: PeerId,
         conn: ConnId,
         to: InstanceId,
     ) -> crate::peer::remote::Leaving {
-        let across = self.clients.remove(conn);
+        let (sessions, moves) = self.clients.remove(conn);
+        let mut told: Vec<InstanceId> = sessions.iter().map(|(_, at)| *at).collect();
+        told.sort_unstable();
+        told.dedup();
+        for instance in told {
+            let left = wire::ClientLeft { conn: Some(wire_conn(conn)), moves };
+            self.links.push(instance, Kind::ClientLeft(left), Origin::Owed);
+        }
         self.moves.leave(conn, to);
         let stand_in = self.remote(conn);
         stand_in.moved_to(to);
         tracing::debug!(client, conn = %conn, "client moving to another instance with its sessions");
-        (across, stand_in)
+        crate::peer::remote::Leaving { sessions, stand_in, moves: moves + 1 }
     }
 
     /// A client moved here with its sessions, its stream keeping its id: it is welcomed and
     /// written what it had not received, its sessions across are its stream's, and those of
-    /// this instance's workers are rebound to it.
-    pub(super) fn import_client(&mut self, client: PeerId, sink: Sink, moved: MovedClient) {
+    /// this instance's workers are rebound to it. `start` (its stream is read from then on)
+    /// once what it sent this instance's workers from its old home has come.
+    pub(super) fn import_client(
+        &mut self,
+        client: PeerId,
+        sink: Sink,
+        moved: MovedClient,
+        start: tokio::sync::oneshot::Sender<()>,
+        now: Instant,
+    ) {
         let conn = sink.id();
         sink.deliver_owed(Outbound::relay(RtcEvent::Blank, 0, client, Bytes::new()));
         moved.messages.into_iter().for_each(|m| sink.deliver_owed(m));
         let (here, across): (Vec<_>, Vec<_>) = moved.sessions.into_iter().partition(|(_, at)| *at == self.me);
         let instances: Vec<InstanceId> = across.iter().map(|(_, at)| *at).collect();
-        self.clients.import(client, &sink, across);
+        // The instances its old home sent its messages to (not its old home's own workers):
+        // they hear that it left, after those messages.
+        let mut told: Vec<InstanceId> = instances.iter().copied().filter(|i| *i != moved.from).collect();
+        told.sort_unstable();
+        told.dedup();
+        let record = Moved { moves: moved.moves, from: moved.from, told, at: now };
+        if moved.moves > 0 && !here.is_empty() {
+            self.order.start_after_left(conn, moved.moves, moved.from, start, now);
+        } else {
+            let _ = start.send(());
+        }
+        self.clients.import(client, &sink, across, record);
         self.remote.remove(&conn);
         self.moves.arrive(conn, moved.from, instances);
         let rebound = Arc::new(Mutex::new(Vec::with_capacity(here.len())));

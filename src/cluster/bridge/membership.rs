@@ -28,6 +28,8 @@ impl Bridge {
         }
         self.links.prune(now);
         self.directory.prune(now);
+        let released = self.order.expire(now);
+        self.take_released(released, now);
         self.beats.retain(|_, (_, at)| now.saturating_duration_since(*at) < RETIRED_FOR);
         self.heard_claims.retain(|_, at| now.saturating_duration_since(*at) < RETIRED_FOR);
         if !self.connected {
@@ -81,7 +83,7 @@ impl Bridge {
                 self.clients.repoint(claim.id, claim.moved_from, conn.instance);
             }
             let waiting = self.directory.claimed(claim.id, conn.instance);
-            self.release(claim.id, Ok(conn.instance), waiting);
+            self.release(claim.id, Ok(conn.instance), waiting, now);
             (Role::Worker, self.shards.of_worker(claim.id))
         } else {
             (Role::Client, self.shards.of_client(claim.id))

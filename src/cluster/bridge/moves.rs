@@ -4,6 +4,7 @@
 //! when the new home's claim says where the worker came from ([`LocalClients::repoint`]).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -62,6 +63,7 @@ impl Bridge {
         worker: PeerId,
         to: InstanceId,
         signal: Signal<PeerReply>,
+        now: Instant,
     ) {
         if !self.connected {
             let reason = "NATS is unreachable: other instances cannot be reached";
@@ -70,7 +72,7 @@ impl Bridge {
         match sink {
             Peer::Local(sink) => {
                 self.clients.open(client, &sink);
-                self.forward(to, worker, Waiting { client, conn: sink.id(), signal });
+                self.forward(to, worker, Waiting { client, conn: sink.id(), signal }, now);
             }
             Peer::Remote(remote) => {
                 if self.links.is_full(to) {
@@ -83,6 +85,7 @@ impl Bridge {
                     worker,
                     event: signal.event as i32,
                     payload: signal.payload,
+                    ..Default::default()
                 });
                 self.links.push(to, record, Origin::Client { reply: signal.reply, worker, client });
             }

@@ -569,6 +569,7 @@ fn a_client_signal_with_an_event_this_instance_does_not_know_is_refused_to_the_c
         worker: 7,
         event: 99,
         payload: Bytes::from_static(b"?"),
+        ..Default::default()
     };
     a.bridge.links.push(B, Kind::ClientSignal(signal), Origin::Owed);
     settle(&mut a, &mut b, t0);

@@ -78,7 +78,8 @@ impl World {
         match step {
             Step::Send(n) => {
                 for _ in 0..n {
-                    let kind = Kind::ClientGone(wire::ClientGone { client: self.next as i64, conn: None });
+                    let kind =
+                        Kind::ClientGone(wire::ClientGone { client: self.next as i64, ..Default::default() });
                     self.a.push(B, kind, self.next);
                     self.next += 1;
                 }

@@ -96,20 +96,19 @@ fn client_moved_from_a_to_b(t0: Instant) -> (Instance, Instance, Instance, Strea
 
     // The client leaves A for B: what comes for it on A is held until its claim.
     let conn = c.sink.id();
-    let (across, _stand_in) = a.bridge.client_leaving(100, conn, B);
-    assert_eq!(across, [(7, C)]);
+    let leaving = a.bridge.client_leaving(100, conn, B);
+    assert_eq!((&leaving.sessions[..], leaving.moves), (&[(7, C)][..], 1));
     y.worker_sends(&w, 100, RtcEvent::Answer, b"before the claim");
     carry(y.outputs(t0), &mut a, t0);
-    assert!(a.outputs(t0).iter().all(|o| !matches!(o, Output::ToInstance(B, _))), "held on A");
+    let from_a = a.outputs(t0);
+    assert!(from_a.iter().all(|o| !matches!(o, Output::ToInstance(B, _))), "held on A");
+    // What A sends the worker's instance: that the client left.
+    carry_to(from_a, &mut [&mut y], t0);
     c.expect_nothing();
 
     // B takes it over, keeping its stream's id, and claims it.
-    let (sink, out) = Conn::open(conn, 64, |m, _| m);
-    let mut moved = Stream { id: 100, sink, out };
-    let client =
-        MovedClient { from: A, conn, first_seq: 1, last_received: 0, messages: Vec::new(), sessions: across };
-    b.bridge.import_client(100, moved.sink.clone(), client);
-    moved.expect(RtcEvent::Blank);
+    let (mut moved, mut started) = arrives_at_b(&mut b, conn, leaving, t0);
+    assert_eq!(started.try_recv(), Ok(()), "no worker of B's had a session with it: read at once");
     let claim = wire::Claim { worker: false, id: 100, conn: Some(wire_conn(conn)), moved_from: A, now_at: B };
     a.bridge.claim(claim.encode_to_vec().into(), t0);
     y.bridge.claim(claim.encode_to_vec().into(), t0);
@@ -171,4 +170,120 @@ fn a_worker_moving_after_its_client_moved_reaches_the_client_where_it_is() {
     carry_to(from_d, &mut [&mut b, &mut y], t0);
     assert_eq!(&moved.expect(RtcEvent::IceCandidate).payload[..], b"from D");
     moved.expect_nothing();
+}
+
+/// Client 100 on A with a session with worker 7 on `worker_on` (`y`): the client's `OFFER`
+/// reached the worker. Returns A, the worker's instance, the worker and the client.
+fn offered_from_a(worker_on: InstanceId, t0: Instant) -> (Instance, Instance, Stream, Stream) {
+    let (mut a, mut y) = (Instance::new(A), Instance::new(worker_on));
+    let mut w = y.worker(7);
+    let c = a.client(100);
+    a.client_sends(&c, 7, RtcEvent::Offer, b"offer");
+    carry(a.outputs(t0), &mut y, t0);
+    a.bridge.located(7, Ok(worker_on), t0);
+    settle(&mut a, &mut y, t0);
+    w.expect(RtcEvent::Offer);
+    (a, y, w, c)
+}
+
+/// The client leaves A for B (`b`), which imports it: the stream B reads it from, and whether
+/// B reads it yet.
+fn moves_to_b(
+    a: &mut Instance,
+    b: &mut Instance,
+    c: &Stream,
+    t0: Instant,
+) -> (Stream, tokio::sync::oneshot::Receiver<()>) {
+    let leaving = a.bridge.client_leaving(100, c.sink.id(), B);
+    arrives_at_b(b, c.sink.id(), leaving, t0)
+}
+
+/// Client 100, which left A (`leaving`), arrives at B with its stream's id `conn`, welcomed.
+fn arrives_at_b(
+    b: &mut Instance,
+    conn: ConnId,
+    leaving: crate::peer::remote::Leaving,
+    t0: Instant,
+) -> (Stream, tokio::sync::oneshot::Receiver<()>) {
+    let (sink, out) = Conn::open(conn, 64, |m, _| m);
+    let mut moved = Stream { id: 100, sink, out };
+    let client = MovedClient {
+        from: A,
+        conn,
+        first_seq: 1,
+        last_received: 0,
+        messages: Vec::new(),
+        sessions: leaving.sessions,
+        moves: leaving.moves,
+    };
+    let (start, started) = tokio::sync::oneshot::channel();
+    b.bridge.import_client(100, moved.sink.clone(), client, start, t0);
+    moved.expect(RtcEvent::Blank);
+    (moved, started)
+}
+
+#[test]
+fn what_a_client_sent_before_moving_reaches_a_worker_on_a_third_instance_before_what_it_sent_after() {
+    let t0 = Instant::now();
+    let (mut a, mut y, mut w, c) = offered_from_a(C, t0);
+    // Sent from A; its frame is slow (NATS lost it, and A sends it again later).
+    a.client_sends(&c, 7, RtcEvent::LocalIceCandidate, b"before the move");
+    let mut b = Instance::new(B);
+    let (moved, mut started) = moves_to_b(&mut a, &mut b, &c, t0);
+    assert_eq!(started.try_recv(), Ok(()), "no worker of B's had a session with it");
+    let slow = a.outputs(t0);
+    // Sent from B once it moved: it comes first, and waits.
+    b.client_sends(&moved, 7, RtcEvent::LocalIceCandidate, b"after the move");
+    assert_eq!(b.outputs(t0), [Output::Locate(7)]);
+    b.bridge.located(7, Ok(C), t0);
+    let from_b = b.outputs(t0);
+    carry_to(from_b, &mut [&mut y], t0);
+    w.expect_nothing();
+    carry_to(slow, &mut [&mut y], t0);
+    assert_eq!(&w.expect(RtcEvent::IceCandidate).payload[..], b"before the move");
+    assert_eq!(&w.expect(RtcEvent::IceCandidate).payload[..], b"after the move");
+    w.expect_nothing();
+    // From then on, at once.
+    b.client_sends(&moved, 7, RtcEvent::LocalIceCandidate, b"later");
+    let from_b = b.outputs(t0);
+    carry_to(from_b, &mut [&mut y], t0);
+    assert_eq!(&w.expect(RtcEvent::IceCandidate).payload[..], b"later");
+}
+
+#[test]
+fn a_moved_client_s_stream_is_read_once_what_it_sent_its_new_home_s_workers_before_came() {
+    let t0 = Instant::now();
+    let (mut a, mut b, mut w, c) = offered_from_a(B, t0);
+    a.client_sends(&c, 7, RtcEvent::LocalIceCandidate, b"before the move");
+    let (_moved, mut started) = moves_to_b(&mut a, &mut b, &c, t0);
+    // B's worker has a session with it: what it sent from A comes first, and until then B does
+    // not read what it sends from B.
+    assert!(started.try_recv().is_err(), "not read yet");
+    w.expect_nothing();
+    let slow = a.outputs(t0);
+    carry_to(slow, &mut [&mut b], t0);
+    assert_eq!(&w.expect(RtcEvent::IceCandidate).payload[..], b"before the move");
+    assert_eq!(started.try_recv(), Ok(()), "read from now on");
+}
+
+#[test]
+fn a_moved_client_s_messages_do_not_wait_for_an_old_home_that_is_gone() {
+    let t0 = Instant::now();
+    let (mut a, mut y, mut w, c) = offered_from_a(C, t0);
+    a.client_sends(&c, 7, RtcEvent::LocalIceCandidate, b"lost with A");
+    let mut b = Instance::new(B);
+    let (moved, _started) = moves_to_b(&mut a, &mut b, &c, t0);
+    drop(a.outputs(t0));
+    let conn = Some(wire_conn(c.sink.id()));
+    let claim = wire::Claim { worker: false, id: 100, conn, moved_from: A, now_at: B };
+    y.bridge.claim(claim.encode_to_vec().into(), t0);
+    b.client_sends(&moved, 7, RtcEvent::LocalIceCandidate, b"after the move");
+    b.bridge.located(7, Ok(C), t0);
+    let from_b = b.outputs(t0 + Duration::from_secs(1));
+    carry_to(from_b, &mut [&mut y], t0 + Duration::from_secs(1));
+    w.expect_nothing();
+    // A is never heard from again: once it is known dead, the message is taken.
+    y.bridge.tick(t0 + DEAD_AFTER + Duration::from_millis(500));
+    assert_eq!(&w.expect(RtcEvent::IceCandidate).payload[..], b"after the move");
+    w.expect_nothing();
 }

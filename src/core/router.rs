@@ -89,6 +89,10 @@ pub enum Command<P: PeerSink> {
         rebound: std::sync::Arc<std::sync::Mutex<Vec<PeerId>>>,
         done: std::sync::Arc<dyn Send + Sync>,
     },
+    /// Does nothing: `done` is dropped once the shard has handled what was queued before it.
+    Flush {
+        done: std::sync::Arc<dyn Send + Sync>,
+    },
     /// A worker moved here from another instance: registered as `RegisterWorker` does, its
     /// `sessions` taken over, and `messages` (what it had not received there) queued right
     /// after its acknowledgement.
@@ -246,6 +250,7 @@ impl<P: PeerSink> Router<P> {
             Command::ImportWorker { worker, sink, sessions, messages } => {
                 self.import_worker(worker, sink, sessions, messages)
             }
+            Command::Flush { done: _ } => {}
         }
     }
 

@@ -229,6 +229,17 @@ async fn await_claim(claimed: Option<impl std::future::Future<Output = ()>>) {
 async fn move_client(edge: &Arc<Edge>, ask: &Ask, moving: Moving, answer: oneshot::Sender<Hold>) {
     let Some(cluster) = edge.cluster.clone() else { return };
     let conn = moving.sink.id();
+    // Shard threads may still hold what the old stream read: it goes across (to the bridge)
+    // before the client leaves there, and so before its `ClientLeft`.
+    if !edge.shards.is_inline() {
+        let (all_done, done) = oneshot::channel();
+        let all_done: Arc<dyn Send + Sync> = Arc::new(OnDrop(Some(all_done)));
+        let flushed = edge.shards.send_all(|| Command::Flush { done: all_done.clone() }).await;
+        drop(all_done);
+        if flushed.is_err() || done.await.is_err() {
+            return;
+        }
+    }
     let Some(leaving) = cluster.client_leaving(ask.id, conn, ask.front).await else { return };
     let (mut sessions, stand_in, moves) = (leaving.sessions, leaving.stand_in, leaving.moves);
     let rebound = Arc::new(Mutex::new(Vec::new()));

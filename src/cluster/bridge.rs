@@ -303,10 +303,8 @@ impl Bridge {
             return;
         }
         self.moves.forget(conn);
-        {
-            let released = self.order.forget(conn);
-            self.take_released(released, now)
-        };
+        let released = self.order.forget(conn);
+        self.take_released(released, now);
         for (instance, stamp) in self.clients.gone(conn, now) {
             let Stamp { moves, after_left_of } = stamp;
             let gone = wire::ClientGone { client, conn: Some(wire_conn(conn)), moves, after_left_of };
@@ -397,10 +395,8 @@ impl Bridge {
                 let Some(conn) = l.conn.map(conn_id) else {
                     return malformed(from, "a client's departure names no stream");
                 };
-                return {
-                    let released = self.order.left(conn, l.moves, now);
-                    self.take_released(released, now)
-                };
+                let released = self.order.left(conn, l.moves, now);
+                return self.take_released(released, now);
             }
             _ => None,
         };
@@ -478,10 +474,8 @@ impl Bridge {
                     return malformed(from, "a departure names no stream");
                 };
                 // What the client sent before it left, if some still waited, comes first.
-                {
-                    let released = self.order.forget(conn);
-                    self.take_released(released, now)
-                };
+                let released = self.order.forget(conn);
+                self.take_released(released, now);
                 self.remote.remove(&conn);
                 self.moves.forget(conn);
                 for shard in 0..self.shards.len() {
@@ -589,10 +583,8 @@ impl Bridge {
         for (conn, msg) in deliver {
             self.for_local_client(instance, conn, msg);
         }
-        {
-            let released = self.order.instance_gone(instance);
-            self.take_released(released, now)
-        };
+        let released = self.order.instance_gone(instance);
+        self.take_released(released, now);
         for shard in 0..self.shards.len() {
             self.dispatch(shard, Command::InstanceGone { instance });
         }

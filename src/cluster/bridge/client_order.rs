@@ -106,7 +106,9 @@ impl ClientOrder {
         record: Kind,
         now: Instant,
     ) -> Option<Kind> {
-        if stamp.moves == 0 {
+        // Nothing waits for a client that never moved, nor for one this instance holds nothing
+        // of when its message needs no `ClientLeft`.
+        if stamp.moves == 0 || (stamp.after_left_of == 0 && !self.by_conn.contains_key(&conn)) {
             return Some(record);
         }
         let order = self.by_conn.entry(conn).or_default();

@@ -385,38 +385,6 @@ impl Bridge {
         drop(acked);
     }
 
-    /// A record from `from`: taken now, or, if it is a moved client's and something it sent
-    /// before its move has not come yet, once that has (see [`client_order`]).
-    fn record(&mut self, from: InstanceId, kind: Kind, now: Instant) {
-        let follows = match &kind {
-            Kind::ClientSignal(s) if s.moves > 0 => s.conn.map(|c| (c, s.moves, s.after_left_of)),
-            Kind::ClientGone(g) if g.moves > 0 => g.conn.map(|c| (c, g.moves, g.after_left_of)),
-            Kind::ClientLeft(l) => {
-                let Some(conn) = l.conn.map(conn_id) else {
-                    return malformed(from, "a client's departure names no stream");
-                };
-                let released = self.order.left(conn, l.moves, now);
-                return self.take_released(released, now);
-            }
-            _ => None,
-        };
-        if let Some((conn, moves, after_left_of)) = follows {
-            let stamp = Stamp { moves, after_left_of };
-            if let Some(kind) = self.order.arrive(from, conn_id(conn), stamp, kind, now) {
-                self.take(from, kind, now);
-            }
-            return;
-        }
-        self.take(from, kind, now)
-    }
-
-    /// Takes the records a moved client's old home's departure released, in order.
-    fn take_released(&mut self, released: client_order::Released, now: Instant) {
-        for (from, kind) in released {
-            self.take(from, kind, now);
-        }
-    }
-
     fn take(&mut self, from: InstanceId, kind: Kind, now: Instant) {
         match kind {
             Kind::ClientSignal(s) => {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::{Bridge, conn_id, malformed};
 use crate::cluster::clients::{STAMP_FOR, Stamp};
 use crate::cluster::wire::record::Kind;
 use crate::core::{ConnId, InstanceId};
@@ -222,6 +223,40 @@ impl ClientOrder {
     #[cfg(test)]
     pub fn remembered(&self) -> usize {
         self.by_conn.len()
+    }
+}
+
+impl Bridge {
+    /// A record from `from`: taken now, or, if it is a moved client's and something it sent
+    /// before its move has not come yet, once that has (see [`client_order`]).
+    pub(super) fn record(&mut self, from: InstanceId, kind: Kind, now: Instant) {
+        let follows = match &kind {
+            Kind::ClientSignal(s) if s.moves > 0 => s.conn.map(|c| (c, s.moves, s.after_left_of)),
+            Kind::ClientGone(g) if g.moves > 0 => g.conn.map(|c| (c, g.moves, g.after_left_of)),
+            Kind::ClientLeft(l) => {
+                let Some(conn) = l.conn.map(conn_id) else {
+                    return malformed(from, "a client's departure names no stream");
+                };
+                let released = self.order.left(conn, l.moves, now);
+                return self.take_released(released, now);
+            }
+            _ => None,
+        };
+        if let Some((conn, moves, after_left_of)) = follows {
+            let stamp = Stamp { moves, after_left_of };
+            if let Some(kind) = self.order.arrive(from, conn_id(conn), stamp, kind, now) {
+                self.take(from, kind, now);
+            }
+            return;
+        }
+        self.take(from, kind, now)
+    }
+
+    /// Takes the records a moved client's old home's departure released, in order.
+    pub(super) fn take_released(&mut self, released: Released, now: Instant) {
+        for (from, kind) in released {
+            self.take(from, kind, now);
+        }
     }
 }
 

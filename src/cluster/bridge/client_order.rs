@@ -228,7 +228,7 @@ impl ClientOrder {
 
 impl Bridge {
     /// A record from `from`: taken now, or, if it is a moved client's and something it sent
-    /// before its move has not come yet, once that has (see [`client_order`]).
+    /// before its move has not come yet, once that has (see above).
     pub(super) fn record(&mut self, from: InstanceId, kind: Kind, now: Instant) {
         let follows = match &kind {
             Kind::ClientSignal(s) if s.moves > 0 => s.conn.map(|c| (c, s.moves, s.after_left_of)),

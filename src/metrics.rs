@@ -28,6 +28,7 @@ pub const DETACHED_PEERS: &str = "distributor_detached_peers";
 pub const HELD_MESSAGES: &str = "distributor_held_messages";
 pub const TUNNELS: &str = "distributor_tunnels";
 pub const PEERS_MOVED: &str = "distributor_peers_moved_total";
+pub const OUT_OF_ORDER: &str = "distributor_cluster_out_of_order_total";
 
 /// Buckets of cross-instance latencies: a round trip through NATS takes 0.1 ms to seconds.
 const LATENCY_BUCKETS: &[f64] =
@@ -95,6 +96,11 @@ fn describe() {
         "Resumable peers with nothing to keep here let go to the instance they resumed on, by role."
     );
     describe_gauge!(HELD_MESSAGES, "Messages queued for detached peers (sampled).");
+    describe_counter!(
+        OUT_OF_ORDER,
+        "Messages of clients that moved between instances, taken without their old instance's word \
+         that what the client sent from there had all come (it did not say so within 5 s)."
+    );
     describe_gauge!(
         TUNNELS,
         "Resumed streams carried between this instance and the one holding their peer, either way (sampled)."

@@ -199,7 +199,9 @@ impl ClientOrder {
                     "a moved client's old instance did not say it left: its messages are taken as they came"
                 );
                 order.left.extend(order.waiting.iter().filter_map(|w| w.stamp.moves.checked_sub(1)));
+                let before = out.len();
                 order.release(&mut out);
+                metrics::counter!(crate::metrics::OUT_OF_ORDER).increment((out.len() - before) as u64);
             }
         }
         self.by_conn.retain(|_, order| {

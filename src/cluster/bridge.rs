@@ -306,6 +306,9 @@ impl Bridge {
         let released = self.order.forget(conn);
         self.take_released(released, now);
         for (instance, stamp) in self.clients.gone(conn, now) {
+            if instance == self.me {
+                continue;
+            }
             let Stamp { moves, after_left_of } = stamp;
             let gone = wire::ClientGone { client, conn: Some(wire_conn(conn)), moves, after_left_of };
             self.links.push(instance, Kind::ClientGone(gone), Origin::Owed);
@@ -333,6 +336,9 @@ impl Bridge {
             match self.moves.onward(conn) {
                 Some(Onward::To(at)) => to = at,
                 Some(Onward::Held) => held = true,
+                // A client that moved here, which this instance's workers reach through the
+                // bridge (see `import_client`).
+                None if self.moves.is_here(conn) => return self.for_local_client(self.me, conn, msg),
                 None => {}
             }
         }
@@ -474,7 +480,8 @@ impl Bridge {
             .clone()
     }
 
-    /// A message from another instance for a local client stream.
+    /// A message from another instance (or, for a client that moved here, from this one's
+    /// workers) for a local client stream.
     fn for_local_client(&mut self, from: InstanceId, conn: ConnId, msg: Outbound) {
         let msg = if self.moves.is_idle() {
             msg
@@ -492,7 +499,12 @@ impl Bridge {
             Ok(()) => {}
             Err(e) if session::is_relay(event) => {
                 let refusal = e.refusal(Role::Client, worker, client);
-                self.links.push(from, to_worker_record(refusal), Origin::Owed);
+                if from == self.me {
+                    let shard = self.shards.of_worker(worker);
+                    self.dispatch(shard, Command::ToWorker { worker, msg: refusal });
+                } else {
+                    self.links.push(from, to_worker_record(refusal), Origin::Owed);
+                }
             }
             // Owed to a stream that ended: nobody is left to tell.
             Err(_) => {}

@@ -86,6 +86,8 @@ pub enum Command<P: PeerSink> {
         sink: P,
         /// Whether this is the client's shard, which registers a local `sink` as the client's.
         register: bool,
+        /// Whether its sessions are rebound (else only its registration).
+        sessions: bool,
         rebound: std::sync::Arc<std::sync::Mutex<Vec<PeerId>>>,
         done: std::sync::Arc<dyn Send + Sync>,
     },
@@ -244,8 +246,8 @@ impl<P: PeerSink> Router<P> {
             Command::ExportWorker { worker, conn, to, then } => {
                 self.export_worker(worker, conn, to, then, now())
             }
-            Command::RebindClient { client, conn, sink, register, rebound, done: _ } => {
-                self.rebind_client(client, conn, sink, register, &rebound)
+            Command::RebindClient { client, conn, sink, register, sessions, rebound, done: _ } => {
+                self.rebind_client(client, conn, sink, register, sessions, &rebound)
             }
             Command::ImportWorker { worker, sink, sessions, messages } => {
                 self.import_worker(worker, sink, sessions, messages)

@@ -250,6 +250,7 @@ async fn move_client(edge: &Arc<Edge>, ask: &Ask, moving: Moving, answer: onesho
         conn,
         sink: Peer::Remote(stand_in.clone()),
         register: false,
+        sessions: true,
         rebound: rebound.clone(),
         done: all_done.clone(),
     };
@@ -259,6 +260,9 @@ async fn move_client(edge: &Arc<Edge>, ask: &Ask, moving: Moving, answer: onesho
         return;
     }
     sessions.extend(rebound.lock().expect("not poisoned").iter().map(|worker| (*worker, edge.instance)));
+    // A client that moved here before counts this instance's sessions among its own already.
+    sessions.sort_unstable();
+    sessions.dedup();
     let taken = edge.clients.finish_move(ask.id, ask.after, &moving);
     edge.forget(conn);
     metrics::counter!(crate::metrics::PEERS_MOVED, "role" => "client").increment(1);

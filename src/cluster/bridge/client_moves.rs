@@ -15,7 +15,7 @@
 //! [`wire::ClientLeft`] (see [`super::client_order`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -195,7 +195,8 @@ impl Bridge {
         to: InstanceId,
     ) -> crate::peer::remote::Leaving {
         let (sessions, moves) = self.clients.remove(conn);
-        let mut told: Vec<InstanceId> = sessions.iter().map(|(_, at)| *at).collect();
+        let mut told: Vec<InstanceId> =
+            sessions.iter().map(|(_, at)| *at).filter(|at| *at != self.me).collect();
         told.sort_unstable();
         told.dedup();
         for instance in told {
@@ -210,9 +211,12 @@ impl Bridge {
     }
 
     /// A client moved here with its sessions, its stream keeping its id: it is welcomed and
-    /// written what it had not received, its sessions across are its stream's, and those of
-    /// this instance's workers are rebound to it. `start` (its stream is read from then on)
-    /// once what it sent this instance's workers from its old home has come.
+    /// written what it had not received, and its sessions are its stream's. Those with this
+    /// instance's workers stay bound to the stand-in for it, which writes here from now on,
+    /// through the bridge: what those workers sent it through its old home comes first (their
+    /// marker comes back through it after that), then what they send now, in order. `start`
+    /// (its stream is read from then on) once what it sent this instance's workers from its
+    /// old home has come.
     pub(super) fn import_client(
         &mut self,
         client: PeerId,
@@ -225,7 +229,7 @@ impl Bridge {
         sink.deliver_owed(Outbound::relay(RtcEvent::Blank, 0, client, Bytes::new()));
         moved.messages.into_iter().for_each(|m| sink.deliver_owed(m));
         let (here, across): (Vec<_>, Vec<_>) = moved.sessions.into_iter().partition(|(_, at)| *at == self.me);
-        let instances: Vec<InstanceId> = across.iter().map(|(_, at)| *at).collect();
+        let mut instances: Vec<InstanceId> = across.iter().map(|(_, at)| *at).collect();
         // The instances its old home sent its messages to (not its old home's own workers):
         // they hear that it left, after those messages.
         let mut told: Vec<InstanceId> = instances.iter().copied().filter(|i| *i != moved.from).collect();
@@ -237,23 +241,27 @@ impl Bridge {
         } else {
             let _ = start.send(());
         }
-        self.clients.import(client, &sink, across, record);
-        self.remote.remove(&conn);
-        self.moves.arrive(conn, moved.from, instances);
-        let rebound = Arc::new(Mutex::new(Vec::with_capacity(here.len())));
-        let done: Arc<dyn Send + Sync> = Arc::new(());
-        for shard in 0..self.shards.len() {
-            let register = shard == self.shards.of_client(client);
-            let command = Command::RebindClient {
-                client,
-                conn,
-                sink: Peer::Local(sink.clone()),
-                register,
-                rebound: rebound.clone(),
-                done: done.clone(),
-            };
-            self.dispatch(shard, command);
+        if let Some(stand_in) = self.remote.remove(&conn) {
+            stand_in.moved_to(self.me);
         }
+        if !here.is_empty() {
+            instances.push(self.me);
+            let marker = wire::Repointed { conn: Some(wire_conn(conn)), from: 0 };
+            self.links.push(moved.from, Kind::Repointed(marker), Origin::Owed);
+        }
+        self.clients.import(client, &sink, across.into_iter().chain(here).collect(), record);
+        self.moves.arrive(conn, moved.from, instances);
+        // Registered here; its sessions keep their stand-in.
+        let register = Command::RebindClient {
+            client,
+            conn,
+            sink: Peer::Local(sink.clone()),
+            register: true,
+            sessions: false,
+            rebound: Arc::default(),
+            done: Arc::new(()),
+        };
+        self.dispatch(self.shards.of_client(client), register);
     }
 
     /// A claim: the client `conn` (its stream's id kept) moved from `from` to `at`. The old

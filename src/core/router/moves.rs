@@ -145,9 +145,10 @@ impl<P: PeerSink> Router<P> {
         conn: ConnId,
         sink: P,
         register: bool,
+        sessions: bool,
         rebound: &Mutex<Vec<PeerId>>,
     ) {
-        if let Some(workers) = self.client_sessions.get(&client) {
+        if let Some(workers) = self.client_sessions.get(&client).filter(|_| sessions) {
             let mut rebound = rebound.lock().expect("not poisoned");
             for worker in workers {
                 let Some(session) = self.workers.get_mut(worker).and_then(|w| w.sessions.get_mut(&client))

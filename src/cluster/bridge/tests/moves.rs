@@ -287,3 +287,38 @@ fn a_moved_client_s_messages_do_not_wait_for_an_old_home_that_is_gone() {
     assert_eq!(&w.expect(RtcEvent::IceCandidate).payload[..], b"after the move");
     w.expect_nothing();
 }
+
+#[test]
+fn a_worker_s_message_through_the_old_home_reaches_a_client_that_moved_to_its_instance_before_its_next() {
+    let t0 = Instant::now();
+    let (mut a, mut b, mut w, c) = offered_from_a(B, t0);
+    // The worker answers while its client is on A: the frame to A is slow.
+    b.worker_sends(&w, 100, RtcEvent::Answer, b"before the move");
+    let slow = b.outputs(t0);
+    let (mut moved, _started) = moves_to_b(&mut a, &mut b, &c, t0);
+    let conn = Some(wire_conn(c.sink.id()));
+    let claim = wire::Claim { worker: false, id: 100, conn, moved_from: A, now_at: B };
+    a.bridge.claim(claim.encode_to_vec().into(), t0);
+    // Its next message, here, waits for the one that went through A.
+    b.worker_sends(&w, 100, RtcEvent::LocalIceCandidate, b"after the move");
+    moved.expect_nothing();
+    carry_to(slow, &mut [&mut a], t0);
+    for _ in 0..4 {
+        let from_a = a.outputs(t0);
+        carry_to(from_a, &mut [&mut b], t0);
+        let from_b = b.outputs(t0);
+        carry_to(from_b, &mut [&mut a], t0);
+    }
+    assert_eq!(&moved.expect(RtcEvent::Answer).payload[..], b"before the move");
+    assert_eq!(&moved.expect(RtcEvent::IceCandidate).payload[..], b"after the move");
+    moved.expect_nothing();
+    // From then on, at once; and the session is the stream's: the worker leaving ends it.
+    b.worker_sends(&w, 100, RtcEvent::LocalIceCandidate, b"later");
+    assert_eq!(&moved.expect(RtcEvent::IceCandidate).payload[..], b"later");
+    assert_eq!(moved.sink.sessions(), 1);
+    b.route(b.shards.of_worker(7), Command::WorkerGone { worker: 7, conn: w.sink.id() });
+    b.pump();
+    assert_eq!(moved.expect(RtcEvent::PeerGone).worker, 7);
+    assert_eq!(moved.sink.sessions(), 0);
+    w.expect_nothing();
+}

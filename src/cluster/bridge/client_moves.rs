@@ -183,6 +183,15 @@ impl ClientMoves {
     }
 }
 
+/// The instances of a moving client's `sessions` its old home sends `ClientLeft` (each once):
+/// all but `except`, the old home itself, whose own workers' sessions are listed as on it.
+fn told(sessions: &[(PeerId, InstanceId)], except: InstanceId) -> Vec<InstanceId> {
+    let mut told: Vec<InstanceId> = sessions.iter().map(|(_, at)| *at).filter(|at| *at != except).collect();
+    told.sort_unstable();
+    told.dedup();
+    told
+}
+
 impl Bridge {
     /// The local client `conn` moves to `to` with its sessions: its sessions across leave
     /// with it (returned), their instances hear it left after what it sent them from here,
@@ -195,11 +204,7 @@ impl Bridge {
         to: InstanceId,
     ) -> crate::peer::remote::Leaving {
         let (sessions, moves) = self.clients.remove(conn);
-        let mut told: Vec<InstanceId> =
-            sessions.iter().map(|(_, at)| *at).filter(|at| *at != self.me).collect();
-        told.sort_unstable();
-        told.dedup();
-        for instance in told {
+        for instance in told(&sessions, self.me) {
             let left = wire::ClientLeft { conn: Some(wire_conn(conn)), moves };
             self.links.push(instance, Kind::ClientLeft(left), Origin::Owed);
         }
@@ -232,9 +237,7 @@ impl Bridge {
         let mut instances: Vec<InstanceId> = across.iter().map(|(_, at)| *at).collect();
         // The instances its old home sent its messages to (not its old home's own workers):
         // they hear that it left, after those messages.
-        let mut told: Vec<InstanceId> = instances.iter().copied().filter(|i| *i != moved.from).collect();
-        told.sort_unstable();
-        told.dedup();
+        let told = told(&across, moved.from);
         let record = Moved { moves: moved.moves, from: moved.from, told, at: now };
         if moved.moves > 0 && !here.is_empty() {
             self.order.start_after_left(conn, moved.moves, moved.from, start, now);

@@ -9,7 +9,7 @@ cd "$root"
 run="$root/.run/demo"
 mkdir -p "$run"
 
-cargo build --release --quiet --features sdk --bin distributor --example negotiate
+cargo build --release --quiet --features peers --bin distributor --example negotiate
 bash scripts/nats-cluster.sh up
 
 pids=()

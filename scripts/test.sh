@@ -12,7 +12,7 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy"
-cargo clippy --all-targets --all-features --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 step "deployment manifests (scripts/manifests.sh)"
 bash scripts/manifests.sh
@@ -26,7 +26,7 @@ step "cargo test"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --all-targets --all-features --locked 2>&1 | tee "$log" || status=$?
+cargo test --workspace --all-targets --all-features --locked 2>&1 | tee "$log" || status=$?
 
 # The container image: built from scratch, a negotiation through it, a clean stop; then the
 # cluster in containers, negotiating across instances. Needs the Docker engine; without one it

@@ -96,12 +96,12 @@ pub enum Command {
     /// health checks and scripts).
     Health(HealthArgs),
     /// Run an echo worker: every message on every data channel a client opens comes back.
-    #[cfg(feature = "sdk")]
-    Worker(crate::sdk::cli::WorkerArgs),
+    #[cfg(feature = "peers")]
+    Worker(crate::peers::WorkerArgs),
     /// Open a data channel to a worker, check its echo byte for byte, and report the time to
     /// open, round trips and throughput.
-    #[cfg(feature = "sdk")]
-    Client(crate::sdk::cli::ClientArgs),
+    #[cfg(feature = "peers")]
+    Client(crate::peers::ClientArgs),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -10,16 +10,16 @@
 //! 3. [`cluster`]: NATS between instances: reliable links, the worker directory, the sans-IO
 //!    bridge and its NATS driver.
 //! 4. [`edge`]: the gRPC services; one task per stream decodes and hands messages to a shard.
-//!    [`auth`]: bearer JWTs. [`codec`]: the gRPC codec (small per-stream buffers).
+//!    [`auth`]: bearer JWTs.
 //! 5. [`server`]: the one entry point, [`server::run`]: gRPC server, health, reflection, drain.
 //!    [`config`]: flags. [`shutdown`]: SIGINT/SIGTERM.
 //!
-//! Beside the server, with the cargo feature `sdk`: `sdk`, the peer side (a client and a worker
-//! that get a WebRTC data channel through the distributor), which uses only [`pb`].
+//! Beside the server, in crates of their own: `distributor-proto` (the contract, here [`pb`]) and
+//! `distributor-sdk` (the peer side), which the `client` and `worker` commands use (`peers`,
+//! cargo feature `peers`).
 
 pub mod auth;
 pub mod cluster;
-pub mod codec;
 pub mod config;
 pub mod core;
 pub mod edge;
@@ -27,14 +27,16 @@ pub mod edge;
 pub mod fuzzing;
 pub mod listener;
 pub mod metrics;
-pub mod pb;
 pub mod peer;
-#[cfg(feature = "sdk")]
-pub mod sdk;
+#[cfg(feature = "peers")]
+pub mod peers;
 pub mod server;
 pub mod shards;
 pub mod shutdown;
 pub mod throttle;
+
+/// The wire contract: the crate `distributor-proto`.
+pub use distributor_proto as pb;
 
 /// Cases each property test runs: `default`, or `DISTRIBUTOR_PROPTEST_CASES` (`scripts/fuzz.sh`
 /// sets it for long runs).

@@ -14,10 +14,10 @@ fn main() -> ExitCode {
         Some(Command::Token(args)) => token(args),
         Some(Command::Health(args)) => health(args),
         Some(Command::Serve(args)) => serve(*args),
-        #[cfg(feature = "sdk")]
-        Some(Command::Worker(args)) => peer(distributor::sdk::cli::worker(args)),
-        #[cfg(feature = "sdk")]
-        Some(Command::Client(args)) => peer(distributor::sdk::cli::client(args)),
+        #[cfg(feature = "peers")]
+        Some(Command::Worker(args)) => peer(distributor::peers::worker(args)),
+        #[cfg(feature = "peers")]
+        Some(Command::Client(args)) => peer(distributor::peers::client(args)),
         None => serve(cli.serve),
     };
     match done {
@@ -108,7 +108,7 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
 }
 
 /// Runs a peer command (`worker`, `client`) on its own runtime.
-#[cfg(feature = "sdk")]
+#[cfg(feature = "peers")]
 fn peer(command: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();

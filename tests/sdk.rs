@@ -12,7 +12,7 @@ use common::*;
 use distributor::cluster::NatsConfig;
 use distributor::config::Config;
 use distributor::pb::ErrorCode;
-use distributor::sdk::{Client, Connection, Error, Event, PeerEvent, Worker};
+use distributor_sdk::{Client, Connection, Error, Event, PeerEvent, Worker};
 use tokio::sync::broadcast;
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -35,7 +35,7 @@ async fn echo_worker(url: &str, id: i64) -> tokio::task::JoinHandle<()> {
     })
 }
 
-fn client(url: &str) -> distributor::sdk::ClientBuilder {
+fn client(url: &str) -> distributor_sdk::ClientBuilder {
     Client::builder(url).bind(LOOPBACK)
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use distributor::config::Config;
-use distributor::sdk::{Client, PeerEvent};
+use distributor_sdk::{Client, PeerEvent};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 233, 77, 1);
 const INSIDE: Ipv4Addr = Ipv4Addr::new(10, 233, 77, 2);

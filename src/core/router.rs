@@ -349,7 +349,7 @@ impl<P: PeerSink> Router<P> {
         if opens {
             entry.sink.open_session(0);
         }
-        let forwarded = session::forwarded(event);
+        let forwarded = event.forwarded();
         if let Err(e) = entry.sink.try_deliver(Outbound::relay(forwarded, worker, client, payload)) {
             if opens {
                 sink.close_session();
@@ -406,7 +406,7 @@ impl<P: PeerSink> Router<P> {
             Ok(next) => next,
             Err(reason) => return refuse(reply, ErrorCode::InvalidTransition, worker, client, reason),
         };
-        let forwarded = session::forwarded(event);
+        let forwarded = event.forwarded();
         if let Err(e) = session.client.try_deliver(Outbound::relay(forwarded, worker, client, payload)) {
             return reply.send(e.refusal(Role::Client, worker, client));
         }

@@ -76,19 +76,10 @@ pub fn is_relayable(from: Role, event: RtcEvent) -> bool {
 }
 
 /// Whether a peer receiving `event` receives another peer's message relayed (an event
-/// [`forwarded`] makes). A relay that cannot be delivered is owed an `ERROR` to its sender;
+/// [`RtcEvent::forwarded`] makes). A relay that cannot be delivered is owed an `ERROR` to its sender;
 /// what the distributor says itself (`BLANK`, `PING`, `ERROR`, `PEER_GONE`) is owed nothing.
 pub fn is_relay(event: RtcEvent) -> bool {
     matches!(event, RtcEvent::Offer | RtcEvent::Answer | RtcEvent::AcceptAnswer | RtcEvent::IceCandidate)
-}
-
-/// The event the other side receives for a relayed `event`: a sender's own candidate arrives as
-/// the other side's remote candidate.
-pub fn forwarded(event: RtcEvent) -> RtcEvent {
-    match event {
-        RtcEvent::LocalIceCandidate => RtcEvent::IceCandidate,
-        other => other,
-    }
 }
 
 #[cfg(test)]
@@ -167,15 +158,15 @@ mod tests {
         for event in EVENTS {
             let arrives_as_relay = [Role::Client, Role::Worker]
                 .into_iter()
-                .any(|from| EVENTS.iter().any(|sent| is_relayable(from, *sent) && forwarded(*sent) == event));
+                .any(|from| EVENTS.iter().any(|sent| is_relayable(from, *sent) && sent.forwarded() == event));
             assert_eq!(is_relay(event), arrives_as_relay, "{event:?}");
         }
     }
 
     #[test]
     fn local_candidates_arrive_as_remote_candidates() {
-        assert_eq!(forwarded(LocalIceCandidate), IceCandidate);
-        assert_eq!(forwarded(Offer), Offer);
-        assert_eq!(forwarded(AcceptAnswer), AcceptAnswer);
+        assert_eq!(LocalIceCandidate.forwarded(), IceCandidate);
+        assert_eq!(Offer.forwarded(), Offer);
+        assert_eq!(AcceptAnswer.forwarded(), AcceptAnswer);
     }
 }

@@ -29,7 +29,7 @@ pub struct Numbers {
 /// which the decoder gave a buffer of its own) are kept by reference. A short payload is a slice
 /// of the buffer its sender's stream was decoded into, shared with its neighbours: a reference
 /// would keep that whole buffer for as long as the message is kept.
-pub const COPIED_BELOW: usize = crate::codec::INITIAL_BUFFER;
+pub const COPIED_BELOW: usize = distributor_proto::codec::INITIAL_BUFFER;
 
 /// A stream resumed after a number older than what is kept: what it missed cannot be replayed.
 #[derive(Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //!
 //! Three measurements, each beside its baseline from the same run:
 //! - the time to open, over `--opens` sequential opens through the distributor, against as many
-//!   opens between the same SDK peers signaling directly in-process (`sdk::direct`);
+//!   opens between the same SDK peers signaling directly in-process (`distributor_sdk::pair_in_process`);
 //! - opens per second with `--concurrent` clients opening at once, each with its own signaling
 //!   connection and peer connection, to `--workers` workers;
 //! - one channel's throughput (`--throughput-mib`), through the SDK against str0m driven
@@ -15,7 +15,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
 use distributor::core::Role;
-use distributor::sdk::{self, Client, Worker};
+use distributor_sdk::{self as sdk, Client, Worker};
 use serde::Serialize;
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -179,7 +179,7 @@ async fn sequential(load: &DataChannelLoad) -> anyhow::Result<Sequential> {
     let mut direct = Vec::with_capacity(load.opens);
     for _ in 0..load.opens {
         let started = Instant::now();
-        let pair = sdk::direct::pair(LOOPBACK, OPEN_WITHIN).await.context("a direct open")?;
+        let pair = sdk::pair_in_process(LOOPBACK, OPEN_WITHIN).await.context("a direct open")?;
         direct.push(started.elapsed());
         drop(pair);
     }
@@ -249,8 +249,8 @@ async fn concurrent(load: &DataChannelLoad) -> anyhow::Result<Concurrent> {
 /// One channel's throughput through the SDK, then through bare str0m.
 async fn throughput(load: &DataChannelLoad) -> anyhow::Result<Throughput> {
     let total = load.throughput_mib << 20;
-    let size = load.message_size.clamp(1, sdk::rtc::MAX_MESSAGE);
-    let (client, worker) = sdk::direct::pair(LOOPBACK, OPEN_WITHIN).await?;
+    let size = load.message_size.clamp(1, sdk::MAX_MESSAGE);
+    let (client, worker) = sdk::pair_in_process(LOOPBACK, OPEN_WITHIN).await?;
     let (mut receiving, _) = worker.split();
     let sender = client.channel.sender();
     let started = Instant::now();
@@ -303,7 +303,7 @@ mod bare {
             let socket = UdpSocket::bind((LOOPBACK, 0)).await?;
             let local = socket.local_addr()?;
             let rtc = Rtc::builder()
-                .set_sctp_max_buffered_amount(32 * 1024 + sdk::rtc::MAX_MESSAGE)
+                .set_sctp_max_buffered_amount(32 * 1024 + sdk::MAX_MESSAGE)
                 .build(Instant::now());
             let mut peer = Peer { rtc, socket, local, buf: vec![0; 2048], open: None, received: 0 };
             let candidate = Candidate::host(local, "udp")?;

@@ -96,7 +96,7 @@ impl Model {
             Err(_) => self.refuse(conn, worker, client, ErrorCode::InvalidTransition),
             Ok(next) => {
                 self.sessions.insert((client, worker), (conn, next));
-                self.expect(worker_conn, (session::forwarded(event), worker, client, ErrorCode::Unspecified));
+                self.expect(worker_conn, (event.forwarded(), worker, client, ErrorCode::Unspecified));
             }
         }
     }
@@ -113,7 +113,7 @@ impl Model {
             Err(_) => self.refuse(conn, worker, client, ErrorCode::InvalidTransition),
             Ok(next) => {
                 self.sessions.insert((client, worker), (client_conn, next));
-                self.expect(client_conn, (session::forwarded(event), worker, client, ErrorCode::Unspecified));
+                self.expect(client_conn, (event.forwarded(), worker, client, ErrorCode::Unspecified));
             }
         }
     }

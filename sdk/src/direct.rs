@@ -7,11 +7,10 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::Error;
-use super::connection::{self, Connection, Side, ToPeer};
-use super::rtc::Net;
-use super::signaling::Signal;
-use crate::core::session::forwarded;
+use crate::Error;
+use crate::connection::{self, Connection, Side, ToPeer};
+use crate::rtc::Net;
+use crate::signaling::Signal;
 
 /// Opens a connection between a client and a worker whose signals go straight to each other
 /// (what a distributor does for one session, without its checks).
@@ -47,7 +46,7 @@ pub async fn pair(bind: IpAddr, within: Duration) -> Result<(Connection, Connect
 /// Hands what one side sends to the other, as the distributor would forward it.
 async fn carry(mut sent: mpsc::Receiver<Signal>, to: mpsc::UnboundedSender<ToPeer>, from: i64) {
     while let Some(mut signal) = sent.recv().await {
-        signal.event = forwarded(signal.event);
+        signal.event = signal.event.forwarded();
         if signal.client == 0 {
             signal.client = from;
         }

@@ -5,12 +5,12 @@ use std::net::{IpAddr, SocketAddr};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::connection::{self, Connection, Side, ToPeer};
-use super::rtc::Net;
-use super::signaling::{Incoming, Settings, Signal, Signaling, Stop};
-use super::{Error, Event, OPEN_TIMEOUT};
-use crate::core::PeerId;
-use crate::pb::{RtcEvent, WorkerRtcMessage};
+use crate::connection::{self, Connection, Side, ToPeer};
+use crate::rtc::Net;
+use crate::signaling::{Incoming, Settings, Signal, Signaling, Stop};
+use crate::{Error, Event, OPEN_TIMEOUT};
+use distributor_proto::PeerId;
+use distributor_proto::{RtcEvent, WorkerRtcMessage};
 
 /// How a [`Worker`] connects.
 pub struct WorkerBuilder {
@@ -32,7 +32,7 @@ impl WorkerBuilder {
         self
     }
 
-    super::network_options!();
+    crate::network_options!();
 
     /// Registers the worker: once this returns, clients anywhere in the cluster reach it.
     pub async fn connect(self) -> Result<Worker, Error> {

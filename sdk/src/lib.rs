@@ -1,8 +1,8 @@
 //! The peer side: a client and a worker that get a WebRTC data channel through the distributor.
 //!
 //! ```no_run
-//! # async fn run() -> Result<(), distributor::sdk::Error> {
-//! use distributor::sdk::{Client, Worker};
+//! # async fn run() -> Result<(), distributor_sdk::Error> {
+//! use distributor_sdk::{Client, Worker};
 //! let mut worker = Worker::builder("http://127.0.0.1:50051").id(7).connect().await?;
 //! tokio::spawn(async move {
 //!     while let Some(mut peer) = worker.accept().await {
@@ -64,24 +64,23 @@ macro_rules! network_options {
 }
 use network_options;
 
-pub mod cli;
-pub mod client;
+mod client;
 mod connection;
-pub mod direct;
-pub mod rtc;
-pub mod signaling;
+mod direct;
+mod rtc;
+mod signaling;
 mod sockets;
 mod stun;
-pub mod worker;
+mod worker;
 
 use std::time::Duration;
 
 pub use client::{Client, ClientBuilder};
 pub use connection::{Connection, ICE_RESTART_AFTER, PeerEvent};
-pub use rtc::{ChannelSender, DataChannel, OpenTimes};
+pub use direct::pair as pair_in_process;
+pub use distributor_proto::{ErrorCode, PeerId};
+pub use rtc::{ChannelSender, DataChannel, ICE_GIVE_UP, MAX_MESSAGE, OpenTimes};
 pub use worker::{Worker, WorkerBuilder};
-
-use crate::pb::ErrorCode;
 
 /// How long [`Client::open`] waits for a data channel by default: signaling, ICE, DTLS, SCTP.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);

@@ -17,8 +17,8 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::sync::{mpsc, oneshot};
 
-use super::Error;
-use super::sockets::Sockets;
+use crate::Error;
+use crate::sockets::Sockets;
 
 /// Bytes a data channel may have written and not yet acknowledged by the other peer before a
 /// `send` waits (str0m buffers 128 KiB by default; 32 KiB measured ~5 times faster on loopback).
@@ -181,11 +181,11 @@ struct Open {
 
 /// Fresh sockets for a peer connection, and what the STUN server saw of the primary one.
 async fn bind(net: Net) -> Result<(Sockets, Option<(SocketAddr, SocketAddr)>), Error> {
-    let sockets = Sockets::bind(&super::sockets::host_addresses(net.bind)).await?;
+    let sockets = Sockets::bind(&crate::sockets::host_addresses(net.bind)).await?;
     let reflexive = match net.stun {
         Some(server) => {
             let (socket, local) = sockets.primary();
-            let mapped = super::stun::reflexive(socket, server).await;
+            let mapped = crate::stun::reflexive(socket, server).await;
             if mapped.is_none() {
                 tracing::warn!(%server, "the STUN server did not answer: host candidates only");
             }

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::Error;
-use super::rtc::{self, Command, DataChannel, Happened, Net, OpenTimes};
-use super::signaling::Signal;
-use crate::core::PeerId;
-use crate::pb::RtcEvent;
+use crate::Error;
+use crate::rtc::{self, Command, DataChannel, Happened, Net, OpenTimes};
+use crate::signaling::Signal;
+use distributor_proto::PeerId;
+use distributor_proto::RtcEvent;
 
 /// A peer connection to one worker (a client's) or one client (a worker's), open, with its
 /// first data channel.

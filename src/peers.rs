@@ -1,4 +1,5 @@
-//! `distributor worker` (an echo worker) and `distributor client` (opens a data channel to a
+//! The `client` and `worker` commands (cargo feature `peers`), peers of the SDK
+//! (`distributor-sdk`). `distributor worker` (an echo worker) and `distributor client` (opens a data channel to a
 //! worker, checks its echo byte for byte, and reports the time to open, round trips and
 //! throughput).
 
@@ -8,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use clap::Args;
 
-use super::{Client, Connection, DataChannel, Error, OpenTimes, Worker};
 use crate::core::{PeerId, Role};
+use distributor_sdk::{Client, Connection, DataChannel, Error, OpenTimes, Worker};
 
 /// How a peer reaches the distributor.
 #[derive(Debug, Clone, Args)]

@@ -23,11 +23,11 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status, Streaming};
 
-use super::{Error, Event};
-use crate::core::PeerId;
-use crate::pb::client_service_client::ClientServiceClient;
-use crate::pb::worker_service_client::WorkerServiceClient;
-use crate::pb::{ClientRtcMessage, ErrorCode, RtcEvent, WorkerRtcMessage};
+use crate::{Error, Event};
+use distributor_proto::PeerId;
+use distributor_proto::client_service_client::ClientServiceClient;
+use distributor_proto::worker_service_client::WorkerServiceClient;
+use distributor_proto::{ClientRtcMessage, ErrorCode, RtcEvent, WorkerRtcMessage};
 
 /// A message of a session, in the terms of both roles' wire messages.
 #[derive(Clone, Debug, PartialEq)]
@@ -233,7 +233,7 @@ async fn open<M: Wire>(
         }
         let mut request = Request::new(ReceiverStream::new(rx));
         let metadata = request.metadata_mut();
-        metadata.insert(crate::pb::RESUME_AFTER, MetadataValue::from(after));
+        metadata.insert(distributor_proto::RESUME_AFTER, MetadataValue::from(after));
         if let Some(token) = &settings.token {
             let bearer = format!("Bearer {token}")
                 .parse()

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::connection::{self, Connection, Side, ToPeer};
-use super::rtc::Net;
-use super::signaling::{Incoming, Settings, Signal, Signaling, Stop};
-use super::{Error, Event, OPEN_TIMEOUT};
-use crate::core::PeerId;
-use crate::pb::ClientRtcMessage;
+use crate::connection::{self, Connection, Side, ToPeer};
+use crate::rtc::Net;
+use crate::signaling::{Incoming, Settings, Signal, Signaling, Stop};
+use crate::{Error, Event, OPEN_TIMEOUT};
+use distributor_proto::ClientRtcMessage;
+use distributor_proto::PeerId;
 
 /// How a [`Client`] connects.
 pub struct ClientBuilder {
@@ -35,7 +35,7 @@ impl ClientBuilder {
         self
     }
 
-    super::network_options!();
+    crate::network_options!();
 
     /// How long [`Client::open`] waits ([`OPEN_TIMEOUT`] by default).
     pub fn open_timeout(mut self, within: Duration) -> Self {

@@ -14,6 +14,10 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
+step "cargo doc (the SDK's and the contract's public docs; the server's, private items too)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps -p distributor-sdk -p distributor-proto
+RUSTDOCFLAGS="-D warnings --document-private-items" cargo doc --locked --no-deps -p distributor --all-features
+
 step "deployment manifests (scripts/manifests.sh)"
 bash scripts/manifests.sh
 
@@ -27,6 +31,8 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --all-targets --all-features --locked 2>&1 | tee "$log" || status=$?
+# The examples in the docs (`--all-targets` leaves doctests out).
+cargo test --workspace --doc --all-features --locked 2>&1 | tee -a "$log" || status=$?
 
 # The container image: built from scratch, a negotiation through it, a clean stop; then the
 # cluster in containers, negotiating across instances. Needs the Docker engine; without one it

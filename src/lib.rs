@@ -18,6 +18,9 @@
 //! `distributor-sdk` (the peer side), which the `client` and `worker` commands use (`peers`,
 //! cargo feature `peers`).
 
+// The server's docs are for those who work on it: they link its private items.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod auth;
 pub mod cluster;
 pub mod config;

@@ -66,6 +66,35 @@ async fn a_client_and_a_worker_echo_a_thousand_messages_up_to_64_kib() {
     echo(&mut connection, 1000).await;
 }
 
+/// Dropping the handles ends every task the SDK started: the client's and the worker's
+/// signaling, their dispatchers, the negotiations and the peer connections. The distributor is
+/// a process of its own, so that the runtime counts the SDK's tasks alone.
+#[tokio::test]
+async fn dropping_the_handles_ends_every_task_the_sdk_started() {
+    let server = Binary::start(&[], &[]);
+    let url = format!("http://{}", server.addr);
+    let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let before = tasks();
+    let mut worker = Worker::builder(&url).id(31).bind(LOOPBACK).connect().await.expect("registered");
+    let client = client(&url).connect().await.unwrap();
+    let (opened, accepted) = tokio::join!(client.open(31), worker.accept());
+    let (at_client, mut at_worker) = (opened.expect("a data channel opens"), accepted.expect("accepted"));
+    at_client.channel.send(Bytes::from_static(b"ping")).await.unwrap();
+    let ping = tokio::time::timeout(WAIT, at_worker.channel.recv()).await.expect("in time");
+    assert_eq!(ping.as_deref(), Some(&b"ping"[..]));
+    assert!(tasks() > before, "the SDK runs tasks while its handles live");
+    drop((at_client, at_worker, client, worker));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tasks() > before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} tasks still alive 5 s after the drop",
+            tasks() - before
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_missing_worker_is_the_distributors_error() {
     let server = TestServer::start().await;
@@ -467,7 +496,7 @@ async fn an_ice_restart_renegotiates_through_the_distributor_and_the_channel_goe
         assert_eq!(tokio::time::timeout(WAIT, at_client.channel.recv()).await.unwrap(), Some(msg));
     }
     let error = at_worker.restart_ice().await.expect_err("the worker does not offer");
-    assert!(matches!(error, Error::Rtc(_)), "{error}");
+    assert!(matches!(error, Error::Invalid(_)), "{error}");
 }
 
 #[tokio::test]

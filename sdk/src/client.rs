@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::connection::{self, Connection, Side, ToPeer};
 use crate::rtc::Net;
@@ -52,13 +53,14 @@ impl ClientBuilder {
         }
         let signaling = Signaling::connect::<ClientRtcMessage>(settings).await?;
         let peers: Peers = Arc::default();
-        tokio::spawn(dispatch(signaling.incoming, peers.clone()));
+        let dispatching = AbortOnDropHandle::new(tokio::spawn(dispatch(signaling.incoming, peers.clone())));
         Ok(Client {
             out: signaling.out,
             events: signaling.events,
             peers,
             net: Net { bind: self.bind, stun: self.stun },
             open_timeout: self.open_timeout,
+            _dispatching: dispatching,
             _stop: signaling.stop,
         })
     }
@@ -66,18 +68,25 @@ impl ClientBuilder {
 
 type Peers = Arc<Mutex<HashMap<PeerId, mpsc::UnboundedSender<ToPeer>>>>;
 
-/// A client: one signaling stream, any number of peer connections to workers. Dropping it
-/// ends the signaling (the workers hear `PEER_GONE`); open data channels go on.
+/// A client: one signaling stream, any number of peer connections to workers.
+///
+/// Dropping it ends its work: the signaling stream half-closes (the distributor tells each
+/// worker `PEER_GONE` at once) and its task ends as soon as the distributor closed the stream,
+/// 2 s at the most; negotiations under way fail. Open [`Connection`]s and their data channels
+/// go on: each lives while its handles do.
 pub struct Client {
     out: mpsc::Sender<Signal>,
     events: broadcast::Sender<Event>,
     peers: Peers,
     net: Net,
     open_timeout: Duration,
+    _dispatching: AbortOnDropHandle<()>,
     _stop: Stop,
 }
 
 impl Client {
+    /// A client of the distributor at `url` (`http://host:port`); [`ClientBuilder::connect`]
+    /// opens its signaling stream.
     pub fn builder(url: impl Into<String>) -> ClientBuilder {
         let settings = Settings::new(url);
         ClientBuilder { settings, bind: None, stun: None, open_timeout: OPEN_TIMEOUT }

@@ -17,6 +17,7 @@ use distributor_proto::RtcEvent;
 pub struct Connection {
     /// The other peer's id: the worker's for a client, the client's for a worker.
     pub peer: PeerId,
+    /// The first data channel, labelled `data`, open.
     pub channel: DataChannel,
     /// How long opening took, step by step.
     pub times: OpenTimes,
@@ -40,7 +41,7 @@ impl Connection {
     /// disconnected for [`ICE_RESTART_AFTER`]. A worker cannot: the client always offers.
     pub async fn restart_ice(&self) -> Result<(), Error> {
         if !self.client {
-            return Err(Error::Rtc("only the client restarts ICE: it always offers".into()));
+            return Err(Error::Invalid("only the client restarts ICE: it always offers"));
         }
         self.control.send(Control::RestartIce).await.map_err(|_| Error::Closed)
     }
@@ -313,7 +314,7 @@ pub(crate) async fn run(
                     let _ = events_tx.send(PeerEvent::Reconnected);
                 }
                 Some(Happened::Closed(reason)) => {
-                    fail(&mut opened, Error::Rtc(reason.clone()));
+                    fail(&mut opened, Error::rtc(reason.clone()));
                     let _ = events_tx.send(PeerEvent::Closed(reason));
                     return;
                 }

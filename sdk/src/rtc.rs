@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -125,6 +126,7 @@ pub struct DataChannel {
 }
 
 impl DataChannel {
+    /// The label it was opened with (`data` for a connection's first channel).
     pub fn label(&self) -> &str {
         &self.label
     }
@@ -146,7 +148,7 @@ impl DataChannel {
     }
 
     /// Opens another data channel on the same connection: both sides get it from
-    /// [`super::Connection::next_channel`].
+    /// [`Connection::next_channel`](crate::Connection::next_channel).
     pub async fn open_another(&self, label: &str) -> Result<(), Error> {
         let open = Command::OpenChannel { label: label.to_owned() };
         self.commands.send(open).await.map_err(|_| Error::Closed)
@@ -161,6 +163,7 @@ pub struct ChannelSender {
 }
 
 impl ChannelSender {
+    /// Sends `data` (one message) on the channel: see [`DataChannel::send`].
     pub async fn send(&self, data: Bytes) -> Result<(), Error> {
         send(&self.commands, self.id, data).await
     }
@@ -246,12 +249,14 @@ struct Task {
     closed_by_peer: bool,
 }
 
-fn rtc_error(e: impl std::fmt::Display) -> Error {
-    Error::Rtc(e.to_string())
+/// The WebRTC stack's error `e`, while doing `what`.
+fn rtc_error<E: std::error::Error + Send + Sync + 'static>(what: &'static str) -> impl FnOnce(E) -> Error {
+    move |e| Error::Rtc { what: what.into(), cause: Some(Arc::new(e)) }
 }
 
-fn text(bytes: &[u8]) -> Result<&str, Error> {
-    std::str::from_utf8(bytes).map_err(|_| Error::Rtc("not UTF-8 text".into()))
+/// A payload that must be text (an SDP, a candidate line), as `what`.
+fn text<'a>(bytes: &'a [u8], what: &'static str) -> Result<&'a str, Error> {
+    std::str::from_utf8(bytes).map_err(rtc_error(what))
 }
 
 impl Task {
@@ -304,9 +309,11 @@ impl Task {
                 }));
             }
             Command::Answer { offer, reply } => {
-                let answer = text(&offer)
-                    .and_then(|sdp| SdpOffer::from_sdp_string(sdp).map_err(rtc_error))
-                    .and_then(|offer| self.rtc.sdp_api().accept_offer(offer).map_err(rtc_error))
+                let answer = text(&offer, "an offer that is not UTF-8 text")
+                    .and_then(|sdp| SdpOffer::from_sdp_string(sdp).map_err(rtc_error("an offer's SDP")))
+                    .and_then(|offer| {
+                        self.rtc.sdp_api().accept_offer(offer).map_err(rtc_error("accepting the offer"))
+                    })
                     .map(|answer| answer.to_sdp_string());
                 if answer.is_ok() {
                     self.times.signaling = started.elapsed();
@@ -315,11 +322,14 @@ impl Task {
             }
             Command::Accept { answer, reply } => {
                 let accepted = match self.pending.take() {
-                    None => Err(Error::Rtc("an answer without an offer".into())),
-                    Some(pending) => text(&answer)
-                        .and_then(|sdp| SdpAnswer::from_sdp_string(sdp).map_err(rtc_error))
+                    None => Err(Error::rtc("an answer without an offer")),
+                    Some(pending) => text(&answer, "an answer that is not UTF-8 text")
+                        .and_then(|sdp| SdpAnswer::from_sdp_string(sdp).map_err(rtc_error("an answer's SDP")))
                         .and_then(|answer| {
-                            self.rtc.sdp_api().accept_answer(pending, answer).map_err(rtc_error)
+                            self.rtc
+                                .sdp_api()
+                                .accept_answer(pending, answer)
+                                .map_err(rtc_error("accepting the answer"))
                         }),
                 };
                 if accepted.is_ok() {
@@ -331,9 +341,14 @@ impl Task {
                 let _ = reply.send(self.local_candidates());
             }
             Command::RemoteCandidate(line) => {
-                match text(&line).and_then(|l| Candidate::from_sdp_string(l).map_err(rtc_error)) {
+                let candidate = text(&line, "a candidate that is not UTF-8 text")
+                    .and_then(|l| Candidate::from_sdp_string(l).map_err(rtc_error("a candidate line")));
+                match candidate {
                     Ok(candidate) => self.rtc.add_remote_candidate(candidate),
-                    Err(e) => tracing::debug!("a remote candidate was not understood: {e}"),
+                    Err(e) => tracing::debug!(
+                        error = &e as &dyn std::error::Error,
+                        "a remote candidate was not understood"
+                    ),
                 }
             }
             Command::Restart { reply } => {
@@ -353,7 +368,7 @@ impl Task {
             Command::Close | Command::Rebind { .. } => {}
             Command::Write { data, done, .. } if data.len() > MAX_MESSAGE => {
                 let too_large = format!("a message of {} bytes; the most is {MAX_MESSAGE}", data.len());
-                let _ = done.send(Err(Error::Rtc(too_large)));
+                let _ = done.send(Err(Error::rtc(too_large)));
             }
             Command::Write { channel, data, done } => match self.channels.get_mut(&channel) {
                 None => {
@@ -386,9 +401,12 @@ impl Task {
             .locals()
             .map(|local| Candidate::host(local, "udp"))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(rtc_error)?;
+            .map_err(rtc_error("a host candidate"))?;
         if let Some((mapped, base)) = self.reflexive {
-            candidates.push(Candidate::server_reflexive(mapped, base, "udp").map_err(rtc_error)?);
+            candidates.push(
+                Candidate::server_reflexive(mapped, base, "udp")
+                    .map_err(rtc_error("a reflexive candidate"))?,
+            );
         }
         let mut lines = Vec::with_capacity(candidates.len());
         for candidate in candidates {
@@ -399,7 +417,7 @@ impl Task {
             }
         }
         if lines.is_empty() {
-            return Err(rtc_error("no local candidate was accepted"));
+            return Err(Error::rtc("no local candidate was accepted"));
         }
         self.candidates = lines.clone();
         Ok(lines)
@@ -409,7 +427,7 @@ impl Task {
     fn offer(&mut self, make: impl FnOnce(&mut str0m::change::SdpApi)) -> Result<String, Error> {
         let mut change = self.rtc.sdp_api();
         make(&mut change);
-        let (offer, pending) = change.apply().ok_or_else(|| Error::Rtc("nothing to offer".into()))?;
+        let (offer, pending) = change.apply().ok_or_else(|| Error::rtc("nothing to offer"))?;
         self.pending = Some(pending);
         Ok(offer.to_sdp_string())
     }
@@ -436,7 +454,7 @@ impl Task {
                 Ok(false) => return,
                 Err(e) => {
                     let (_, done) = open.waiting.pop_front().expect("looked at");
-                    let _ = done.send(Err(rtc_error(e)));
+                    let _ = done.send(Err(rtc_error("writing to the data channel")(e)));
                 }
             }
         }

@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -215,17 +216,15 @@ async fn open<M: Wire>(
     let (welcome, stream) = tokio::time::timeout(settings.connect_timeout, async {
         let url = &settings.endpoints[endpoint];
         let connect_error =
-            |e: &dyn std::fmt::Display| Error::Connect { url: url.clone(), reason: e.to_string() };
+            |e: tonic::transport::Error| Error::Connect { url: url.clone(), cause: Arc::new(e) };
         let channel = Endpoint::from_shared(url.clone())
-            .map_err(|e| connect_error(&e))?
+            .map_err(connect_error)?
             .connect_timeout(settings.connect_timeout)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect()
             .await
-            .map_err(|e| {
-                connect_error(&std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string()))
-            })?;
+            .map_err(connect_error)?;
         let (tx, rx) = mpsc::channel(64);
         if let Some(worker) = settings.worker_id {
             let register = Signal::new(RtcEvent::Blank, worker, 0, Bytes::new());
@@ -235,9 +234,8 @@ async fn open<M: Wire>(
         let metadata = request.metadata_mut();
         metadata.insert(distributor_proto::RESUME_AFTER, MetadataValue::from(after));
         if let Some(token) = &settings.token {
-            let bearer = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| Error::Ended("the token is not ASCII".into()))?;
+            let bearer =
+                format!("Bearer {token}").parse().map_err(|_| Error::Invalid("the token is not ASCII"))?;
             metadata.insert("authorization", bearer);
         }
         if let Some(client) = settings.client_id {
@@ -264,7 +262,7 @@ fn stream_error(url: &str, status: Status) -> Error {
     if is_final(&status) {
         Error::Ended(format!("{:?}: {}", status.code(), status.message()))
     } else {
-        Error::Connect { url: url.to_owned(), reason: format!("{:?}: {}", status.code(), status.message()) }
+        Error::Connect { url: url.to_owned(), cause: Arc::new(status) }
     }
 }
 
@@ -346,7 +344,12 @@ impl<M: Wire> Task<M> {
                 }
                 Ok(None) | Err(_) if next.is_some() => {
                     // The move is under way: the old stream ended first.
-                    let opened = next.take().expect("guarded").await;
+                    let opening = next.take().expect("guarded");
+                    let opened = tokio::select! {
+                        biased;
+                        _ = &mut stopped => return,
+                        opened = opening => opened,
+                    };
                     match opened {
                         Ok((new, welcome)) => {
                             stream = new;
@@ -354,13 +357,13 @@ impl<M: Wire> Task<M> {
                                 return;
                             }
                         }
-                        Err(_) => match self.reconnect(stream.endpoint + 1).await {
+                        Err(_) => match self.reconnect(stream.endpoint + 1, &mut stopped).await {
                             Some(new) => stream = new,
                             None => return,
                         },
                     }
                 }
-                Ok(None) => match self.reconnect(stream.endpoint).await {
+                Ok(None) => match self.reconnect(stream.endpoint, &mut stopped).await {
                     Some(new) => stream = new,
                     None => return,
                 },
@@ -373,7 +376,7 @@ impl<M: Wire> Task<M> {
                     let reason = format!("{:?}: {}", status.code(), status.message());
                     tracing::debug!("signaling stream dropped: {reason}");
                     let _ = self.events.send(Event::Reconnecting { reason });
-                    match self.reconnect(stream.endpoint).await {
+                    match self.reconnect(stream.endpoint, &mut stopped).await {
                         Some(new) => stream = new,
                         None => return,
                     }
@@ -395,8 +398,17 @@ impl<M: Wire> Task<M> {
         let _ = stream.tx.send(msg).await;
     }
 
-    /// Opens a new stream, from `endpoint` on, until one is welcomed or a final error.
-    async fn reconnect(&mut self, endpoint: usize) -> Option<Stream<M>> {
+    /// Opens a new stream, from `endpoint` on, until one is welcomed, a final error, or the
+    /// role's handle is dropped (`stopped`).
+    async fn reconnect(&mut self, endpoint: usize, stopped: &mut oneshot::Receiver<()>) -> Option<Stream<M>> {
+        tokio::select! {
+            biased;
+            _ = stopped => None,
+            reconnected = self.reconnect_until_welcomed(endpoint) => reconnected,
+        }
+    }
+
+    async fn reconnect_until_welcomed(&mut self, endpoint: usize) -> Option<Stream<M>> {
         let mut attempt = 0;
         loop {
             let after = self.state.last_seen;

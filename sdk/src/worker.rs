@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::connection::{self, Connection, Side, ToPeer};
 use crate::rtc::Net;
@@ -37,33 +39,53 @@ impl WorkerBuilder {
     /// Registers the worker: once this returns, clients anywhere in the cluster reach it.
     pub async fn connect(self) -> Result<Worker, Error> {
         let Some(worker) = self.settings.worker_id.filter(|id| *id != 0) else {
-            return Err(Error::Ended("a worker needs a non-zero id (WorkerBuilder::id)".into()));
+            return Err(Error::Invalid("a worker needs a non-zero id (WorkerBuilder::id)"));
         };
         let signaling = Signaling::connect::<WorkerRtcMessage>(self.settings).await?;
         let (accepted_tx, accepted) = mpsc::channel(64);
         let net = Net { bind: self.bind, stun: self.stun };
-        let dispatcher =
-            Dispatcher { worker, net, out: signaling.out, accepted: accepted_tx, peers: HashMap::new() };
-        tokio::spawn(dispatcher.run(signaling.incoming));
-        Ok(Worker { id: worker, accepted, events: signaling.events, _stop: signaling.stop })
+        let dispatcher = Dispatcher {
+            worker,
+            net,
+            out: signaling.out,
+            accepted: accepted_tx,
+            peers: HashMap::new(),
+            opening: JoinSet::new(),
+        };
+        let dispatching = AbortOnDropHandle::new(tokio::spawn(dispatcher.run(signaling.incoming)));
+        Ok(Worker {
+            id: worker,
+            accepted,
+            events: signaling.events,
+            _dispatching: dispatching,
+            _stop: signaling.stop,
+        })
     }
 }
 
-/// A worker: one signaling stream, serving any number of clients. Dropping it ends the
-/// signaling (its clients hear `PEER_GONE`); open data channels go on.
+/// A worker: one signaling stream, serving any number of clients.
+///
+/// Dropping it ends its work: the signaling stream half-closes (the distributor tells each
+/// client `PEER_GONE` at once) and its task ends as soon as the distributor closed the stream,
+/// 2 s at the most; connections not yet accepted are closed. Accepted [`Connection`]s and their
+/// data channels go on: each lives while its handles do.
 pub struct Worker {
     id: PeerId,
     accepted: mpsc::Receiver<Connection>,
     events: broadcast::Sender<Event>,
+    _dispatching: AbortOnDropHandle<()>,
     _stop: Stop,
 }
 
 impl Worker {
+    /// A worker of the distributor at `url` (`http://host:port`); set its id with
+    /// [`WorkerBuilder::id`], then [`WorkerBuilder::connect`] registers it.
     pub fn builder(url: impl Into<String>) -> WorkerBuilder {
         let settings = Settings::new(url);
         WorkerBuilder { settings, bind: None, stun: None }
     }
 
+    /// The worker's id, which clients open connections to.
     pub fn id(&self) -> PeerId {
         self.id
     }
@@ -87,6 +109,8 @@ struct Dispatcher {
     out: mpsc::Sender<Signal>,
     accepted: mpsc::Sender<Connection>,
     peers: HashMap<PeerId, Peer>,
+    /// Each new connection, until it opens (or gives up): ended with the dispatcher.
+    opening: JoinSet<()>,
 }
 
 /// A client's current connection: its task, and the SDP session it negotiated.
@@ -140,7 +164,8 @@ impl Dispatcher {
         let side = Side::Worker { worker: self.worker, client };
         tokio::spawn(connection::run(side, self.net, self.out.clone(), signals, opened));
         let accepted = self.accepted.clone();
-        tokio::spawn(async move {
+        while self.opening.try_join_next().is_some() {}
+        self.opening.spawn(async move {
             // A client that never finishes is given up (dropping `connection` ends its task).
             match tokio::time::timeout(OPEN_TIMEOUT, connection).await {
                 Ok(Ok(Ok(connection))) => {

@@ -3,7 +3,7 @@
 //! same bound), and a new stream of the same identity takes it over: the welcome says so, then
 //! what the peer missed is replayed with its original numbers, then live traffic.
 //!
-//! A resumable peer's [`Conn`] (its queue and sessions, what the router knows it by) and its
+//! A resumable peer's [`Conn`](crate::peer::conn::Conn) (its queue and sessions, what the router knows it by) and its
 //! numbered [`OutboundStream`] outlive its gRPC streams. Each gRPC stream is an
 //! [`Attachment`]; its response stream, a [`Resumed`], writes from the peer's shared outbound
 //! stream while the attachment is the current one, and ends (`ABORTED`) when a newer stream

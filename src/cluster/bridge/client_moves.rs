@@ -4,7 +4,7 @@
 //! session, on its workers' shards wherever they are, knows the client by it, so nothing there
 //! changes but where its messages go. The new home's claim says where it is now; then:
 //! - every instance with a session of the client sends what is for it there
-//!   ([`RemoteClient::moved_to`]), and says so to the old home with a [`wire::Repointed`]
+//!   ([`RemoteClient::moved_to`](crate::peer::remote::RemoteClient::moved_to)), and says so to the old home with a [`wire::Repointed`]
 //!   after what it sent there before;
 //! - the old home holds what comes for the client until the claim (the new home registers the
 //!   client first), then passes it on, each instance's marker after that instance's messages;

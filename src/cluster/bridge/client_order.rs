@@ -4,7 +4,7 @@
 //! workers on a third instance C go on. What it sent from A goes over the link A→C; what it
 //! sends from B, over B→C, and could overtake it (an `ICE_CANDIDATE` before the `OFFER` it
 //! belongs to would be refused). So A, when the client leaves it, sends C a
-//! [`wire::ClientLeft`] after everything the client sent C from there, and B marks what the
+//! [`wire::ClientLeft`](crate::cluster::wire::ClientLeft) after everything the client sent C from there, and B marks what the
 //! client sends C for a while ([`Stamp`]): C holds a marked message until A's `ClientLeft` has
 //! come, then takes it, in order. Moves count from 0, so a client moving on from B before C
 //! heard from A, or coming back to A, is ordered as well. The same record tells B itself, where

@@ -1,7 +1,7 @@
 //! A worker moving between instances with its sessions, the bridge's part: on its new home,
 //! finding the streams of its sessions' clients for its shard; on its old one, noting that its
 //! local clients now reach it across. Each instance of a client re-points the client's session
-//! when the new home's claim says where the worker came from ([`LocalClients::repoint`]).
+//! when the new home's claim says where the worker came from ([`LocalClients::repoint`](crate::cluster::clients::LocalClients::repoint)).
 
 use std::sync::Arc;
 use std::time::Instant;

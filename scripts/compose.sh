@@ -83,7 +83,7 @@ partitions() {
     docker network disconnect distributor_nats distributor_distributor-1_1
     local noticed; noticed=$(wait_health "${ports[0]}" distributor.cluster NOT)
     echo "partition: instance 1 cut off from NATS; its cluster health went NOT_SERVING after $noticed s"
-    # The bound (README, "Cluster mode"): two NATS pings without a pong, about 6 s.
+    # The bound (`docs/cluster.md`): two NATS pings without a pong, about 6 s.
     python3 -c 'import sys; assert float(sys.argv[1]) <= 8.0, f"noticed after {sys.argv[1]} s"' "$noticed"
     local refused
     refused=$(load handshake --pairs 2 --warmup 0s --duration 3s --first-worker 6900000 \
@@ -117,9 +117,9 @@ PY
 
 # A rolling restart under `distributor-load chaos`: each instance in turn is stopped (SIGTERM:
 # the drain, which must end with exit code 0 within the stop grace), started again, and waited
-# for until SERVING with NATS. The pairs' streams are plain (resume across instances is issue
-# 11): every session an instance takes down must be reported (PEER_GONE, a refusal, a cut
-# stream), none lost or duplicated, and the tally must balance.
+# for until SERVING with NATS. The pairs' streams are plain (a rolling restart with resumable
+# peers is issue 25): every session an instance takes down must be reported (PEER_GONE, a
+# refusal, a cut stream), none lost or duplicated, and the tally must balance.
 rolling_restart() {
     local tally="$root/.run/compose-rolling.json" targets="" port chaos i code
     for port in "${ports[@]}"; do targets+="${targets:+,}http://127.0.0.1:$port"; done

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth::{Expect, MIN_SECRET_BYTES};
@@ -130,8 +131,9 @@ pub struct ServeArgs {
     #[arg(long, env = "DISTRIBUTOR_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Serve without --auth-secret on an address other than loopback (any peer may then claim
-    /// any id), or join a NATS cluster off loopback without a cluster key.
-    #[arg(long, env = "DISTRIBUTOR_ALLOW_OPEN")]
+    /// any id), or join a NATS cluster off loopback without a cluster key. The variable takes
+    /// 1/0, true/false, yes/no, on/off.
+    #[arg(long, env = "DISTRIBUTOR_ALLOW_OPEN", value_parser = BoolishValueParser::new())]
     pub allow_open: bool,
     /// Routing shard threads; 0 routes inline on the gRPC tasks instead.
     #[arg(long, env = "DISTRIBUTOR_SHARDS", default_value_t = defaults::SHARDS)]
@@ -245,8 +247,8 @@ pub struct NatsArgs {
     /// Client key (PEM) for NATS mutual TLS.
     #[arg(long, env = "DISTRIBUTOR_NATS_TLS_KEY")]
     pub nats_tls_key: Option<std::path::PathBuf>,
-    /// Refuse a NATS connection without TLS.
-    #[arg(long, env = "DISTRIBUTOR_NATS_REQUIRE_TLS")]
+    /// Refuse a NATS connection without TLS (the variable: 1/0, true/false, yes/no, on/off).
+    #[arg(long, env = "DISTRIBUTOR_NATS_REQUIRE_TLS", value_parser = BoolishValueParser::new())]
     pub nats_require_tls: bool,
 }
 

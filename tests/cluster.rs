@@ -437,7 +437,7 @@ async fn a_killed_instance_ends_its_sessions_elsewhere_within_bounded_time() {
         .unwrap();
     if gone.event() == RtcEvent::Error {
         // The ACCEPT_ANSWER arrived, but B died before acknowledging it: it is refused too
-        // (README, "messages whose acknowledgement was lost"), then PEER_GONE follows.
+        // (`docs/cluster.md`, "messages whose acknowledgement was lost"), then PEER_GONE follows.
         assert_client_error(&gone, ErrorCode::ClusterUnavailable, 91);
         gone = c.recv().await;
     }

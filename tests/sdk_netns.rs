@@ -6,7 +6,7 @@
 //! The worker binds every address of its namespace (no `--bind`), one of which the client has
 //! no route to: ICE must find the pair that works among its host candidates.
 //!
-//! Needs root and `ip netns` (iproute2): without them it says so and checks nothing.
+//! Needs root and `ip netns` (iproute2): without them it reports itself skipped, with the reason.
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -83,7 +83,7 @@ impl Drop for Killed {
 async fn ice_lost_on_a_network_that_goes_away_is_restarted_by_the_client() {
     let net = match Net::create() {
         Ok(net) => net,
-        Err(why) => return eprintln!("skipped: no network namespace here ({why})"),
+        Err(why) => return common::skipped(&format!("no network namespace here ({why})")),
     };
     // The distributor on the host side of the veth, where both peers reach it.
     let listener = tokio::net::TcpListener::bind((HOST, 0)).await.expect("bind the veth address");

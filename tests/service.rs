@@ -159,6 +159,26 @@ fn open_mode_off_loopback_is_refused_with_one_line() {
     assert!(stderr.contains("at least 32"), "{stderr}");
 }
 
+/// Boolean variables take what deployment tools and shells write: 1/0, true/false, yes/no.
+#[test]
+fn boolean_variables_take_one_and_zero_yes_and_no() {
+    // Taken as true: the start goes on to the next check (a bad flag, refused before binding).
+    for yes in ["1", "true", "yes", "on"] {
+        let stderr = refused(
+            &["--listen", "127.0.0.1:0", "--max-message-bytes", "2000000"],
+            &[("DISTRIBUTOR_ALLOW_OPEN", yes), ("DISTRIBUTOR_NATS_REQUIRE_TLS", yes)],
+        );
+        assert!(stderr.contains("--max-message-bytes"), "DISTRIBUTOR_ALLOW_OPEN={yes}: {stderr}");
+    }
+    // Taken as false: open mode off loopback is refused.
+    for no in ["0", "false", "no", "off"] {
+        let stderr = refused(&["--listen", "0.0.0.0:0"], &[("DISTRIBUTOR_ALLOW_OPEN", no)]);
+        assert!(stderr.contains("--allow-open") && !stderr.contains("invalid value"), "{no}: {stderr}");
+    }
+    let stderr = refused(&["--listen", "127.0.0.1:0"], &[("DISTRIBUTOR_ALLOW_OPEN", "maybe")]);
+    assert!(stderr.contains("invalid value 'maybe'") && stderr.contains("--allow-open"), "{stderr}");
+}
+
 #[tokio::test]
 async fn the_port_variable_is_honoured() {
     let port = free_port();

@@ -19,7 +19,7 @@ use bytes::Bytes;
 pub type PeerId = i64;
 
 /// The metadata that makes a stream resumable: the last `seq` the peer received (see the
-/// resume contract in the README).
+/// resume contract in `docs/resume.md`).
 pub const RESUME_AFTER: &str = "x-resume-after";
 
 /// The encoded descriptor set, served by gRPC reflection.

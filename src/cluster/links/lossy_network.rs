@@ -132,7 +132,7 @@ proptest! {
         // Handed on at most once, in order.
         prop_assert!(w.delivered.windows(2).all(|p| p[0] < p[1]), "once, in order: {:?}", w.delivered);
         // Every record is handed on or given back. Only a record given back (its link given
-        // up while the frame was still on its way: README, "Outcomes") may be both.
+        // up while the frame was still on its way: docs/cluster.md, "Outcomes") may be both.
         let mut seen = w.delivered.clone();
         seen.extend(&w.lost);
         seen.sort_unstable();

@@ -18,7 +18,7 @@ use crate::auth::{Authenticator, Expect};
 use crate::cluster::bridge::{Bridge, wire_conn};
 use crate::cluster::seal::{Kind, Seal};
 use crate::cluster::wire;
-use crate::config::Limits;
+use crate::config::{Config, Limits};
 use crate::core::{Command, ConnId, Outbound, PeerId, Role, Signal};
 use crate::edge::{Admitted, Edge};
 use crate::pb::{ClientRtcMessage, RtcEvent, WorkerRtcMessage};
@@ -67,27 +67,15 @@ fn one_instance(queue: usize) -> (Arc<Shards<Peer>>, Stream, Stream) {
 /// ends a stream.
 pub fn peer_messages(data: &[u8]) {
     let (shards, mut worker, mut client) = one_instance(4);
-    let edge = Edge {
-        shards: shards.clone(),
-        cluster: None,
-        auth: None,
+    let config = Config {
         limits: Limits::default(),
         max_message_bytes: 64,
         peer_queue: 4,
-        instance: 1,
-        conn_clock: Default::default(),
-        streams: Default::default(),
-        stopping: Default::default(),
-        tasks: Default::default(),
         resume_grace: Duration::ZERO,
         max_stream_age: Duration::ZERO,
-        clients: Default::default(),
-        workers: Default::default(),
-        shutdown: Default::default(),
-        draining: Default::default(),
-        held_for_others: Default::default(),
-        registrations: Default::default(),
+        ..Config::default()
     };
+    let edge = Edge::new(shards.clone(), 1, &config);
     let mut rest = data;
     while let Some((&head, tail)) = rest.split_first() {
         let len = usize::from(head >> 1).min(tail.len());

@@ -1,22 +1,25 @@
 //! distributor: a WebRTC signaling relay. Clients and workers hold bidirectional gRPC streams;
 //! the distributor relays their SDP offer/answer and ICE candidates and checks the negotiation.
 //!
-//! Module map, in layers: each module imports only from the layers above it.
-//! 1. [`pb`]: the wire messages. [`core`]: the sans-IO routing state each shard owns, and the
-//!    session state machine. [`metrics`]: Prometheus names and exporter.
-//! 2. [`peer`]: peers as the core sees them: a local stream's bounded queue, a client on
+//! Module map, in layers: a module uses only modules of the layers above its own (checked by
+//! `tests/architecture.rs`, which reads this list).
+//! 1. [`metrics`]: Prometheus names and exporter. [`throttle`]: log lines outsiders can cause,
+//!    throttled. [`shutdown`]: SIGINT/SIGTERM as a future.
+//! 2. [`core`]: the sans-IO routing state each shard owns, and the session state machine.
+//!    [`listener`]: the accept loop (a connection cap, a pause when out of file descriptors).
+//! 3. [`peer`]: peers as the core sees them: a local stream's bounded queue, a client on
 //!    another instance, and the queue towards the cluster. [`shards`]: where routers run
-//!    (threads joined by crossbeam channels, or inline).
-//! 3. [`cluster`]: NATS between instances: reliable links, the worker directory, the sans-IO
-//!    bridge and its NATS driver.
-//! 4. [`edge`]: the gRPC services; one task per stream decodes and hands messages to a shard.
-//!    [`auth`]: bearer JWTs.
-//! 5. [`server`]: the one entry point, [`server::run`]: gRPC server, health, reflection, drain.
-//!    [`config`]: flags. [`shutdown`]: SIGINT/SIGTERM.
+//!    (threads joined by crossbeam channels, or inline). [`auth`]: bearer JWTs.
+//! 4. [`cluster`]: NATS between instances: reliable links, the worker directory, the sans-IO
+//!    bridge and its NATS driver. [`peers`]: the `client` and `worker` commands (cargo feature
+//!    `peers`), peers of the SDK.
+//! 5. [`config`]: flags, checked before anything binds.
+//! 6. [`edge`]: the gRPC services; one task per stream decodes and hands messages to a shard.
+//! 7. [`server`]: the one entry point, [`server::run`]: gRPC server, health, reflection, drain.
+//!    [`fuzzing`]: entry points for property tests and cargo-fuzz (cargo feature `fuzzing`).
 //!
-//! Beside the server, in crates of their own: `distributor-proto` (the contract, here [`pb`]) and
-//! `distributor-sdk` (the peer side), which the `client` and `worker` commands use (`peers`,
-//! cargo feature `peers`).
+//! Every layer uses the wire contract, [`pb`]: the crate `distributor-proto`. The peer side is
+//! the crate `distributor-sdk`, apart from the server.
 
 // The server's docs are for those who work on it: they link its private items.
 #![allow(rustdoc::private_intra_doc_links)]

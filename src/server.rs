@@ -126,25 +126,11 @@ pub async fn run(
 
     let tasks = TaskTracker::new();
     let edge = Arc::new(Edge {
-        shards: shards.clone(),
         cluster: cluster.as_ref().map(|(c, _)| c.clone()),
         auth,
-        limits: config.limits.clone(),
-        max_message_bytes: config.max_message_bytes,
-        peer_queue: config.peer_queue,
-        instance,
         conn_clock,
-        streams: Default::default(),
-        stopping: Default::default(),
         tasks: tasks.clone(),
-        resume_grace: config.resume_grace,
-        max_stream_age: config.max_stream_age,
-        clients: Default::default(),
-        workers: Default::default(),
-        shutdown: Default::default(),
-        draining: Default::default(),
-        held_for_others: Default::default(),
-        registrations: Default::default(),
+        ..Edge::new(shards.clone(), instance, &config)
     });
     if let Some(cluster) = &edge.cluster {
         cluster.set_holder(Arc::new(crate::edge::Holding(Arc::downgrade(&edge))));

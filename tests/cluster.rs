@@ -153,18 +153,6 @@ async fn peer_gone_across_instances() {
     assert_client_error(&c.recv().await, ErrorCode::PeerNotConnected, 21);
 }
 
-/// Waits until each of `a` and `b` reaches the other through NATS: a negotiation each way. NATS
-/// spreads a new subscription to the other servers of its cluster asynchronously, in the order
-/// they were made; once a worker's subject on one instance is reachable from the other, so is
-/// everything the instance subscribed before it (its claims, its inbox).
-async fn reach_each_other(a: &TestServer, b: &TestServer, probe: i64) {
-    for (here, there, id) in [(a, b, probe), (b, a, probe + 1)] {
-        let mut w = worker(there, id).await;
-        let (mut c, cid) = client(here).await;
-        negotiate(&mut c, cid, &mut w, id).await;
-    }
-}
-
 #[tokio::test]
 async fn newest_registration_wins_across_instances() {
     let nats = NatsCluster::start().await;

@@ -14,15 +14,6 @@ use distributor::cluster::NatsConfig;
 use distributor::config::Config;
 use distributor::pb::{ErrorCode, RtcEvent, WorkerRtcMessage};
 
-/// A peer on `here` reaches a worker on `there`, both ways.
-async fn reach_each_other(a: &TestServer, b: &TestServer, probe: i64) {
-    for (here, there, id) in [(a, b, probe), (b, a, probe + 1)] {
-        let mut w = worker(there, id).await;
-        let (mut c, cid) = client(here).await;
-        negotiate(&mut c, cid, &mut w, id).await;
-    }
-}
-
 /// An instance in this process, on NATS node 1 first, with two shards.
 async fn instance(nats: &NatsCluster, prefix: &str) -> TestServer {
     let nats = NatsConfig {

@@ -38,7 +38,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth::{AuthError, Authenticator, Granted};
 use crate::cluster::tunnels::TunnelRx;
 use crate::cluster::{Cluster, Registration};
-use crate::config::Limits;
+use crate::config::{Config, Limits};
 use crate::core::{ConnId, InstanceId, Outbound, PeerId, Role};
 use crate::metrics as names;
 use crate::pb::{self, ClientRtcMessage, ErrorCode, RtcEvent, WorkerRtcMessage};
@@ -105,6 +105,32 @@ impl<M> tokio_stream::Stream for PeerStream<M> {
 }
 
 impl Edge {
+    /// The edge of `instance` over `shards`, with `config`'s limits; alone (no cluster), open
+    /// (no auth), its own stream clock and tasks. [`crate::server::run`] adds the rest.
+    pub fn new(shards: Arc<Shards<Peer>>, instance: InstanceId, config: &Config) -> Self {
+        Edge {
+            shards,
+            cluster: None,
+            auth: None,
+            limits: config.limits.clone(),
+            max_message_bytes: config.max_message_bytes,
+            peer_queue: config.peer_queue,
+            instance,
+            conn_clock: Default::default(),
+            streams: Default::default(),
+            stopping: Default::default(),
+            tasks: Default::default(),
+            resume_grace: config.resume_grace,
+            max_stream_age: config.max_stream_age,
+            clients: Default::default(),
+            workers: Default::default(),
+            shutdown: Default::default(),
+            draining: Default::default(),
+            held_for_others: Default::default(),
+            registrations: Default::default(),
+        }
+    }
+
     fn open<M>(&self, encode: Encode<M>) -> (Sink, OutboundStream<M>) {
         let id = self.conn_clock.next(self.instance);
         let (sink, stream) = Conn::open(id, self.peer_queue, encode);

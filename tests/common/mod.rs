@@ -358,6 +358,18 @@ pub async fn negotiate(client: &mut ClientStream, c: i64, worker: &mut WorkerStr
     assert_eq!((accept.event(), accept.client_id), (RtcEvent::AcceptAnswer, c));
 }
 
+/// Waits until each of `a` and `b` reaches the other through NATS: a negotiation each way. NATS
+/// spreads a new subscription to the other servers of its cluster asynchronously, in the order
+/// they were made; once a worker's subject on one instance is reachable from the other, so is
+/// everything the instance subscribed before it (its claims, its inbox).
+pub async fn reach_each_other(a: &TestServer, b: &TestServer, probe: i64) {
+    for (here, there, id) in [(a, b, probe), (b, a, probe + 1)] {
+        let mut w = worker(there, id).await;
+        let (mut c, cid) = client(here).await;
+        negotiate(&mut c, cid, &mut w, id).await;
+    }
+}
+
 /// A free TCP port on 127.0.0.1 for a server a test starts (free until someone binds it).
 ///
 /// Picked below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), not by binding

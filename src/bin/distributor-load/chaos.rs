@@ -52,9 +52,8 @@ pub struct ChaosLoad {
     /// A message with no outcome for this long, while both streams are open, is lost.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub max_silence: Duration,
-    /// Auth secret: mint a token for every peer.
-    #[arg(long, env = "DISTRIBUTOR_AUTH_SECRET", hide_env_values = true)]
-    pub secret: Option<String>,
+    #[command(flatten)]
+    pub auth: crate::Auth,
     /// First worker id; clients are numbered from it plus 1,000,000,000.
     #[arg(long, default_value_t = 5_000_000)]
     pub first_worker: i64,
@@ -206,8 +205,7 @@ async fn channel(url: &str) -> Option<Channel> {
 
 fn request<M>(load: &ChaosLoad, rx: mpsc::Receiver<M>, role: Role, id: i64) -> Request<ReceiverStream<M>> {
     let mut request = Request::new(ReceiverStream::new(rx));
-    if let Some(secret) = &load.secret
-        && let Ok(token) = distributor::auth::mint(secret.as_bytes(), role, id, Duration::from_secs(3600))
+    if let Ok(Some(token)) = load.auth.token(role, id)
         && let Ok(value) = format!("Bearer {token}").parse()
     {
         request.metadata_mut().insert("authorization", value);

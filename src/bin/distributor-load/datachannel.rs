@@ -23,15 +23,10 @@ const OPEN_WITHIN: Duration = Duration::from_secs(30);
 
 #[derive(Args, Clone, Debug)]
 pub struct DataChannelLoad {
-    /// The distributor clients connect to.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub clients_at: String,
-    /// The distributor workers connect to [default: --clients-at].
-    #[arg(long)]
-    pub workers_at: Option<String>,
-    /// Auth secret: mint a token for every peer.
-    #[arg(long, env = "DISTRIBUTOR_AUTH_SECRET", hide_env_values = true)]
-    pub secret: Option<String>,
+    #[command(flatten)]
+    pub at: crate::Instances,
+    #[command(flatten)]
+    pub auth: crate::Auth,
     /// Sequential opens through the distributor, then as many directly (0: skip).
     #[arg(long, default_value_t = 200)]
     pub opens: usize,
@@ -109,23 +104,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 impl DataChannelLoad {
-    fn token(&self, role: Role, id: i64) -> anyhow::Result<Option<String>> {
-        let Some(secret) = &self.secret else { return Ok(None) };
-        Ok(Some(distributor::auth::mint(secret.as_bytes(), role, id, Duration::from_secs(3600))?))
-    }
-
     async fn worker(&self, id: i64) -> anyhow::Result<Worker> {
-        let url = self.workers_at.clone().unwrap_or_else(|| self.clients_at.clone());
-        let mut builder = Worker::builder(url).id(id).bind(LOOPBACK);
-        if let Some(token) = self.token(Role::Worker, id)? {
+        let mut builder = Worker::builder(self.at.workers()).id(id).bind(LOOPBACK);
+        if let Some(token) = self.auth.token(Role::Worker, id)? {
             builder = builder.token(token);
         }
         Ok(builder.connect().await?)
     }
 
     async fn client(&self, id: i64) -> anyhow::Result<Client> {
-        let mut builder = Client::builder(self.clients_at.clone()).bind(LOOPBACK).open_timeout(OPEN_WITHIN);
-        builder = match self.token(Role::Client, id)? {
+        let mut builder = Client::builder(&self.at.clients_at).bind(LOOPBACK).open_timeout(OPEN_WITHIN);
+        builder = match self.auth.token(Role::Client, id)? {
             Some(token) => builder.token(token),
             None => builder.id(id),
         };

@@ -59,7 +59,7 @@ async fn worker(
     mut exited: watch::Receiver<bool>,
 ) -> anyhow::Result<(ResumeReport, u64)> {
     let mut report = ResumeReport::default();
-    let drained = load.workers_at.as_deref().unwrap_or(&load.clients_at);
+    let drained = load.at.workers();
     let resume_at = load.resume_at.as_deref().unwrap_or(drained);
     let mut set_up = open_worker(drained, id, 0).await;
     let session = match (&mut set_up, load.with_sessions) {

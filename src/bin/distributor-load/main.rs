@@ -87,15 +87,10 @@ pub struct Load {
     /// Client/worker pairs (workers register first).
     #[arg(long, default_value_t = 100)]
     pub pairs: usize,
-    /// The distributor clients connect to (or the echo server with --echo).
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub clients_at: String,
-    /// The distributor workers connect to [default: --clients-at].
-    #[arg(long)]
-    pub workers_at: Option<String>,
-    /// Auth secret: mint a token for every peer.
-    #[arg(long, env = "DISTRIBUTOR_AUTH_SECRET", hide_env_values = true)]
-    pub secret: Option<String>,
+    #[command(flatten)]
+    pub at: Instances,
+    #[command(flatten)]
+    pub auth: Auth,
     /// Messages in flight per pair (relay).
     #[arg(long, default_value_t = 1)]
     pub window: usize,
@@ -143,6 +138,40 @@ pub struct Load {
     /// Open every stream resumable (`x-resume-after: 0`): numbered messages, kept for replay.
     #[arg(long)]
     pub resumable: bool,
+}
+
+/// Where the peers connect.
+#[derive(Args, Clone, Debug)]
+pub struct Instances {
+    /// The distributor clients connect to (or the echo server with `relay --echo`).
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub clients_at: String,
+    /// The distributor workers connect to [default: --clients-at].
+    #[arg(long)]
+    pub workers_at: Option<String>,
+}
+
+impl Instances {
+    /// Where workers connect.
+    pub fn workers(&self) -> &str {
+        self.workers_at.as_deref().unwrap_or(&self.clients_at)
+    }
+}
+
+/// How the peers authenticate.
+#[derive(Args, Clone, Debug)]
+pub struct Auth {
+    /// Auth secret: mint a token for every peer.
+    #[arg(long, env = "DISTRIBUTOR_AUTH_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+}
+
+impl Auth {
+    /// A bearer token for peer `id` in `role`, valid for an hour; `None` without a secret.
+    pub fn token(&self, role: distributor::core::Role, id: i64) -> anyhow::Result<Option<String>> {
+        let Some(secret) = &self.secret else { return Ok(None) };
+        Ok(Some(distributor::auth::mint(secret.as_bytes(), role, id, Duration::from_secs(3600))?))
+    }
 }
 
 impl Load {

@@ -139,9 +139,7 @@ async fn channels(url: &str, count: usize) -> anyhow::Result<Vec<Channel>> {
 }
 
 fn token(load: &Load, role: Role, id: i64) -> Option<String> {
-    let secret = load.secret.as_ref()?;
-    let token = distributor::auth::mint(secret.as_bytes(), role, id, Duration::from_secs(3600)).ok()?;
-    Some(format!("Bearer {token}"))
+    Some(format!("Bearer {}", load.auth.token(role, id).ok()??))
 }
 
 fn request<M>(load: &Load, rx: mpsc::Receiver<M>, auth: Option<String>) -> Request<ReceiverStream<M>> {
@@ -247,8 +245,7 @@ async fn pairs(load: &Load) -> anyhow::Result<(Vec<Option<WorkerSide>>, Vec<Clie
     let per_side = load.per_side();
     let mut workers = Vec::with_capacity(load.pairs);
     let (streams, client_connections) = if !load.echo {
-        let worker_channels =
-            channels(load.workers_at.as_ref().unwrap_or(&load.clients_at), per_side).await?;
+        let worker_channels = channels(load.at.workers(), per_side).await?;
         for i in 0..load.pairs {
             let id = load.first_worker + i as i64;
             workers.push(Some(open_worker(load, worker_channels[i % per_side].clone(), id).await?));
@@ -260,7 +257,7 @@ async fn pairs(load: &Load) -> anyhow::Result<(Vec<Option<WorkerSide>>, Vec<Clie
         (load.pairs, per_side)
     };
     workers.resize_with(streams, || None);
-    let client_channels = channels(&load.clients_at, client_connections).await?;
+    let client_channels = channels(&load.at.clients_at, client_connections).await?;
     let mut clients = Vec::with_capacity(streams);
     for i in 0..streams {
         let id = load.first_worker + 1_000_000_000 + i as i64;
@@ -433,8 +430,8 @@ async fn next_until<M>(rx: &mut Streaming<M>, deadline: Pin<&mut tokio::time::Sl
 pub async fn handshake(load: Load) -> anyhow::Result<Report> {
     anyhow::ensure!(!load.echo, "handshake has no echo ceiling");
     let per_side = load.per_side();
-    let client_channels = channels(&load.clients_at, per_side).await?;
-    let worker_channels = channels(load.workers_at.as_ref().unwrap_or(&load.clients_at), per_side).await?;
+    let client_channels = channels(&load.at.clients_at, per_side).await?;
+    let worker_channels = channels(load.at.workers(), per_side).await?;
     let mut workers = Vec::new();
     for i in 0..load.pairs {
         let id = load.first_worker + i as i64;

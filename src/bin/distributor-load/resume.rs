@@ -34,12 +34,8 @@ pub struct ResumeLoad {
     /// Worker/client pairs.
     #[arg(long, default_value_t = 100)]
     pub pairs: usize,
-    /// The instance clients connect to first.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub clients_at: String,
-    /// The instance workers connect to [default: --clients-at].
-    #[arg(long)]
-    pub workers_at: Option<String>,
+    #[command(flatten)]
+    pub at: crate::Instances,
     /// The instance clients resume at [default: where they were].
     #[arg(long)]
     pub resume_at: Option<String>,
@@ -248,13 +244,12 @@ impl Pair {
         let load = &self.load;
         let (wtx, wrx) = mpsc::channel(64);
         wtx.send(WorkerRtcMessage::register(self.worker)).await?;
-        let workers_at = load.workers_at.as_ref().unwrap_or(&load.clients_at);
-        let mut wrx = WorkerServiceClient::new(crate::peers::connect(workers_at).await?)
+        let mut wrx = WorkerServiceClient::new(crate::peers::connect(load.at.workers()).await?)
             .negotiate_peer_connection(Request::new(ReceiverStream::new(wrx)))
             .await?
             .into_inner();
         next(&mut wrx, "registration").await?;
-        let (mut c, _) = self.open_client(&load.clients_at, 0).await?;
+        let (mut c, _) = self.open_client(&load.at.clients_at, 0).await?;
         let mut read = 0;
         // Offered until it arrives: with a thousand pairs starting at once, a locate may be
         // refused (`CLUSTER_UNAVAILABLE`, too many at once); the client hears so and offers again.
@@ -306,7 +301,7 @@ impl Pair {
             drop(wrx);
         });
         let mut last = read;
-        let resume_at = load.resume_at.clone().unwrap_or_else(|| load.clients_at.clone());
+        let resume_at = load.resume_at.clone().unwrap_or_else(|| load.at.clients_at.clone());
         if load.drain_pid.is_some() {
             self.drained(c, last, &resume_at, &mut report, &mut recovery).await?;
             trickle.abort();

@@ -45,7 +45,7 @@ enum Held {
 }
 
 async fn connect(load: &Load, worker: bool, id: i64) -> anyhow::Result<Held> {
-    let url = if worker { load.workers_at.as_ref().unwrap_or(&load.clients_at) } else { &load.clients_at };
+    let url = if worker { load.at.workers() } else { &load.at.clients_at };
     let channel = crate::peers::connect(url).await?;
     if worker {
         let (tx, rx) = mpsc::channel(4);

@@ -1,6 +1,6 @@
 //! Command-line flags and their environment fallbacks, checked before anything binds.
 //!
-//! Over 500 lines because every setting is here, each with its doc line, default and
+//! Over 500 lines: every setting is here, each with its doc line, default and
 //! environment variable, beside the checks that refuse a bad combination: one place to find
 //! what a flag does.
 

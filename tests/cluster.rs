@@ -1,5 +1,8 @@
 //! Cluster mode: distributor instances on a real 3-node NATS cluster, peers on different
 //! instances. Every behaviour of the contract holds across instances.
+//!
+//! Over 500 lines: one test per behaviour of the contract across instances, each with its own
+//! instances and peers; the moves are in `tests/moves.rs`.
 mod common;
 
 use std::time::{Duration, Instant};

@@ -1,5 +1,8 @@
 //! The peer SDK end to end: real distributors (one, or two over a real 3-node NATS cluster), real
 //! gRPC on loopback, real WebRTC (str0m) over UDP on 127.0.0.1.
+//!
+//! Over 500 lines: one test per behaviour of the SDK end to end, each with its own distributor
+//! and peers.
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr};

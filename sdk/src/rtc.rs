@@ -5,6 +5,9 @@
 //! it too. It feeds the `Rtc` datagrams and time, sends what it transmits, and reports what
 //! happens as `Happened`. Nothing here touches signaling: once open, a data channel lives as
 //! long as its peer connection, whatever becomes of the signaling stream.
+//!
+//! Over 500 lines: one task owns the `Rtc`, and its commands, its events and the data channels'
+//! writes all act on that one state.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};

@@ -13,7 +13,7 @@
 //! shards may wait for room in the bridge's queue (a departure must not be dropped) without a
 //! deadlock.
 //!
-//! Over 500 lines because this is where the rooms meet: every input is routed here to the room
+//! Over 500 lines: this is where the rooms meet: every input is routed here to the room
 //! that owns it, and what one room's outcome means for another (a dead link for the directory,
 //! the clients and the shards) is decided here; the logic of each room lives in its own file.
 

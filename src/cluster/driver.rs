@@ -2,6 +2,9 @@
 //! queue, the inbox, claims, heartbeats, locate answers, a timer) and carries out what it asks
 //! (publishes and locates). Every message is sealed on the way out and opened on the way in
 //! ([`Seal`]): what does not open is counted and dropped unread.
+//!
+//! Over 500 lines: the loop, and each NATS exchange it carries out (locates and their answers,
+//! resume asks, replies), which share its connection and its seal.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -29,6 +29,9 @@
 //!   instance holds it; each answers, the holder with a [`tunnels`] to the new stream, or,
 //!   for a peer with nothing to keep there, letting it go to the new stream's instance, or,
 //!   for a worker, moving it there with its sessions ([`moves`]).
+//!
+//! Over 500 lines: the cluster's public face (its config, subjects, the `Cluster` handle with
+//! registration and claims) beside this map of its rooms.
 
 pub mod bridge;
 mod clients;

@@ -1,5 +1,9 @@
 //! One shard's routing state: the workers registered on it, their sessions, and the client ids
 //! it keeps the newest stream of.
+//!
+//! Over 500 lines: every command the router takes is one arm of `Router::handle`, and the
+//! session bookkeeping those arms share sits beside them; what moves between routers is in
+//! `router/moves.rs`.
 
 use std::collections::hash_map::Entry;
 use std::time::Instant;

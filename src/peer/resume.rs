@@ -9,6 +9,9 @@
 //! stream while the attachment is the current one, and ends (`ABORTED`) when a newer stream
 //! takes the peer over. [`Resumables`] holds, per identity, which attachment is current, so
 //! that a takeover, a detach and the end of the grace period never race each other.
+//!
+//! Over 500 lines: attaching, taking over, detaching and releasing a peer act on one shared
+//! record under one lock, and are kept together so that their order can be read in one place.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;

@@ -1,4 +1,7 @@
 //! Test harness: a real distributor on a free loopback port, and real tonic peers.
+//!
+//! Over 500 lines: the harness every integration test shares (servers, peers, waits, processes);
+//! the NATS cluster, the TCP proxy and the WebRTC peer are in their own files.
 #![allow(dead_code)]
 
 pub mod nats;

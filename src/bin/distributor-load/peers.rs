@@ -1,4 +1,7 @@
 //! The peers: client/worker pairs that negotiate, then relay or handshake, timing every hop.
+//!
+//! Over 500 lines: the relay, handshake and idle scenarios share the pairs' negotiation, their
+//! streams and the run's clock.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,6 +1,9 @@
 //! Two bridges in simulated time, each with real routers (inline shards) and real stream queues,
 //! joined by a hand-carried "NATS": every frame, heartbeat and locate passes through the test,
 //! which may lose, delay or answer them as it likes.
+//!
+//! Over 500 lines: one scenario per test, each told in full (frames lost, delayed, answered) so
+//! that it reads as the case it pins down; the moves have their own file, `tests/moves.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

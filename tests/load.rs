@@ -43,7 +43,9 @@ fn relay_reports_every_message_latency_and_the_servers_cost() {
     // Each of the 400 candidates crosses twice: to the worker, and back.
     assert_eq!(report["messages"], 800, "{report}");
     assert_latency(&report["latency"], &report);
-    assert!(report["server_peak_rss_mib"].as_f64().unwrap() > 1.0, "{report}");
+    // A distributor with 40 idle-ish peers: a few MiB, far from a leak's hundreds.
+    let rss = report["server_peak_rss_mib"].as_f64().unwrap();
+    assert!((1.0..256.0).contains(&rss), "server peak RSS {rss} MiB: {report}");
     assert_clean(&report);
 
     // Paced: about the asked rate, not as fast as it goes.
@@ -210,12 +212,21 @@ fn datachannel_opens_real_channels_and_compares_with_direct_signaling() {
     let f = |section: &str, k: &str| {
         report[section][k].as_f64().unwrap_or_else(|| panic!("{section}.{k}: {report}"))
     };
-    assert!(f("sequential", "relayed_p50_ms") > 0.0 && f("sequential", "direct_p50_ms") > 0.0, "{report}");
+    // Every open finished within the generator's bound (30 s), through the distributor or not.
+    let within = |k: &str| (0.0..=30e3).contains(&f("sequential", k));
+    assert!(within("relayed_p50_ms") && within("relayed_p99_ms") && within("direct_p50_ms"), "{report}");
     assert!(f("sequential", "relayed_p50_ms") <= f("sequential", "relayed_p99_ms"), "{report}");
     assert_eq!(
         (report["concurrent"]["opened"].as_u64(), report["concurrent"]["failed"].as_u64()),
         (Some(20), Some(0))
     );
-    assert!(f("concurrent", "opens_per_s") > 0.0, "{report}");
-    assert!(f("throughput", "sdk_mib_s") > 0.0 && f("throughput", "str0m_mib_s") > 0.0, "{report}");
+    // 20 opens at once, each within 30 s: at least 20 / 30 a second.
+    assert!(f("concurrent", "opens_per_s") >= 20.0 / 30.0, "{report}");
+    // 2 MiB each way within the test's own patience (a stalled SCTP stream falls far below).
+    let (sdk, bare) = (f("throughput", "sdk_mib_s"), f("throughput", "str0m_mib_s"));
+    assert!(sdk >= 0.1 && bare >= 0.1, "{report}");
+    assert!(
+        (f("throughput", "ratio") - sdk / bare).abs() < 1e-6 * sdk / bare,
+        "the ratio is sdk / str0m: {report}"
+    );
 }

@@ -174,6 +174,7 @@ pub async fn run(
         }
     };
     let server = Server::builder()
+        .layer(crate::edge::cancel::WatchCancelLayer)
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive))
         .max_concurrent_streams(config.limits.max_streams_per_connection)

@@ -10,37 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::nats::NatsCluster;
 use common::*;
-use distributor::cluster::NatsConfig;
-use distributor::config::Config;
 use distributor::pb::{ErrorCode, RtcEvent, WorkerRtcMessage};
-
-/// An instance in this process, on NATS node 1 first, with two shards.
-async fn instance(nats: &NatsCluster, prefix: &str) -> TestServer {
-    let nats = NatsConfig {
-        url: nats.url_from(1),
-        prefix: format!("distributor.{prefix}"),
-        user: Some(common::nats::USER.into()),
-        password: Some(common::nats::PASSWORD.into()),
-        ..Default::default()
-    };
-    TestServer::with(Config { shards: 2, nats: Some(nats), ..Config::default() }).await
-}
-
-/// An instance as its own process (to be drained), on NATS node 0 first.
-fn process(nats: &NatsCluster, prefix: &str, drain: &str) -> Binary {
-    process_with(nats, prefix, &["--drain-timeout", drain])
-}
-
-fn process_with(nats: &NatsCluster, prefix: &str, extra: &[&str]) -> Binary {
-    let (url, prefix) = (nats.url_from(0), format!("distributor.{prefix}"));
-    let mut args = vec!["--nats-url", &url, "--nats-prefix", &prefix, "--shards", "2"];
-    args.extend_from_slice(extra);
-    let creds = [
-        ("DISTRIBUTOR_NATS_USER", common::nats::USER),
-        ("DISTRIBUTOR_NATS_PASSWORD", common::nats::PASSWORD),
-    ];
-    Binary::start(&args, &creds)
-}
 
 /// SIGTERM on an instance whose resumable peers hold no session: each is told `RECONNECT`,
 /// resumes on the other instance (`resumed: true`) and moves there, so the drained instance
@@ -51,8 +21,8 @@ fn process_with(nats: &NatsCluster, prefix: &str, extra: &[&str]) -> Binary {
 async fn a_drained_instance_lets_its_idle_peers_go_and_stops_early() {
     const PEERS: i64 = 5;
     let nats = NatsCluster::start().await;
-    let b = instance(&nats, "m1").await;
-    let mut a = process(&nats, "m1", "6s");
+    let b = nats.instance("m1").await;
+    let mut a = nats.process("m1", &["--drain-timeout", "6s"]);
     let a_server = TestServer::external(&a.addr);
     reach_each_other(&a_server, &b, 3100).await;
     let after = |n: u64| ("x-resume-after", n.to_string());
@@ -131,9 +101,9 @@ async fn a_drained_instance_lets_its_idle_peers_go_and_stops_early() {
 #[tokio::test]
 async fn a_worker_with_sessions_moves_with_them_and_outlives_its_old_instance() {
     let nats = NatsCluster::start().await;
-    let (b, c) = (instance(&nats, "m2").await, instance(&nats, "m2").await);
+    let (b, c) = (nats.instance("m2").await, nats.instance("m2").await);
     let metrics = format!("127.0.0.1:{}", free_port());
-    let mut a = process_with(&nats, "m2", &["--metrics-listen", &metrics]);
+    let mut a = nats.process("m2", &["--metrics-listen", &metrics]);
     let a_server = TestServer::external(&a.addr);
     reach_each_other(&a_server, &b, 3300).await;
     reach_each_other(&c, &b, 3310).await;
@@ -206,8 +176,8 @@ async fn a_worker_with_sessions_moves_with_them_and_outlives_its_old_instance() 
 #[tokio::test]
 async fn a_drained_instance_moves_its_peers_with_their_sessions_and_stops_early() {
     let nats = NatsCluster::start().await;
-    let (b, c3) = (instance(&nats, "m3").await, instance(&nats, "m3").await);
-    let mut a = process(&nats, "m3", "6s");
+    let (b, c3) = (nats.instance("m3").await, nats.instance("m3").await);
+    let mut a = nats.process("m3", &["--drain-timeout", "6s"]);
     let a_server = TestServer::external(&a.addr);
     reach_each_other(&a_server, &b, 3500).await;
     reach_each_other(&c3, &b, 3510).await;
@@ -272,9 +242,9 @@ async fn a_drained_instance_moves_its_peers_with_their_sessions_and_stops_early(
 #[tokio::test]
 async fn a_client_with_sessions_moves_with_them_and_outlives_its_old_instance() {
     let nats = NatsCluster::start().await;
-    let (b, c3) = (instance(&nats, "m5").await, instance(&nats, "m5").await);
+    let (b, c3) = (nats.instance("m5").await, nats.instance("m5").await);
     let metrics = format!("127.0.0.1:{}", free_port());
-    let mut a = process_with(&nats, "m5", &["--metrics-listen", &metrics]);
+    let mut a = nats.process("m5", &["--metrics-listen", &metrics]);
     let a_server = TestServer::external(&a.addr);
     reach_each_other(&a_server, &b, 3900).await;
     reach_each_other(&c3, &b, 3910).await;
@@ -334,9 +304,9 @@ async fn a_client_with_sessions_moves_with_them_and_outlives_its_old_instance() 
 #[tokio::test]
 async fn an_idle_peer_cut_on_one_instance_moves_to_the_one_it_resumes_on() {
     let nats = NatsCluster::start().await;
-    let b = instance(&nats, "m4").await;
+    let b = nats.instance("m4").await;
     let metrics = format!("127.0.0.1:{}", free_port());
-    let mut a = process_with(&nats, "m4", &["--metrics-listen", &metrics]);
+    let mut a = nats.process("m4", &["--metrics-listen", &metrics]);
     let a_server = TestServer::external(&a.addr);
     reach_each_other(&a_server, &b, 3700).await;
     let after = |n: u64| [("x-resume-after", n.to_string())];
@@ -379,9 +349,9 @@ async fn an_idle_peer_cut_on_one_instance_moves_to_the_one_it_resumes_on() {
 async fn a_worker_whose_old_stream_waits_for_room_moves_and_resends_what_was_not_received() {
     const PAYLOAD: usize = 1000;
     let nats = NatsCluster::start().await;
-    let b = instance(&nats, "m5").await;
+    let b = nats.instance("m5").await;
     let metrics = format!("127.0.0.1:{}", free_port());
-    let mut a = process_with(&nats, "m5", &["--metrics-listen", &metrics, "--peer-queue", "64"]);
+    let mut a = nats.process("m5", &["--metrics-listen", &metrics, "--peer-queue", "64"]);
     let a_server = TestServer::external(&a.addr);
     reach_each_other(&a_server, &b, 3800).await;
     let after = |n: u64| [("x-resume-after", n.to_string())];

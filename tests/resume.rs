@@ -4,6 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::raw::RawClient;
 use common::*;
 use distributor::config::Config;
 use distributor::pb::{ErrorCode, RtcEvent};
@@ -46,6 +47,39 @@ async fn a_client_cut_mid_negotiation_resumes_and_finishes_it() {
     assert_eq!(w.recv().await.event(), RtcEvent::AcceptAnswer, "the session went on");
     w.send(to_client(4242, RtcEvent::LocalIceCandidate, b"w2")).await;
     assert_eq!(expect_numbered(&mut c, RtcEvent::IceCandidate, 3).await, b"w2", "live, numbered on");
+}
+
+/// A stream that its client library cancels (an HTTP/2 reset, no half-close) detaches its
+/// peer, every time: the worker hears nothing while the client is away, and the client's next
+/// stream takes its session over. (tonic reads the reset as the end of the request stream, as
+/// it reads a half-close; the edge tells them apart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_stream_detaches_its_peer_every_time() {
+    let server = TestServer::start().await;
+    let mut w = worker(&server, 9).await;
+    let mut c = RawClient::open(server.addr, &resumable_client(6060, 0)).await;
+    assert_eq!(c.recv().await.event(), RtcEvent::Blank);
+    c.send(&to_worker(9, RtcEvent::Offer, b"offer"));
+    assert_eq!(w.recv().await.event(), RtcEvent::Offer);
+    w.send(to_client(6060, RtcEvent::Answer, b"answer")).await;
+    let answer = c.recv().await;
+    assert_eq!((answer.event(), answer.seq), (RtcEvent::Answer, 1));
+    for round in 1..=20u8 {
+        c.cancel();
+        // The quiet that the contract promises the other side of a cut peer.
+        w.expect_quiet().await;
+        c = RawClient::open(server.addr, &resumable_client(6060, u64::from(round))).await;
+        let welcome = c.recv().await;
+        assert!(
+            welcome.resumed,
+            "round {round}: the cancel ended the client instead of detaching it: {welcome:?}"
+        );
+        c.send(&to_worker(9, RtcEvent::LocalIceCandidate, &[round]));
+        assert_eq!(w.recv().await.message.as_ref(), [round], "round {round}: the session went on");
+        w.send(to_client(6060, RtcEvent::LocalIceCandidate, &[round])).await;
+        let candidate = c.recv().await;
+        assert_eq!((candidate.event(), candidate.seq), (RtcEvent::IceCandidate, u64::from(round) + 1));
+    }
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! Errors at this edge are `tonic::Status`: they end a stream. A refused message is not an error
 //! of the stream: it gets an `ERROR` message and the stream goes on.
 
+pub mod cancel;
 mod client;
 pub mod rate;
 mod resumable;
@@ -35,6 +36,7 @@ use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
+use self::cancel::Cancelled;
 use crate::auth::{AuthError, Authenticator, Granted};
 use crate::cluster::tunnels::TunnelRx;
 use crate::cluster::{Cluster, Registration};
@@ -285,10 +287,29 @@ pub trait Inbound<M>: Send + 'static {
     fn message(&mut self) -> impl Future<Output = Result<Option<M>, Status>> + Send + '_;
 }
 
-impl<M: prost::Message + Default + Send + 'static> Inbound<M> for Streaming<M> {
+/// A peer's gRPC stream, with what tells its cancel from its half-close.
+pub struct PeerInbound<M> {
+    stream: Streaming<M>,
+    cancelled: Option<Cancelled>,
+}
+
+impl<M> PeerInbound<M> {
+    fn new(request: Request<Streaming<M>>) -> Self {
+        let cancelled = request.extensions().get::<Cancelled>().cloned();
+        PeerInbound { stream: request.into_inner(), cancelled }
+    }
+}
+
+impl<M: prost::Message + Default + Send + 'static> Inbound<M> for PeerInbound<M> {
     const TUNNEL: bool = false;
-    fn message(&mut self) -> impl Future<Output = Result<Option<M>, Status>> + Send + '_ {
-        Streaming::message(self)
+    async fn message(&mut self) -> Result<Option<M>, Status> {
+        match self.stream.message().await {
+            // tonic reads the client's reset as the end of the stream: it is a cut.
+            Ok(None) if self.cancelled.as_ref().is_some_and(Cancelled::is_set) => {
+                Err(Status::cancelled("the peer's client cancelled the stream"))
+            }
+            read => read,
+        }
     }
 }
 
@@ -478,7 +499,7 @@ impl pb::client_service_server::ClientService for ClientEdge {
             None => client::id_from_metadata(request.metadata())?,
         };
         let (opening, stream) = edge.opening(request.metadata(), client::encode)?;
-        edge.tasks.spawn(client::serve(edge.clone(), opening, client, granted, request.into_inner()));
+        edge.tasks.spawn(client::serve(edge.clone(), opening, client, granted, PeerInbound::new(request)));
         Ok(Response::new(stream))
     }
 }
@@ -494,7 +515,7 @@ impl pb::worker_service_server::WorkerService for WorkerEdge {
         let edge = &self.0;
         let granted = edge.authenticate(request.metadata(), Role::Worker)?;
         let (opening, stream) = edge.opening(request.metadata(), worker::encode)?;
-        edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, request.into_inner()));
+        edge.tasks.spawn(worker::serve(edge.clone(), opening, granted, PeerInbound::new(request)));
         Ok(Response::new(stream))
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod nats;
 pub mod proxy;
+pub mod raw;
 pub mod webrtc;
 
 use std::io::{BufRead, BufReader};

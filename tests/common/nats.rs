@@ -230,6 +230,33 @@ fn configure(dir: &std::path::Path, token: Option<&str>, max_payload: &str) -> V
     nodes
 }
 
+impl NatsCluster {
+    /// A distributor instance in this process, on NATS node 1 first, with two shard threads.
+    pub async fn instance(&self, prefix: &str) -> super::TestServer {
+        let nats = distributor::cluster::NatsConfig {
+            url: self.url_from(1),
+            prefix: format!("distributor.{prefix}"),
+            user: Some(USER.into()),
+            password: Some(PASSWORD.into()),
+            ..Default::default()
+        };
+        let config = distributor::config::Config { shards: 2, nats: Some(nats), ..Default::default() };
+        super::TestServer::with(config).await
+    }
+
+    /// A distributor instance as its own process (to be drained or killed), on NATS node 0
+    /// first, with two shard threads and the flags `extra`.
+    pub fn process(&self, prefix: &str, extra: &[&str]) -> super::Binary {
+        let (url, prefix) = (self.url_from(0), format!("distributor.{prefix}"));
+        let mut args = vec!["--nats-url", &url, "--nats-prefix", &prefix, "--shards", "2"];
+        args.extend_from_slice(extra);
+        super::Binary::start(
+            &args,
+            &[("DISTRIBUTOR_NATS_USER", USER), ("DISTRIBUTOR_NATS_PASSWORD", PASSWORD)],
+        )
+    }
+}
+
 impl Drop for NatsCluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {

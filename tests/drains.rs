@@ -17,12 +17,22 @@ async fn three_instances(
     prefix: &str,
     probe: i64,
 ) -> (Binary, TestServer, TestServer, TestServer) {
+    let (a, a_server, b, c) = three_instances_c_new_to_a(nats, prefix, probe).await;
+    reach_each_other(&a_server, &c, probe + 20).await;
+    (a, a_server, b, c)
+}
+
+/// The same, but C has dealt with B only: it may not know A yet, as a new instance does.
+async fn three_instances_c_new_to_a(
+    nats: &NatsCluster,
+    prefix: &str,
+    probe: i64,
+) -> (Binary, TestServer, TestServer, TestServer) {
     let (b, c) = (nats.instance(prefix).await, nats.instance(prefix).await);
     let a = nats.process(prefix, &["--drain-timeout", "6s"]);
     let a_server = TestServer::external(&a.addr);
     reach_each_other(&a_server, &b, probe).await;
     reach_each_other(&c, &b, probe + 10).await;
-    reach_each_other(&a_server, &c, probe + 20).await;
     (a, a_server, b, c)
 }
 
@@ -36,7 +46,20 @@ fn resumable_client(id: i64, after: u64) -> [(&'static str, String); 2] {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unnumbered_clients_messages_reach_its_worker_across_a_drain() {
     let nats = NatsCluster::start().await;
-    let (mut a, a_server, b, c) = three_instances(&nats, "d1", 4100).await;
+    let (a, a_server, b, c) = three_instances(&nats, "d1", 4100).await;
+    unnumbered_client_across_a_drain(a, a_server, b, c).await;
+}
+
+/// The same, resumed on an instance that has not dealt with the drained one: it still finds
+/// the client there (the instances that say "not here" name the ones they know alive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_on_an_instance_new_to_the_holder_finds_it() {
+    let nats = NatsCluster::start().await;
+    let (a, a_server, b, c) = three_instances_c_new_to_a(&nats, "d4", 4400).await;
+    unnumbered_client_across_a_drain(a, a_server, b, c).await;
+}
+
+async fn unnumbered_client_across_a_drain(mut a: Binary, a_server: TestServer, b: TestServer, c: TestServer) {
     let mut w = worker(&b, 41).await;
     let (mut client, cid) = client_with(&a_server, &resumable_client(41_041, 0)).await;
     client.send(to_worker(41, RtcEvent::Offer, b"offer")).await;

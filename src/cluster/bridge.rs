@@ -243,6 +243,11 @@ impl Bridge {
         (self.liveness.count(), self.tunnels.count())
     }
 
+    /// The other instances heard from and not yet found dead.
+    pub fn alive(&self) -> Vec<InstanceId> {
+        self.liveness.alive()
+    }
+
     /// The answer to an [`Output::Locate`], at `now`.
     pub fn located(&mut self, worker: PeerId, found: Result<InstanceId, Lookup>, now: Instant) {
         let waiting = self.directory.located(worker, found, now);

@@ -7,7 +7,7 @@
 //! resume asks, replies), which share its connection and its seal.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -42,7 +42,8 @@ const LOCATE_RETRY_MAX: Duration = Duration::from_millis(400);
 const LOCATE_WITHIN: Duration = Duration::from_secs(2);
 const LOCATE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a resumable stream waits for the instances to say whether they hold its peer, at
-/// most (it stops at the holder's answer, or once every instance it knows alive said no).
+/// most (it stops at the holder's answer, or once every instance known alive said no: known to
+/// the asker, or to any instance that said no).
 pub const ASK_WITHIN: Duration = Duration::from_millis(500);
 /// How long an answered ask is remembered: longer than a sealed message stays fresh (30 s).
 const ASKS_KEPT: Duration = Duration::from_secs(60);
@@ -95,7 +96,8 @@ pub struct Driver {
     /// For the halves of the tunnels this instance holds.
     pub tunnels: mpsc::UnboundedSender<TunnelCommand>,
     /// Where the bridge's count of live instances is published, for resume asks.
-    pub alive: Arc<AtomicUsize>,
+    /// The other instances the bridge knows alive, for the resume asks (updated each tick).
+    pub alive: Arc<Mutex<Vec<InstanceId>>>,
     pub holder: Arc<OnceLock<Arc<dyn Holder>>>,
     /// The streams whose resume asks were answered lately: an ask is answered once (a replayed
     /// one, within the seal's 30 s, would take the peer over again).
@@ -236,8 +238,8 @@ impl Driver {
                 }
                 Event::Tick => {
                     self.bridge.tick(now);
-                    let (alive, tunnels) = self.bridge.counts();
-                    self.alive.store(alive, Ordering::Relaxed);
+                    let (_, tunnels) = self.bridge.counts();
+                    *self.alive.lock().expect("not poisoned") = self.bridge.alive();
                     metrics::gauge!(names::TUNNELS).set(tunnels as f64);
                     if self.bridge.ready_to_leave(now) {
                         break;
@@ -273,6 +275,7 @@ impl Driver {
             rejected(Kind::ResumeAsk).increment(1);
             return warn_throttled!(stream = %conn, "a resume ask answered already (a replay): ignored");
         }
+        let alive = self.bridge.alive();
         match self.hold(conn, &ask) {
             // A worker moving with its sessions: answered once its shard handed them over.
             Hold::Moving(moving) => {
@@ -283,10 +286,10 @@ impl Driver {
                     if !matches!(held, Hold::Tunnel) {
                         let _ = tunnels.send(TunnelCommand::Forget { conn });
                     }
-                    answer(&nats, &seal, reply, me, held).await;
+                    answer(&nats, &seal, reply, me, held, alive).await;
                 });
             }
-            held => answer(&self.nats, &self.seal, reply, self.me, held).await,
+            held => answer(&self.nats, &self.seal, reply, self.me, held, alive).await,
         }
     }
 
@@ -397,17 +400,19 @@ async fn locate(
     }
 }
 
-/// Answers a resume ask with what this instance did.
+/// Answers a resume ask with what this instance did; a "no" names the instances it knows
+/// alive (`alive`).
 async fn answer(
     nats: &async_nats::Client,
     seal: &Seal,
     reply: async_nats::Subject,
     me: InstanceId,
     held: Hold,
+    alive: Vec<InstanceId>,
 ) {
     let mut answer = wire::ResumeAnswer { instance: me, ..Default::default() };
     match held {
-        Hold::NotHere | Hold::Moving(_) => {}
+        Hold::NotHere | Hold::Moving(_) => answer.alive = alive,
         Hold::Tunnel => answer.held = true,
         Hold::Released(r) => {
             answer.released = Some(wire::Released { next_seq: r.next_seq, last_received: r.last_received })
@@ -420,21 +425,24 @@ async fn answer(
 }
 
 /// Asks every instance whether it holds the peer of `ask`: the holder's instance and what it
-/// did (`Tunnel`, `Released`, `Moved`), or `None` once every one of the `alive` instances said
-/// no, nobody listens, or [`ASK_WITHIN`] passed.
+/// did (`Tunnel`, `Released`, `Moved`), or `None` once every instance known alive said no
+/// (those in `alive`, and those that the instances saying no know alive: one this instance has
+/// not heard yet is still waited for), nobody listens, or [`ASK_WITHIN`] passed.
 pub async fn ask_holder(
     nats: &async_nats::Client,
     seal: &Seal,
     replies: &Replies,
     subject: String,
     ask: &wire::ResumeAsk,
-    alive: usize,
+    me: InstanceId,
+    alive: Vec<InstanceId>,
 ) -> Option<(InstanceId, Hold)> {
     let mut waiting = replies.wait();
     let request = seal.seal(Kind::ResumeAsk, &subject, &ask.encode_to_vec(), now_ms());
     nats.publish_with_reply(subject, waiting.subject.clone(), request).await.ok()?;
     let deadline = tokio::time::Instant::now() + ASK_WITHIN;
     let mut said_no = std::collections::HashSet::new();
+    let mut expected: std::collections::HashSet<InstanceId> = alive.into_iter().collect();
     loop {
         let reply = tokio::time::timeout_at(deadline, waiting.replies.recv()).await.ok()??;
         if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
@@ -460,7 +468,8 @@ pub async fn ask_holder(
             }
             Ok(answer) => {
                 said_no.insert(answer.instance);
-                if alive > 0 && said_no.len() >= alive {
+                expected.extend(answer.alive.iter().copied().filter(|instance| *instance != me));
+                if !expected.is_empty() && expected.is_subset(&said_no) {
                     return None;
                 }
             }

@@ -43,6 +43,11 @@ impl Liveness {
         self.last_seen.len()
     }
 
+    /// The instances heard from and not yet found dead.
+    pub fn alive(&self) -> Vec<InstanceId> {
+        self.last_seen.keys().copied().collect()
+    }
+
     pub fn forget(&mut self, instance: InstanceId) {
         self.last_seen.remove(&instance);
     }

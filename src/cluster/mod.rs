@@ -45,7 +45,7 @@ mod resuming;
 pub mod seal;
 pub mod tunnels;
 
-use std::sync::atomic::AtomicUsize;
+use std::sync::Mutex;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -245,7 +245,8 @@ pub struct Cluster {
     replies: driver::Replies,
     tunnels: mpsc::UnboundedSender<TunnelCommand>,
     /// The other instances heard from lately, as the bridge last counted them.
-    alive: Arc<AtomicUsize>,
+    /// The other instances known alive (the driver updates it), for the resume asks.
+    alive: Arc<Mutex<Vec<InstanceId>>>,
     /// Who takes a peer held here over for a stream on another instance (the edge).
     holder: Arc<OnceLock<Arc<dyn Holder>>>,
 }
@@ -360,7 +361,7 @@ impl Cluster {
         let replies = driver::Replies::start(&nats).await?;
         let (control, control_rx) = mpsc::unbounded_channel();
         let (tunnels, tunnels_rx) = mpsc::unbounded_channel();
-        let (alive, holder) = (Arc::new(AtomicUsize::new(0)), Arc::new(OnceLock::new()));
+        let (alive, holder) = (Arc::new(Mutex::new(Vec::new())), Arc::new(OnceLock::new()));
         let driver = Driver {
             bridge: Bridge::new(
                 instance,

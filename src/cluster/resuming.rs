@@ -2,7 +2,6 @@
 //! whose stream came back here, and moving peers with their sessions (see [`super::tunnels`]
 //! and [`super::bridge`]'s `moves` and `client_moves`).
 
-use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost::Message;
@@ -51,9 +50,11 @@ impl Cluster {
             conn: Some(bridge::wire_conn(conn)),
             expires_ms,
         };
-        let alive = self.alive.load(Ordering::Relaxed);
+        let alive = self.alive.lock().expect("not poisoned").clone();
         let (nats, seal, replies) = (&self.nats, &self.seal, &self.replies);
-        match driver::ask_holder(nats, seal, replies, self.subjects.resume(), &ask, alive).await {
+        match driver::ask_holder(nats, seal, replies, self.subjects.resume(), &ask, self.instance, alive)
+            .await
+        {
             Some((instance, Hold::Tunnel)) => {
                 let _ = self.tunnels.send(TunnelCommand::Bind { conn, instance });
                 let (tx, rx) = tunnels::halves(conn, instance, self.tunnels.clone(), events, credit);

@@ -82,6 +82,35 @@ async fn a_cancelled_stream_detaches_its_peer_every_time() {
     }
 }
 
+/// A client that does not number its messages sends a burst, which reaches the distributor,
+/// and goes on on a new stream without waiting for anything else: everything the old stream
+/// carried reaches the worker, in order, before what the new stream sends (what reached the
+/// distributor is delivered, whether or not the peer numbers it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_a_stream_taken_over_at_once_is_delivered_in_order() {
+    const BURST: u16 = 300;
+    let server = TestServer::start().await;
+    let mut w = worker(&server, 10).await;
+    let mut c = RawClient::open(server.addr, &resumable_client(7070, 0)).await;
+    assert_eq!(c.recv().await.event(), RtcEvent::Blank);
+    c.send(&to_worker(10, RtcEvent::Offer, b"offer"));
+    assert_eq!(w.recv().await.event(), RtcEvent::Offer);
+    for i in 0..BURST {
+        c.send(&to_worker(10, RtcEvent::LocalIceCandidate, &i.to_be_bytes()));
+    }
+    c.reached().await;
+    // At once: the old stream stays open, taken over by the new one.
+    let mut next = RawClient::open(server.addr, &resumable_client(7070, 0)).await;
+    assert!(next.recv().await.resumed);
+    next.send(&to_worker(10, RtcEvent::LocalIceCandidate, b"new"));
+    for i in 0..BURST {
+        let got = w.recv().await;
+        assert_eq!(got.message.as_ref(), i.to_be_bytes(), "candidate {i} of the burst, in order");
+    }
+    assert_eq!(w.recv().await.message.as_ref(), b"new");
+    drop(c);
+}
+
 #[tokio::test]
 async fn a_resume_replays_only_what_the_peer_says_it_missed() {
     let server = TestServer::start().await;

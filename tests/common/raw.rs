@@ -13,6 +13,7 @@ use super::WAIT;
 pub struct RawClient {
     /// The connection's handle: dropped, the connection would wind down.
     _connection: h2::client::SendRequest<Bytes>,
+    ping: h2::PingPong,
     send: h2::SendStream<Bytes>,
     body: h2::RecvStream,
     buffer: BytesMut,
@@ -23,7 +24,8 @@ impl RawClient {
     /// `metadata` as headers.
     pub async fn open(addr: std::net::SocketAddr, metadata: &[(&str, String)]) -> Self {
         let tcp = TcpStream::connect(addr).await.expect("connect");
-        let (client, connection) = h2::client::handshake(tcp).await.expect("an HTTP/2 connection");
+        let (client, mut connection) = h2::client::handshake(tcp).await.expect("an HTTP/2 connection");
+        let ping = connection.ping_pong().expect("the connection's ping");
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -40,7 +42,7 @@ impl RawClient {
         let response = tokio::time::timeout(WAIT, response).await.expect("headers in time").expect("headers");
         assert_eq!(response.status(), 200);
         assert!(response.headers().get("grpc-status").is_none(), "refused: {:?}", response.headers());
-        RawClient { _connection: client, send, body: response.into_body(), buffer: BytesMut::new() }
+        RawClient { _connection: client, ping, send, body: response.into_body(), buffer: BytesMut::new() }
     }
 
     /// Sends one message, gRPC-framed.
@@ -70,6 +72,14 @@ impl RawClient {
             let _ = self.body.flow_control().release_capacity(data.len());
             self.buffer.extend_from_slice(&data);
         }
+    }
+
+    /// Returns once everything sent so far has reached the server: an HTTP/2 `PING` on the
+    /// connection, answered after the frames before it were taken in (not necessarily read by
+    /// the server's handler yet).
+    pub async fn reached(&mut self) {
+        let pong = self.ping.ping(h2::Ping::opaque());
+        tokio::time::timeout(WAIT, pong).await.expect("a pong in time").expect("a pong");
     }
 
     /// Cancels the call: `RST_STREAM` with `CANCEL`, without a half-close first.

@@ -13,6 +13,7 @@ use distributor::pb::{ClientRtcMessage, RtcEvent, WorkerRtcMessage};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
+use tonic::transport::Endpoint;
 
 #[derive(Parser)]
 struct Args {
@@ -69,17 +70,17 @@ async fn main() -> anyhow::Result<()> {
 
     let (w_tx, rx) = mpsc::channel(64);
     w_tx.send(WorkerRtcMessage::register(w_id)).await?;
-    let mut worker = WorkerServiceClient::connect(args.worker_at.clone())
-        .await
-        .with_context(|| format!("connecting to {}", args.worker_at))?;
+    let channel = Endpoint::from_shared(args.worker_at.clone())?.connect().await;
+    let mut worker =
+        WorkerServiceClient::new(channel.with_context(|| format!("connecting to {}", args.worker_at))?);
     let mut w_rx = worker.negotiate_peer_connection(ReceiverStream::new(rx)).await?.into_inner();
     let ack = next(&mut w_rx, "worker").await?;
     show_w(start, &ack);
 
     let (c_tx, rx) = mpsc::channel(64);
-    let mut client = ClientServiceClient::connect(args.client_at.clone())
-        .await
-        .with_context(|| format!("connecting to {}", args.client_at))?;
+    let channel = Endpoint::from_shared(args.client_at.clone())?.connect().await;
+    let mut client =
+        ClientServiceClient::new(channel.with_context(|| format!("connecting to {}", args.client_at))?);
     let mut c_rx = client.negotiate_peer_connection(ReceiverStream::new(rx)).await?.into_inner();
     let welcome = next(&mut c_rx, "client").await?;
     show_c(start, &welcome);

@@ -8,11 +8,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let fds = protox::compile([signaling], ["."])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(out.join("distributor_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    let descriptors = prost::Message::encode_to_vec(&fds);
+    fs::write(out.join("distributor_descriptor.bin"), &descriptors)?;
+    // The proto3 JSON mapping (included with the `json` feature): unknown fields ignored, and
+    // every field written, so that a frame always names its `event`, even `OFFER` (0).
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptors)?
+        .ignore_unknown_fields()
+        .emit_fields()
+        .build(&[".distributor.v1"])?;
     // Small per-stream buffers: see src/codec.rs.
     tonic_prost_build::configure()
         .bytes(".distributor.v1")
         .codec_path("crate::codec::SmallBuffers")
+        // No `connect(url)` helpers: they need tonic's transport, which a user of the
+        // contract alone does not (a client builds its `Channel` and calls `new`).
+        .build_transport(false)
         .compile_fds(fds)?;
     Ok(())
 }

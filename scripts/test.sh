@@ -30,7 +30,7 @@ step "cargo test"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --all-targets --all-features --locked 2>&1 | tee "$log" || status=$?
+cargo test --workspace --all-targets --all-features --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 # The examples in the docs (`--all-targets` leaves doctests out).
 cargo test --workspace --doc --all-features --locked 2>&1 | tee -a "$log" || status=$?
 

@@ -238,9 +238,9 @@ impl Bridge {
         self.links.push(instance, record, Origin::Owed);
     }
 
-    /// The other instances this one has heard from lately, and the tunnels open here.
-    pub fn counts(&self) -> (usize, usize) {
-        (self.liveness.count(), self.tunnels.count())
+    /// The tunnels open here.
+    pub fn tunnel_count(&self) -> usize {
+        self.tunnels.count()
     }
 
     /// The other instances heard from and not yet found dead.

@@ -238,9 +238,8 @@ impl Driver {
                 }
                 Event::Tick => {
                     self.bridge.tick(now);
-                    let (_, tunnels) = self.bridge.counts();
                     *self.alive.lock().expect("not poisoned") = self.bridge.alive();
-                    metrics::gauge!(names::TUNNELS).set(tunnels as f64);
+                    metrics::gauge!(names::TUNNELS).set(self.bridge.tunnel_count() as f64);
                     if self.bridge.ready_to_leave(now) {
                         break;
                     }

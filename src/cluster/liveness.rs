@@ -38,11 +38,6 @@ impl Liveness {
             .collect()
     }
 
-    /// How many instances were heard from and not yet found dead.
-    pub fn count(&self) -> usize {
-        self.last_seen.len()
-    }
-
     /// The instances heard from and not yet found dead.
     pub fn alive(&self) -> Vec<InstanceId> {
         self.last_seen.keys().copied().collect()

@@ -151,6 +151,10 @@ pub struct ServeArgs {
     /// is considered gone.
     #[arg(long, env = "DISTRIBUTOR_KEEPALIVE", default_value_t = defaults::KEEPALIVE.into())]
     pub keepalive: humantime::Duration,
+    /// The `Origin`s a browser page may open a WebSocket from (comma-separated, e.g.
+    /// `https://app.example.com`); others are refused with 403. Empty: any origin.
+    #[arg(long, env = "DISTRIBUTOR_WS_ORIGINS", value_delimiter = ',')]
+    pub ws_origins: Vec<String>,
     /// Time allowed for streams to end after SIGTERM/SIGINT before the process exits anyway.
     #[arg(long, env = "DISTRIBUTOR_DRAIN_TIMEOUT", default_value_t = defaults::DRAIN_TIMEOUT.into())]
     pub drain_timeout: humantime::Duration,
@@ -323,6 +327,8 @@ pub struct Config {
     pub peer_queue: usize,
     pub shard_queue: usize,
     pub keepalive: Duration,
+    /// The `Origin`s browsers may open a WebSocket from; empty: any.
+    pub ws_origins: Vec<String>,
     pub drain_timeout: Duration,
     pub auth_secret: Option<String>,
     /// The claims tokens must carry besides the signature.
@@ -354,6 +360,7 @@ impl Default for Config {
             peer_queue: defaults::PEER_QUEUE,
             shard_queue: defaults::SHARD_QUEUE,
             keepalive: defaults::KEEPALIVE,
+            ws_origins: Vec::new(),
             drain_timeout: defaults::DRAIN_TIMEOUT,
             auth_secret: None,
             auth_expect: Expect::default(),
@@ -423,6 +430,12 @@ impl ServeArgs {
             peer_queue: self.peer_queue,
             shard_queue: self.shard_queue,
             keepalive: self.keepalive.into(),
+            ws_origins: self
+                .ws_origins
+                .into_iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
             drain_timeout: self.drain_timeout.into(),
             auth_secret: self.auth_secret,
             auth_expect: Expect { issuer: self.auth_issuer, audience: self.auth_audience },

@@ -14,7 +14,8 @@
 //!    bridge and its NATS driver. [`peers`]: the `client` and `worker` commands (cargo feature
 //!    `peers`), peers of the SDK.
 //! 5. [`config`]: flags, checked before anything binds.
-//! 6. [`edge`]: the gRPC services; one task per stream decodes and hands messages to a shard.
+//! 6. [`edge`]: the gRPC services and the WebSocket front, on one port; one task per stream
+//!    decodes and hands messages to a shard.
 //! 7. [`server`]: the one entry point, [`server::run`]: gRPC server, health, reflection, drain.
 //!    [`fuzzing`]: entry points for property tests and cargo-fuzz (cargo feature `fuzzing`).
 //!

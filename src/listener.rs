@@ -125,6 +125,11 @@ impl Connection {
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }
+
+    /// The first bytes the peer sent, left for whoever reads the connection next.
+    pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.peek(buf).await
+    }
 }
 
 impl Connected for Connection {

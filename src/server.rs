@@ -191,7 +191,10 @@ pub async fn run(
             WorkerServiceServer::from_arc(Arc::new(WorkerEdge(edge.clone())))
                 .max_decoding_message_size(MAX_FRAME_BYTES),
         )
-        .serve_with_incoming_shutdown(incoming, stopping);
+        .serve_with_incoming_shutdown(
+            crate::edge::front::split(incoming, edge.clone(), edge.draining.clone()),
+            stopping,
+        );
     tracing::info!(%local, shards = shards.len(), instance = format!("{instance:x}"), "distributor listening");
 
     let drain_timeout = config.drain_timeout;

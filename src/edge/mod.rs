@@ -7,10 +7,12 @@
 
 pub mod cancel;
 mod client;
+pub mod front;
 mod inbound;
 pub mod rate;
 mod resumable;
 mod tunnel;
+pub mod websocket;
 mod worker;
 
 pub use resumable::{Attached, Opening, RESUME_AFTER, resume_after};
@@ -82,6 +84,10 @@ pub struct Edge {
     /// Workers' cluster registrations, held until the worker is gone (a resumable worker's
     /// across its streams), by the worker's stream.
     pub registrations: Mutex<HashMap<ConnId, Registration>>,
+    /// How often a WebSocket peer is pinged, and how long it has to answer.
+    pub keepalive: Duration,
+    /// The `Origin`s browsers may open a WebSocket from; empty: any.
+    pub ws_origins: Vec<String>,
 }
 
 /// The response stream of one peer's stream: its own queue, or a resumable peer's.
@@ -128,6 +134,8 @@ impl Edge {
             draining: Default::default(),
             held_for_others: Default::default(),
             registrations: Default::default(),
+            keepalive: config.keepalive,
+            ws_origins: config.ws_origins.clone(),
         }
     }
 

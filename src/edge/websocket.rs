@@ -29,6 +29,7 @@ use tonic::Status;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
 use super::{Edge, Inbound, PeerStream, client, worker};
+use crate::auth::Granted;
 use crate::core::Role;
 use crate::pb::{ClientRtcMessage, WorkerRtcMessage};
 
@@ -159,8 +160,38 @@ fn refuse_status(status: Status) -> Refusal {
     refuse(code, status.message().to_owned())
 }
 
-fn upgrade(ws: WebSocketUpgrade) -> WebSocketUpgrade {
-    ws.protocols([JSON, PROTO]).max_frame_size(MAX_FRAME).max_message_size(MAX_FRAME)
+/// A handshake checked and authenticated as the gRPC front would: its format, its metadata and
+/// what its token grants.
+fn admit(
+    edge: &Edge,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    role: Role,
+) -> Result<(Format, MetadataMap, Option<Granted>), Refusal> {
+    let (format, metadata) = handshake(edge, headers, query)?;
+    let granted = edge.authenticate(&metadata, role).map_err(refuse_status)?;
+    Ok((format, metadata, granted))
+}
+
+/// Upgrades to the WebSocket: its writer on a task of the edge's, its reader handed to `serve`.
+fn upgrade<M, F, Fut>(
+    ws: WebSocketUpgrade,
+    edge: Arc<Edge>,
+    format: Format,
+    stream: PeerStream<M>,
+    serve: F,
+) -> Response
+where
+    M: prost::Message + serde::Serialize + Send + 'static,
+    F: FnOnce(Arc<Edge>, SocketInbound) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let ws = ws.protocols([JSON, PROTO]).max_frame_size(MAX_FRAME).max_message_size(MAX_FRAME);
+    ws.on_upgrade(move |socket| async move {
+        let (inbound, writer) = Socket::split(socket, format, edge.keepalive);
+        edge.tasks.spawn(writer.run(stream));
+        serve(edge, inbound).await;
+    })
 }
 
 async fn client_socket(
@@ -169,27 +200,22 @@ async fn client_socket(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let (format, metadata) = match handshake(&edge, &headers, &query) {
-        Ok(ok) => ok,
-        Err(refused) => return refused.into_response(),
-    };
-    let opened = edge.authenticate(&metadata, Role::Client).and_then(|granted| {
+    let opened = admit(&edge, &headers, &query, Role::Client).and_then(|(format, metadata, granted)| {
         let client = match granted {
             Some(granted) => granted.id,
-            None => client::id_from_metadata(&metadata)?,
+            None => client::id_from_metadata(&metadata).map_err(refuse_status)?,
         };
-        let (opening, stream) = edge.opening(&metadata, client::encode)?;
-        Ok((granted, client, opening, stream))
+        let (opening, stream) = edge.opening(&metadata, client::encode).map_err(refuse_status)?;
+        Ok((format, granted, client, opening, stream))
     });
-    let (granted, client, opening, stream) = match opened {
-        Ok(opened) => opened,
-        Err(status) => return refuse_status(status).into_response(),
-    };
-    upgrade(ws).on_upgrade(move |socket| async move {
-        let (inbound, writer) = Socket::split(socket, format, edge.keepalive);
-        edge.tasks.spawn(writer.run(stream));
-        client::serve(edge, opening, client, granted, inbound).await;
-    })
+    match opened {
+        Ok((format, granted, client, opening, stream)) => {
+            upgrade(ws, edge, format, stream, move |edge, inbound| {
+                client::serve(edge, opening, client, granted, inbound)
+            })
+        }
+        Err(refused) => refused.into_response(),
+    }
 }
 
 async fn worker_socket(
@@ -198,23 +224,16 @@ async fn worker_socket(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let (format, metadata) = match handshake(&edge, &headers, &query) {
-        Ok(ok) => ok,
-        Err(refused) => return refused.into_response(),
-    };
-    let opened = edge.authenticate(&metadata, Role::Worker).and_then(|granted| {
-        let (opening, stream) = edge.opening(&metadata, worker::encode)?;
-        Ok((granted, opening, stream))
+    let opened = admit(&edge, &headers, &query, Role::Worker).and_then(|(format, metadata, granted)| {
+        let (opening, stream) = edge.opening(&metadata, worker::encode).map_err(refuse_status)?;
+        Ok((format, granted, opening, stream))
     });
-    let (granted, opening, stream) = match opened {
-        Ok(opened) => opened,
-        Err(status) => return refuse_status(status).into_response(),
-    };
-    upgrade(ws).on_upgrade(move |socket| async move {
-        let (inbound, writer) = Socket::split(socket, format, edge.keepalive);
-        edge.tasks.spawn(writer.run(stream));
-        worker::serve(edge, opening, granted, inbound).await;
-    })
+    match opened {
+        Ok((format, granted, opening, stream)) => upgrade(ws, edge, format, stream, move |edge, inbound| {
+            worker::serve(edge, opening, granted, inbound)
+        }),
+        Err(refused) => refused.into_response(),
+    }
 }
 
 /// What the two halves of one socket share.

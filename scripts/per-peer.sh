@@ -3,7 +3,8 @@
 #   scripts/per-peer.sh [PAIRS]     (default 2500: 2,500 workers and 2,500 clients)
 # Each measurement gets a fresh server on a free loopback port (stopped by its PID after):
 #   1. idle peers sharing 64 connections per side (as behind a multiplexing proxy);
-#   2. idle peers with a connection each (as separate processes and devices connect);
+#   2. idle peers with a connection each (as separate processes and devices connect), over gRPC
+#      and over the WebSocket front;
 #   3. the floor: the same idle streams against a bare tonic echo server and the h2 crate
 #      alone, in both shapes;
 #   4. all of them connecting at once, each on its own connection (a storm);
@@ -37,6 +38,14 @@ for connections in 64 0; do
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'idle, {sys.argv[2]}: {r[\"peers\"]} peers, {r[\"server_rss_per_peer_kib\"]:.1f} KiB per peer ({r[\"server_rss_before_mib\"]:.1f} -> {r[\"server_rss_connected_mib\"]:.1f} MiB), idle CPU {r[\"server_cpu_seconds\"]} s')" \
         "$run/idle-$connections.json" "$shape"
 done
+
+# The same idle peers over the WebSocket front, a connection each (as browsers open them).
+server idle-ws
+"$load" idle --transport ws --pairs "$pairs" --server-pid "$started_pid" --duration 3s \
+    --clients-at "http://127.0.0.1:$port" --json >"$run/idle-ws.json"
+stop_started; pids=()
+python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'idle, WebSocket, a connection each: {r[\"peers\"]} peers, {r[\"server_rss_per_peer_kib\"]:.1f} KiB per peer ({r[\"server_rss_before_mib\"]:.1f} -> {r[\"server_rss_connected_mib\"]:.1f} MiB), idle CPU {r[\"server_cpu_seconds\"]} s')" \
+    "$run/idle-ws.json"
 
 # The floor under those figures: the same idle streams (as many as the distributor's peers)
 # against a bare tonic echo server on the same proto (a task and a channel per stream) and

@@ -45,6 +45,11 @@ pub const MAX_FRAME: usize = 1 << 20;
 pub const CLOSE_STATUS_BASE: u16 = 4000;
 /// RFC 6455: a message too big to process.
 pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Bytes read from a socket at once. tungstenite's default (128 KiB, and as much again to write)
+/// is most of what an idle peer would cost; signaling messages are a few hundred bytes, an
+/// offer a few KiB, and a larger frame is read in several reads. Writes are not buffered
+/// beyond the frame being written (`write_buffer_size(0)`): each message is one frame.
+const READ_BUFFER: usize = 4 * 1024;
 /// The longest close reason a close frame carries (125 bytes less the code's two).
 const REASON_BYTES: usize = 123;
 
@@ -186,11 +191,18 @@ where
     F: FnOnce(Arc<Edge>, SocketInbound) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let ws = ws.protocols([JSON, PROTO]).max_frame_size(MAX_FRAME).max_message_size(MAX_FRAME);
+    let ws = ws
+        .protocols([JSON, PROTO])
+        .max_frame_size(MAX_FRAME)
+        .max_message_size(MAX_FRAME)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0);
     ws.on_upgrade(move |socket| async move {
+        // Both halves on the edge's tracked tasks, as a gRPC stream's are.
         let (inbound, writer) = Socket::split(socket, format, edge.keepalive);
-        edge.tasks.spawn(writer.run(stream));
-        serve(edge, inbound).await;
+        let tasks = edge.tasks.clone();
+        tasks.spawn(writer.run(stream));
+        tasks.spawn(serve(edge, inbound));
     })
 }
 

@@ -22,6 +22,7 @@ mod peers;
 mod report;
 mod resume;
 mod storm;
+mod websocket;
 
 use std::time::Duration;
 
@@ -71,6 +72,13 @@ enum Scenario {
     /// Connects --pairs idle pairs (2 × pairs peers), then reports the server's memory per peer
     /// and its CPU time while they idle for --duration.
     Idle(Load),
+}
+
+/// How peers reach the distributor; see `--transport`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Grpc,
+    Ws,
 }
 
 /// The streams an echo run opens; see `--echo-shape`.
@@ -138,6 +146,10 @@ pub struct Load {
     /// Open every stream resumable (`x-resume-after: 0`): numbered messages, kept for replay.
     #[arg(long)]
     pub resumable: bool,
+    /// How peers reach the distributor: gRPC streams, or WebSockets (one connection each, the
+    /// protobuf subprotocol; the `idle` scenario).
+    #[arg(long, value_enum, default_value_t = Transport::Grpc)]
+    pub transport: Transport,
 }
 
 /// Where the peers connect.

@@ -527,8 +527,14 @@ pub async fn idle(load: Load) -> anyhow::Result<()> {
     let pid = load.server_pid.context("idle needs --server-pid")?;
     let rss = || crate::report::rss_kib(pid).context("cannot read the server's memory");
     let before = rss()?;
-    let (workers, clients) = pairs(&load).await?;
-    let peers = workers.iter().flatten().count() + clients.len();
+    let (workers, clients, sockets) = match load.transport {
+        crate::Transport::Grpc => {
+            let (workers, clients) = pairs(&load).await?;
+            (workers, clients, Vec::new())
+        }
+        crate::Transport::Ws => (Vec::new(), Vec::new(), crate::websocket::idle_pairs(&load).await?),
+    };
+    let peers = workers.iter().flatten().count() + clients.len() + sockets.len();
     // Let the server settle (allocator caches, HTTP/2 windows) before measuring.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let connected = rss()?;
@@ -539,6 +545,7 @@ pub async fn idle(load: Load) -> anyhow::Result<()> {
     let per_peer = (connected.saturating_sub(before)) as f64 / peers.max(1) as f64;
     let report = serde_json::json!({
         "scenario": "idle",
+        "transport": format!("{:?}", load.transport).to_lowercase(),
         "peers": peers,
         "server_rss_before_mib": before as f64 / 1024.0,
         "server_rss_connected_mib": connected as f64 / 1024.0,
@@ -559,6 +566,6 @@ pub async fn idle(load: Load) -> anyhow::Result<()> {
         println!("per peer            {per_peer:.1} KiB");
         println!("idle CPU            {:?} s server, {:?} s machine over {:?}", cpu, machine, load.duration);
     }
-    drop((workers, clients));
+    drop((workers, clients, sockets));
     Ok(())
 }

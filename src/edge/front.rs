@@ -1,6 +1,9 @@
-//! One port for both fronts. Each accepted connection's first bytes say what it speaks: the
-//! HTTP/2 preface (`PRI * HTTP/2.0`, which gRPC peers send first) goes to tonic; anything else
-//! is HTTP/1.1, served by the WebSocket front's routes ([`super::websocket`]). So one
+//! One port for both fronts. Each accepted connection's first byte says what it speaks: `P`,
+//! the HTTP/2 preface's (`PRI * HTTP/2.0`, which gRPC peers send first), goes to tonic;
+//! anything else is HTTP/1.1, served by the WebSocket front's routes ([`super::websocket`]),
+//! which take `GET`s only (an HTTP/1.1 `POST`, `PUT` or `PATCH` also starts with `P`: tonic
+//! ends its connection, where the routes would have answered 405). One byte is all there is
+//! to wait for, so a peer that sends a byte and stalls costs a timer, not a busy wait. So one
 //! `--listen` address (and one image, one `PORT`) serves gRPC peers and browsers.
 
 use std::io;
@@ -17,8 +20,8 @@ use crate::listener::{Connection, Incoming};
 
 /// How long a connection may take to send its first bytes before it is closed.
 pub const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(10);
-/// The first bytes of HTTP/2 with prior knowledge; no HTTP/1.1 method starts with "PR".
-const PREFACE: &[u8; 2] = b"PR";
+/// The first byte of HTTP/2 with prior knowledge (`PRI * HTTP/2.0`).
+const PREFACE: u8 = b'P';
 
 /// Accepts from `incoming` until `stop`: HTTP/2 connections come out of the returned stream
 /// (for tonic), HTTP/1.1 ones are served here, each on a task of the edge's.
@@ -60,15 +63,20 @@ async fn route(
     web: axum::Router,
     stop: CancellationToken,
 ) {
-    let Ok(Some(first)) = tokio::time::timeout(FIRST_BYTES_WITHIN, first_two(&connection)).await else {
+    let mut first = [0u8; 1];
+    let Ok(Ok(1)) = tokio::time::timeout(FIRST_BYTES_WITHIN, connection.peek(&mut first)).await else {
         return;
     };
-    if &first == PREFACE {
+    if first[0] == PREFACE {
         let _ = to_grpc.send(Ok(connection)).await;
         return;
     }
     let service = hyper_util::service::TowerToHyperService::new(web);
+    // A request's headers must come within the same time as the first byte (slow headers hold
+    // a connection under the cap, as a silent one would).
     let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(FIRST_BYTES_WITHIN)
         .serve_connection(hyper_util::rt::TokioIo::new(connection), service)
         .with_upgrades();
     tokio::pin!(served);
@@ -79,19 +87,6 @@ async fn route(
             // WebSocket lives on, ended with its peer's stream).
             served.as_mut().graceful_shutdown();
             let _ = served.await;
-        }
-    }
-}
-
-/// The connection's first two bytes, without taking them; `None` if it closed first.
-async fn first_two(connection: &Connection) -> Option<[u8; 2]> {
-    let mut first = [0u8; 2];
-    loop {
-        match connection.peek(&mut first).await {
-            Ok(0) | Err(_) => return None,
-            Ok(2) => return Some(first),
-            // One byte so far: the next comes in the same packet almost always.
-            Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
         }
     }
 }

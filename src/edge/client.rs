@@ -16,6 +16,14 @@ use crate::peer::conn::shutting_down;
 use crate::peer::resume::Released;
 use crate::peer::{Close, Numbering, Peer, PeerReply, Sink};
 
+/// A client's id: its token's, else (open mode) as [`id_from_metadata`] says.
+pub fn id(granted: Option<Granted>, metadata: &MetadataMap) -> Result<PeerId, Status> {
+    match granted {
+        Some(granted) => Ok(granted.id),
+        None => id_from_metadata(metadata),
+    }
+}
+
 /// The client id of an open (no auth) distributor: `x-client-id` if given, else a fresh random
 /// one. Random ids are 63-bit, so two instances practically never hand out the same one.
 pub fn id_from_metadata(metadata: &MetadataMap) -> Result<PeerId, Status> {

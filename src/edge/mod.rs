@@ -458,10 +458,7 @@ impl pb::client_service_server::ClientService for ClientEdge {
     ) -> Result<Response<Self::NegotiatePeerConnectionStream>, Status> {
         let edge = &self.0;
         let granted = edge.authenticate(request.metadata(), Role::Client)?;
-        let client = match granted {
-            Some(granted) => granted.id,
-            None => client::id_from_metadata(request.metadata())?,
-        };
+        let client = client::id(granted, request.metadata())?;
         let (opening, stream) = edge.opening(request.metadata(), client::encode)?;
         edge.tasks.spawn(client::serve(edge.clone(), opening, client, granted, PeerInbound::new(request)));
         Ok(Response::new(stream))

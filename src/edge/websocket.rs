@@ -199,7 +199,7 @@ where
         .write_buffer_size(0);
     ws.on_upgrade(move |socket| async move {
         // Both halves on the edge's tracked tasks, as a gRPC stream's are.
-        let (inbound, writer) = Socket::split(socket, format, edge.keepalive);
+        let (inbound, writer) = split(socket, format, edge.keepalive);
         let tasks = edge.tasks.clone();
         tasks.spawn(writer.run(stream));
         tasks.spawn(serve(edge, inbound));
@@ -213,10 +213,7 @@ async fn client_socket(
     ws: WebSocketUpgrade,
 ) -> Response {
     let opened = admit(&edge, &headers, &query, Role::Client).and_then(|(format, metadata, granted)| {
-        let client = match granted {
-            Some(granted) => granted.id,
-            None => client::id_from_metadata(&metadata).map_err(refuse_status)?,
-        };
+        let client = client::id(granted, &metadata).map_err(refuse_status)?;
         let (opening, stream) = edge.opening(&metadata, client::encode).map_err(refuse_status)?;
         Ok((format, granted, client, opening, stream))
     });
@@ -259,20 +256,16 @@ struct Shared {
     ponged: AtomicBool,
 }
 
-/// Namespace for splitting a socket into the edge's two halves.
-struct Socket;
-
-impl Socket {
-    fn split(socket: WebSocket, format: Format, keepalive: Duration) -> (SocketInbound, SocketWriter) {
-        let (sink, stream) = socket.split();
-        let shared = Arc::new(Shared {
-            format,
-            too_big: AtomicBool::new(false),
-            silent: CancellationToken::new(),
-            ponged: AtomicBool::new(true),
-        });
-        (SocketInbound { stream, shared: shared.clone() }, SocketWriter { sink, shared, keepalive })
-    }
+/// Splits a socket into the edge's two halves: the reader it serves, the writer of its stream.
+fn split(socket: WebSocket, format: Format, keepalive: Duration) -> (SocketInbound, SocketWriter) {
+    let (sink, stream) = socket.split();
+    let shared = Arc::new(Shared {
+        format,
+        too_big: AtomicBool::new(false),
+        silent: CancellationToken::new(),
+        ponged: AtomicBool::new(true),
+    });
+    (SocketInbound { stream, shared: shared.clone() }, SocketWriter { sink, shared, keepalive })
 }
 
 /// The reading half: the peer's frames, decoded, as the edge reads a gRPC stream.
@@ -331,16 +324,12 @@ impl<M: Frame> Inbound<M> for SocketInbound {
     }
 }
 
+/// Whether reading failed on a frame over the limit (tungstenite's capacity error, under
+/// axum's).
 fn is_too_big(e: &axum::Error) -> bool {
-    use std::error::Error;
-    let mut source = e.source();
-    while let Some(cause) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = cause.downcast_ref::<tungstenite::Error>() {
-            return true;
-        }
-        source = cause.source();
-    }
-    e.to_string().contains("too long") || e.to_string().contains("Space limit exceeded")
+    std::iter::successors(std::error::Error::source(e), |cause| cause.source()).any(|cause| {
+        matches!(cause.downcast_ref::<tungstenite::Error>(), Some(tungstenite::Error::Capacity(_)))
+    })
 }
 
 /// The writing half: the peer's stream, encoded; pings; the close.
